@@ -1,0 +1,31 @@
+# Two commands on a fresh machine:  `make demo` (main job on the embedded default) and `make test`.
+# Both create .venv and install alignreg with its dev extras first. TORCH pins the CPU wheel that
+# this project's CI uses; on a GPU machine set TORCH= (empty) to keep the torch you have.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+DEMO_CONFIG ?= configs/rl/tiny_grpo_siren.yaml
+
+.PHONY: install demo test test-fast clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: install
+	$(VENV)/bin/alignreg rl $(DEMO_CONFIG)
+
+test: install
+	$(PY) -m pytest -q -ra
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) runs

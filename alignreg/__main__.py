@@ -1,0 +1,5 @@
+import sys
+
+from alignreg.cli import main
+
+sys.exit(main())

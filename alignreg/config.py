@@ -1,0 +1,399 @@
+"""Typed configuration: dataclass schemas, YAML loading, ``key=value`` overrides, strict validation.
+
+Every experiment is one YAML file whose keys mirror the dataclasses below. Overrides on the command
+line use dotted paths (``learner.lr=1e-5``, ``regularizers.0.coef=0.01``). Unknown keys, wrong types
+and unknown choices raise :class:`ConfigError` with a one-line message naming the key and the valid
+choices; the CLI prints it and exits with code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message names the key and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# Generic strict dataclass <-> dict conversion
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check ``value`` against annotation ``tp`` and convert (dict -> dataclass, int -> float)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(
+                f"{path}: {value!r} is not a valid choice; valid choices: "
+                + ", ".join(repr(c) for c in choices)
+            )
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (inner,) = typing.get_args(tp)[:1]
+        out = [_coerce(v, inner, f"{path}.{i}") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        return from_dict(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{path}: unsupported type {tp!r}")  # pragma: no cover - schema bug
+
+
+def from_dict(cls: type, data: Any, path: str = "config") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        key = unknown[0]
+        raise ConfigError(
+            f"{path}.{key}: unknown key; valid keys: {', '.join(sorted(fields))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{path}.{k}") for k, v in data.items()}
+    try:
+        obj = cls(**kwargs)
+    except TypeError as e:  # missing required field
+        raise ConfigError(f"{path}: {e}") from None
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate(path)
+    return obj
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. learner.lr=1e-5")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply dotted ``key=value`` overrides to a raw config mapping (before validation)."""
+    for text in overrides:
+        keys, value = parse_override(text)
+        node: Any = data
+        for i, k in enumerate(keys[:-1]):
+            if isinstance(node, list):
+                idx = _list_index(k, node, ".".join(keys[: i + 1]))
+                node = node[idx]
+            else:
+                if k not in node or node[k] is None:
+                    node[k] = {}
+                node = node[k]
+        last = keys[-1]
+        if isinstance(node, list):
+            node[_list_index(last, node, ".".join(keys))] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError(f"override {text!r}: {'.'.join(keys[:-1])} is not a mapping")
+    return data
+
+
+def _list_index(k: str, node: list, path: str) -> int:
+    try:
+        idx = int(k)
+    except ValueError:
+        raise ConfigError(f"override {path}: expected a list index 0..{len(node) - 1}") from None
+    if not 0 <= idx < len(node):
+        raise ConfigError(f"override {path}: index out of range 0..{len(node) - 1}")
+    return idx
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist; pass a path to a YAML file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of config keys")
+    return data
+
+
+def load_config(cls: type, path: str | Path | None, overrides: list[str] = ()) -> Any:
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides))
+    return from_dict(cls, data)
+
+
+def save_config(obj: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+# --------------------------------------------------------------------------------------------
+# Coefficient schedules (shared by every regularizer)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Schedule:
+    kind: Literal["constant", "linear", "cosine", "step"] = "constant"  # shape of the schedule
+    start: float = 0.0  # value at step 0 (after warmup)
+    end: float = 0.0  # value at `steps` and after (linear/cosine); value after `steps` for step
+    steps: int = 1  # number of training steps over which the value moves from start to end
+    warmup_steps: int = 0  # steps of linear ramp from 0 to `start` before the schedule begins
+
+    def value(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.start * (step + 1) / self.warmup_steps
+        t = min(max(step - self.warmup_steps, 0) / max(self.steps, 1), 1.0)
+        if self.kind == "constant":
+            return self.start
+        if self.kind == "linear":
+            return self.start + (self.end - self.start) * t
+        if self.kind == "cosine":
+            import math
+
+            return self.end + (self.start - self.end) * 0.5 * (1 + math.cos(math.pi * t))
+        return self.start if step - self.warmup_steps < self.steps else self.end
+
+    def always_zero(self) -> bool:
+        return self.start == 0.0 and (self.kind == "constant" or self.end == 0.0)
+
+
+def coef_value(coef: float | Schedule, step: int) -> float:
+    return coef.value(step) if isinstance(coef, Schedule) else float(coef)
+
+
+def coef_always_zero(coef: float | Schedule) -> bool:
+    return coef.always_zero() if isinstance(coef, Schedule) else float(coef) == 0.0
+
+
+# --------------------------------------------------------------------------------------------
+# RL (LLM) experiment schema
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    path: str = "tiny-qwen2"  # "tiny-qwen2": build a tiny Qwen2 model + char tokenizer in code; else a local HF checkpoint dir
+    hidden_size: int = 64  # tiny-qwen2 only: hidden width
+    num_layers: int = 2  # tiny-qwen2 only: transformer blocks
+    num_heads: int = 4  # tiny-qwen2 only: attention heads
+    num_kv_heads: int = 2  # tiny-qwen2 only: key/value heads (GQA)
+    intermediate_size: int = 128  # tiny-qwen2 only: MLP width
+    tie_word_embeddings: bool = True  # tiny-qwen2 only: share input embedding and lm_head
+    dtype: Literal["float32", "bfloat16"] = "float32"  # parameter dtype on the learner
+    gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+
+    def validate(self, path: str) -> None:
+        _check(self.hidden_size % self.num_heads == 0, f"{path}.hidden_size must be divisible by num_heads")
+        _check(self.num_heads % self.num_kv_heads == 0, f"{path}.num_heads must be divisible by num_kv_heads")
+
+
+@dataclass
+class TaskConfig:
+    name: str = "arithmetic"  # prompt source: a synthetic task ("arithmetic", ...) or "jsonl"
+    reward: str = "exact_match"  # reward function from the reward registry
+    max_operand: int = 9  # arithmetic: operands are drawn from 0..max_operand
+    num_operands: int = 2  # arithmetic: number of operands per problem
+    operators: str = "+"  # arithmetic: operator characters to draw from, e.g. "+-"
+    train_size: int = 4096  # number of training prompts generated (synthetic tasks)
+    eval_size: int = 64  # number of held-out evaluation prompts
+    seed: int = 1234  # seed of the prompt generator (held-out split uses a disjoint stream)
+    path: str = ""  # jsonl task: file with {"prompt", "answer"} records
+
+    def validate(self, path: str) -> None:
+        _check(self.num_operands >= 1, f"{path}.num_operands must be >= 1")
+        _check(self.train_size > 0 and self.eval_size > 0, f"{path}.train_size/eval_size must be > 0")
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["hf", "vllm"] = "hf"  # rollout engine implementation
+    group_size: int = 8  # responses sampled per prompt (the GRPO group, G)
+    prompts_per_step: int = 16  # prompts per training step; the batch has prompts_per_step * group_size responses
+    max_new_tokens: int = 8  # maximum response length in tokens
+    temperature: float = 1.0  # sampling temperature (log-probs in the loss use the same temperature)
+    top_p: float = 1.0  # nucleus sampling threshold at rollout time
+    top_k: int = 0  # top-k sampling at rollout time (0 = off)
+
+    def validate(self, path: str) -> None:
+        _check(self.group_size >= 1, f"{path}.group_size must be >= 1")
+        _check(self.temperature > 0, f"{path}.temperature must be > 0")
+        _check(0 < self.top_p <= 1, f"{path}.top_p must be in (0, 1]")
+
+
+@dataclass
+class AlgorithmConfig:
+    advantage: Literal["grpo", "drgrpo", "rloo"] = "grpo"  # advantage estimator
+    policy_loss: Literal["ppo", "drgrpo"] = "ppo"  # ppo: clipped ratio objective; drgrpo: same with seq-mean-token-sum-norm
+    eps_low: float = 0.2  # lower clip: ratio >= 1 - eps_low
+    eps_high: float = 0.2  # upper clip (clip-higher when > eps_low): ratio <= 1 + eps_high
+    dual_clip_c: float = 0.0  # dual-clip constant c > 1 bounds the loss of negative-advantage tokens (0 = off)
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"  # policy-loss aggregation
+    norm_len: int = 0  # length divisor of seq-mean-token-sum-norm (0 = rollout.max_new_tokens)
+    adv_eps: float = 1e-6  # epsilon added to the group std in GRPO advantages
+    tis_cap: float = 0.0  # truncated importance sampling cap for rollout/learner log-prob mismatch (0 = off)
+
+    def validate(self, path: str) -> None:
+        _check(self.eps_low >= 0 and self.eps_high >= 0, f"{path}.eps_low/eps_high must be >= 0")
+        _check(self.dual_clip_c == 0 or self.dual_clip_c > 1, f"{path}.dual_clip_c must be 0 (off) or > 1")
+
+
+@dataclass
+class RegularizerConfig:
+    name: str  # registered regularizer: kl_ref | entropy | siren | lp_reg | grpo_guard | ...
+    id: str = ""  # metric prefix reg/<id>/* (default: the name; set it to use one term twice)
+    coef: Union[float, Schedule] = 1.0  # weight in the loss: a number or a schedule mapping
+    params: dict = field(default_factory=dict)  # term-specific hyperparameters (see the term's docstring)
+
+
+@dataclass
+class LearnerConfig:
+    backend: Literal["torch", "deepspeed"] = "torch"  # learner implementation
+    lr: float = 1e-3  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    warmup_steps: int = 0  # linear learning-rate warmup steps
+    mini_batch_size: int = 0  # responses per optimizer step (0 = whole batch: one on-policy update)
+    micro_batch_size: int = 32  # responses per forward/backward (gradient accumulation inside a mini-batch)
+    ppo_epochs: int = 1  # passes over the batch per training step
+    chunk_size: int = 0  # tokens per lm-head chunk in the statistics pass (0 = automatic from a memory budget)
+    log_entropy: bool = True  # log the full-vocabulary policy entropy (computed in the no-grad pass)
+
+    def validate(self, path: str) -> None:
+        _check(self.lr > 0, f"{path}.lr must be > 0")
+        _check(self.micro_batch_size > 0, f"{path}.micro_batch_size must be > 0")
+        _check(self.ppo_epochs >= 1, f"{path}.ppo_epochs must be >= 1")
+        _check(len(self.betas) == 2, f"{path}.betas must be two numbers")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 10  # evaluate every N training steps (0 = only at start and end)
+    num_samples: int = 8  # samples per prompt for pass@k (temperature sampling)
+    ks: list[int] = field(default_factory=lambda: [1, 4, 8])  # k values of the unbiased pass@k estimator
+    temperature: float = 1.0  # sampling temperature for pass@k samples (greedy accuracy is always reported)
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 50  # training steps (one rollout batch each)
+    seed: int = 0  # global seed (model init, sampling, data order)
+    run_dir: str = "runs/default"  # output directory (config, metrics, checkpoints, plots)
+    save_every: int = 0  # checkpoint every N steps (0 = only at the end)
+    keep_checkpoints: int = 2  # number of most recent checkpoints kept
+    resume: str = "auto"  # "auto": continue from the latest complete checkpoint in run_dir; "never"; or a checkpoint path
+    log_every: int = 1  # write metrics every N steps
+    progress: bool = True  # show a progress bar
+    tensorboard: bool = True  # also write TensorBoard event files
+
+
+@dataclass
+class WarmStartConfig:
+    steps: int = 0  # supervised next-token steps on the task's train split before RL (0 = off); the reference model is the warm-started policy
+    lr: float = 3e-3  # AdamW learning rate of the warm start
+    batch_size: int = 64  # sequences per warm-start step
+
+
+@dataclass
+class RLConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)  # policy (and reference) model
+    warm_start: WarmStartConfig = field(default_factory=WarmStartConfig)  # optional SFT warm start built into the run
+    task: TaskConfig = field(default_factory=TaskConfig)  # prompts and verifiable rewards
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)  # sampling
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)  # advantages and policy loss
+    regularizers: list[RegularizerConfig] = field(default_factory=list)  # active regularizer terms
+    learner: LearnerConfig = field(default_factory=LearnerConfig)  # optimisation
+    eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)  # loop, logging, checkpoints
+    orchestration: Literal["local", "ray"] = "local"  # run everything in-process or as Ray actors
+
+    def validate(self, path: str) -> None:
+        from alignreg.regularizers import build_regularizers  # validates names and params
+
+        build_regularizers(self.regularizers, path=f"{path}.regularizers")
+        bs = self.rollout.prompts_per_step * self.rollout.group_size
+        mb = self.learner.mini_batch_size or bs
+        _check(bs % mb == 0, f"{path}.learner.mini_batch_size ({mb}) must divide the batch size {bs}")

@@ -1,0 +1,336 @@
+"""The policy learner: loss assembly (policy loss + regularizers) over micro-batches.
+
+One training step:
+1. a no-grad pass over the whole batch with the weights at the start of the step (pi_old) computes
+   what the active terms need from pi_old (old log-probs when updates are off-policy, Lp-Reg's min-p
+   proxy, SIREN's anchor entropies, hidden states for GRPO-Guard's KL) and from the reference model;
+2. step-level hooks run (SIREN measures its anchor on the step-1 batch);
+3. for each mini-batch: an optional no-grad prepass for global-scope terms, then per micro-batch:
+   hidden states -> chunked statistics -> ratio transform -> token terms -> policy loss ->
+   backward; then one optimizer step.
+
+Losses use the mini-batch's global normalisers (:class:`AggNorm`), so the gradient is the same for
+any micro-batch size and, with gradients summed over ranks, any data-parallel split.
+The backend (plain torch here; DeepSpeed in ``learner/deepspeed.py``) only owns parameters,
+backward, optimizer step and collectives: see :class:`TorchBackend`.
+"""
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from alignreg.config import RLConfig
+from alignreg.losses.aggregate import aggregate
+from alignreg.losses.policy import clipped_pg_loss
+from alignreg.losses.stats import StatsSpec, auto_chunk_size, token_stats
+from alignreg.learner.batch import TrainBatch
+from alignreg.regularizers.base import AggNorm, LossContext, RegularizerSet, StepView
+
+
+def lm_parts(model) -> tuple[torch.nn.Module, Tensor, Optional[Tensor]]:
+    """(decoder body returning final-normed hidden states, lm-head weight [V, H], bias or None)."""
+    head = model.get_output_embeddings()
+    return model.get_decoder(), head.weight, getattr(head, "bias", None)
+
+
+def response_hidden(body, batch: TrainBatch) -> Tensor:
+    """Hidden states that predict each response token: [N, R, H]."""
+    out = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+    h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    P, R = batch.prompt_len, batch.response_len
+    return h[:, P - 1 : P - 1 + R]
+
+
+def scatter_rows(flat: Tensor, valid: Tensor) -> Tensor:
+    """Put per-valid-token values back into a [N, R] tensor (zeros elsewhere), keeping autograd."""
+    out = flat.new_zeros(valid.shape)
+    return out.masked_scatter(valid, flat)
+
+
+class TorchBackend:
+    """Single-process (or plain torch.distributed) parameter owner: AdamW, clipping, collectives."""
+
+    def __init__(self, model: torch.nn.Module, cfg: RLConfig):
+        lc = cfg.learner
+        self.model = model
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay
+        )
+        warm = max(lc.warmup_steps, 0)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0
+        )
+        self.grad_clip = lc.grad_clip
+
+    # collectives (identity in one process; overridden by distributed backends)
+    world_size = 1
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        return t
+
+    def all_gather_cat(self, t: Tensor) -> Tensor:
+        return t
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def backward(self, loss: Tensor) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        return float(norm)
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+class PolicyLearner:
+    def __init__(self, model, cfg: RLConfig, regs: RegularizerSet, ref_model=None, backend=None):
+        self.cfg = cfg
+        self.model = model
+        self.regs = regs
+        self.backend = backend or TorchBackend(model, cfg)
+        needs = regs.needs()
+        self.needs_ref = "ref_logprobs" in needs or "kl_ref_full" in needs
+        if self.needs_ref and ref_model is None:
+            raise ValueError("the active regularizers need a reference model")
+        self.ref_model = ref_model if self.needs_ref else None  # dropped when no term needs it
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        _, w, _ = lm_parts(model)
+        self.vocab = w.shape[0]
+
+    # ------------------------------------------------------------------------------------------
+    def _specs(self) -> tuple[StatsSpec, StatsSpec, StatsSpec]:
+        needs, pre = self.regs.needs(), self.regs.prepass_needs()
+        T = self.cfg.rollout.temperature
+
+        def top_p(d, key):
+            return (d[key]["p"], d[key]["k"]) if key in d else None
+
+        train = StatsSpec(
+            entropy="entropy" in needs,
+            top_p=top_p(needs, "top_p_entropy"),
+            kl_ref="kl_ref_full" in needs,
+            kl_old="kl_old_full" in needs,
+            temperature=T,
+        )
+        old = StatsSpec(
+            entropy=self.cfg.learner.log_entropy,  # logged as the policy entropy metric
+            top_p=top_p(needs, "old_top_p_entropy"),
+            min_p=needs["old_min_p_logprobs"]["kappa"] if "old_min_p_logprobs" in needs else None,
+            temperature=T,
+        )
+        prepass = StatsSpec(top_p=top_p(pre, "top_p_entropy"), temperature=T)
+        return train, old, prepass
+
+    def _chunk(self, spec: StatsSpec) -> int:
+        return self.cfg.learner.chunk_size or auto_chunk_size(self.vocab, spec)
+
+    def _stats(self, model, batch: TrainBatch, spec: StatsSpec, chunk: int, ref_h=None, old_h=None, ref_model=None):
+        body, w, b = lm_parts(model)
+        h = response_hidden(body, batch)
+        valid = batch.mask > 0
+        flat = h[valid]
+        kw = {}
+        if spec.kl_ref:
+            _, rw, rb = lm_parts(ref_model or self.ref_model)
+            kw["ref"] = (ref_h[valid], rw, rb)
+        if spec.kl_old:
+            kw["old"] = (old_h[valid], self._old_head[0], self._old_head[1])
+        out = token_stats(flat, w, batch.response_ids[valid], spec, bias=b, chunk_size=chunk, **kw)
+        return {k: scatter_rows(v, valid) for k, v in out.items()}, h
+
+    def _on_policy(self) -> bool:
+        lc = self.cfg.learner
+        return lc.ppo_epochs == 1 and lc.mini_batch_size in (0, self._batch_rows)
+
+    def _micro_batches(self, rows: range) -> Iterable[range]:
+        mb = self.cfg.learner.micro_batch_size
+        for s in range(rows.start, rows.stop, mb):
+            yield range(s, min(s + mb, rows.stop))
+
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _old_pass(self, batch: TrainBatch, train: StatsSpec, old: StatsSpec) -> dict[str, Tensor]:
+        """pi_old and reference statistics for the whole batch (no grad)."""
+        needs = self.regs.needs()
+        out: dict[str, list] = defaultdict(list)
+        chunk = self._chunk(train)
+        keep_old_h = train.kl_old
+        if keep_old_h:
+            _, w, b = lm_parts(self.model)
+            self._old_head = (w.detach().clone(), None if b is None else b.detach().clone())
+        self.model.eval()
+        for r in self._micro_batches(range(len(batch))):
+            mb = batch.rows(slice(r.start, r.stop))
+            st, h = self._stats(self.model, mb, old, chunk)
+            out["old_logprobs"].append(st["logprobs"])
+            if old.entropy:
+                out["old_entropy"].append(st["entropy"])
+            if old.top_p is not None:
+                out["old_top_p_entropy"].append(st["top_p_entropy"])
+            if old.min_p is not None:
+                out["old_min_p_logprobs"].append(st["min_p_logprobs"])
+            if keep_old_h:
+                out["old_hidden"].append(h.detach())
+            if self.needs_ref:
+                rst, rh = self._stats(self.ref_model, mb, StatsSpec(temperature=old.temperature), chunk, ref_model=self.ref_model)
+                out["ref_logprobs"].append(rst["logprobs"])
+                if "kl_ref_full" in needs:
+                    out["ref_hidden"].append(rh.detach())
+        self.model.train()
+        return {k: torch.cat(v) for k, v in out.items()}
+
+    @torch.no_grad()
+    def _prepass(self, batch: TrainBatch, rows: range, spec: StatsSpec, chunk: int) -> dict[str, Tensor]:
+        out: dict[str, list] = defaultdict(list)
+        for r in self._micro_batches(rows):
+            st, _ = self._stats(self.model, batch.rows(slice(r.start, r.stop)), spec, chunk)
+            for k, v in st.items():
+                out[k].append(v)
+        return {k: torch.cat(v) for k, v in out.items()}
+
+    def _norm(self, mask: Tensor) -> AggNorm:
+        be = self.backend
+        counts = be.all_reduce_sum(torch.tensor([float(mask.sum()), float(mask.shape[0])], dtype=torch.float64))
+        L = self.cfg.algorithm.norm_len or self.cfg.rollout.max_new_tokens
+        return AggNorm(num_tokens=float(counts[0]), num_seqs=float(counts[1]), norm_len=float(L))
+
+    # ------------------------------------------------------------------------------------------
+    def train_step(self, batch: TrainBatch, step: int) -> dict[str, float]:
+        cfg, be = self.cfg, self.backend
+        self._batch_rows = len(batch)
+        train_spec, old_spec, pre_spec = self._specs()
+        chunk = self._chunk(train_spec)
+        old = self._old_pass(batch, train_spec, old_spec)
+        metrics: dict[str, float] = {}
+        view_stats = {k: v for k, v in old.items() if k not in ("old_hidden", "ref_hidden")}
+        full_view = StepView(batch.mask, batch.advantages, old["old_logprobs"], view_stats, step, be.all_reduce_sum, be.all_gather_cat)
+        for t in self.regs:
+            for k, v in t.term.on_step_start(full_view).items():
+                metrics[f"reg/{t.term.id}/{k}"] = v
+        valid = batch.mask > 0
+        n_valid = max(float(batch.mask.sum()), 1.0)
+        if "old_entropy" in old:
+            metrics["policy/entropy"] = float((old["old_entropy"] * batch.mask).sum() / n_valid)
+        metrics["policy/rollout_logprob_diff"] = float(((old["old_logprobs"] - batch.rollout_logprobs).abs() * batch.mask).sum() / n_valid)
+        on_policy = self._on_policy()
+        sums: dict[str, float] = defaultdict(float)
+        weights: dict[str, float] = defaultdict(float)
+        totals: dict[str, float] = defaultdict(float)
+        updates = 0
+
+        mb_size = cfg.learner.mini_batch_size or len(batch)
+        for epoch in range(cfg.learner.ppo_epochs):
+            for start in range(0, len(batch), mb_size):
+                rows = range(start, min(start + mb_size, len(batch)))
+                norm = self._norm(batch.mask[rows.start : rows.stop])
+                prepared = {}
+                if self.regs.prepass_needs():
+                    cur = self._prepass(batch, rows, pre_spec, chunk)
+                    sl = slice(rows.start, rows.stop)
+                    view = StepView(batch.mask[sl], batch.advantages[sl], old["old_logprobs"][sl],
+                                    {**{k: v[sl] for k, v in view_stats.items()}, **cur}, step, be.all_reduce_sum, be.all_gather_cat)
+                    prepared = {t.term.id: t.term.prepare_minibatch(view) for t in self.regs if t.term.prepass_needs()}
+                be.zero_grad()
+                for r in self._micro_batches(rows):
+                    loss, m, parts = self._micro_loss(batch, r, rows.start, old, norm, prepared, step, train_spec, chunk, on_policy)
+                    be.backward(loss)
+                    w = float(batch.mask[r.start : r.stop].sum())
+                    for k, v in m.items():  # token-weighted averages
+                        sums[k] += v * w
+                        weights[k] += w
+                    for k, v in parts.items():  # loss contributions: sum within a mini-batch
+                        totals[k] += v
+                totals["optim/grad_norm"] += be.step()
+                updates += 1
+        for k in sums:
+            metrics[k] = sums[k] / max(weights[k], 1e-12)
+        for k in totals:  # mean over optimizer updates
+            metrics[k] = totals[k] / updates
+        metrics["optim/lr"] = be.scheduler.get_last_lr()[0] if hasattr(be, "scheduler") else cfg.learner.lr
+        return metrics
+
+    def _micro_loss(self, batch, r, mini_start, old, norm, prepared, step, spec, chunk, on_policy):
+        cfg, alg = self.cfg, self.cfg.algorithm
+        sl = slice(r.start, r.stop)
+        mb = batch.rows(sl)
+        stats, _ = self._stats(
+            self.model, mb, spec, chunk,
+            ref_h=old["ref_hidden"][sl] if "ref_hidden" in old else None,
+            old_h=old["old_hidden"][sl] if "old_hidden" in old else None,
+        )
+        logprobs = stats.pop("logprobs")
+        for k in ("ref_logprobs", "old_min_p_logprobs", "old_top_p_entropy"):
+            if k in old:
+                stats[k] = old[k][sl]
+        old_lp = logprobs.detach() if on_policy else old["old_logprobs"][sl]
+        log_ratio = (logprobs - old_lp) * mb.mask
+        ctx = LossContext(
+            logprobs=logprobs, old_logprobs=old_lp, advantages=mb.advantages, mask=mb.mask, stats=stats, norm=norm,
+            row_index=torch.arange(r.start, r.stop) - mini_start, group_index=mb.group_index, step=step,
+            eps_low=alg.eps_low, eps_high=alg.eps_high, prepared=prepared,
+            all_reduce_sum=self.backend.all_reduce_sum, all_gather_cat=self.backend.all_gather_cat,
+        )
+        m: dict[str, float] = {}
+        parts: dict[str, float] = {}
+        for t in self.regs.with_hook("transform_log_ratio"):
+            log_ratio, tm = t.term.transform_log_ratio(log_ratio, ctx)
+            m.update({f"reg/{t.term.id}/{k}": v for k, v in tm.items()})
+        total = logprobs.new_zeros(())
+        unclipped = None
+        for t in self.regs.with_hook("token_loss"):
+            out = t.term.token_loss(ctx)
+            coef = self.regs.coef(t, step)
+            total = total + coef * out.loss
+            parts[f"reg/{t.term.id}/loss"] = float(out.loss.detach())
+            m[f"reg/{t.term.id}/coef"] = coef
+            m.update({f"reg/{t.term.id}/{k}": v for k, v in out.metrics.items()})
+            if out.unclipped_mask is not None:
+                unclipped = out.unclipped_mask if unclipped is None else unclipped | out.unclipped_mask
+        is_w = None
+        if alg.tis_cap > 0:
+            is_w = torch.exp(old_lp.detach() - mb.rollout_logprobs).clamp(max=alg.tis_cap)
+        pg = clipped_pg_loss(log_ratio, mb.advantages, alg.eps_low, alg.eps_high, alg.dual_clip_c, unclipped, is_w)
+        mode = "seq-mean-token-sum-norm" if alg.policy_loss == "drgrpo" else alg.loss_agg_mode
+        pg_loss = aggregate(pg.loss, mb.mask, mode, norm)
+        total = total + pg_loss
+        denom = max(float(mb.mask.sum()), 1.0)
+        parts["policy/pg_loss"] = float(pg_loss.detach())
+        parts["loss/total"] = float(total.detach())
+        for k, v in pg.metrics.items():
+            m[f"policy/{k}"] = float((v * mb.mask).sum()) / denom
+        m["policy/approx_kl"] = float((0.5 * (logprobs.detach() - old_lp) ** 2 * mb.mask).sum()) / denom
+        return total, m, parts
+
+    # ------------------------------------------------------------------------------------------
+    def export_weights(self) -> list[tuple[str, Tensor]]:
+        return [(k, v.detach()) for k, v in self.model.state_dict().items()]
+
+    def state_dict(self) -> dict:
+        return {**self.backend.state_dict(), "regularizers": self.regs.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.backend.load_state_dict(state)
+        self.regs.load_state_dict(state.get("regularizers", {}))
+
+
+def make_reference(model) -> torch.nn.Module:
+    ref = copy.deepcopy(model).eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref

@@ -1,0 +1,248 @@
+"""The RL training loop: prompts -> rollouts -> rewards -> advantages -> learner -> weight sync.
+
+One readable loop written against two small seams (DESIGN.md): a rollout group (``generate``,
+``load_weights``, ``weights_checksum``) and a learner group (``train_step``, ``export_weights``,
+``state_dict``). In one process both are plain objects; with ``orchestration: ray`` they are Ray
+actor groups with the same methods. The loop never imports Ray.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from alignreg.algorithms.advantages import compute_advantages
+from alignreg.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from alignreg.config import ConfigError, RLConfig, save_config
+from alignreg.learner.batch import collate
+from alignreg.logging import MetricsLogger, plot_curves
+from alignreg.regularizers.base import RegularizerSet, build_regularizers
+from alignreg.rollout.base import SamplingParams
+
+PLOT_KEYS = [
+    ("rollout/reward_mean", "train reward"),
+    ("policy/entropy", "policy entropy"),
+    ("eval/greedy_acc", "held-out greedy accuracy"),
+]
+
+
+@dataclass
+class Run:
+    """Everything a training run holds; built by :func:`build_run`."""
+
+    cfg: RLConfig
+    tokenizer: Any
+    rollout: Any  # rollout group: generate / load_weights / weights_checksum
+    learner: Any  # learner group: train_step / export_weights / state_dict / load_state_dict
+    regs: RegularizerSet
+    train_records: list
+    eval_records: list
+    prompts: Any  # PromptIterator
+    start_step: int = 0
+
+
+def set_seed(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _resolve_resume(cfg: RLConfig) -> Optional[Path]:
+    r = cfg.trainer.resume
+    if r == "never":
+        return None
+    if r == "auto":
+        return latest_checkpoint(cfg.trainer.run_dir)
+    path = Path(r)
+    if not path.is_dir():
+        raise ConfigError(f"trainer.resume: {r!r} is not a checkpoint directory; use auto, never or a step_* path")
+    return path
+
+
+def build_run(cfg: RLConfig) -> Run:
+    from alignreg.data import PromptIterator, prompt_dataset
+    from alignreg.learner.policy import PolicyLearner, make_reference
+    from alignreg.models import load_policy
+    from alignreg.rollout.hf import HFRolloutEngine
+    from alignreg.warmstart import sft_warm_start
+
+    set_seed(cfg.trainer.seed)
+    run_dir = Path(cfg.trainer.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    regs = build_regularizers(cfg.regularizers)
+    train_records, eval_records = prompt_dataset(cfg.task)
+    ckpt = _resolve_resume(cfg)
+    init_dir = run_dir / "init_policy"
+
+    model, tokenizer = load_policy(cfg.model, cfg.trainer.seed)
+    if ckpt is None:
+        if cfg.warm_start.steps > 0:
+            ws = sft_warm_start(model, tokenizer, train_records, cfg.warm_start.steps, cfg.warm_start.lr,
+                                cfg.warm_start.batch_size, cfg.trainer.seed, progress=cfg.trainer.progress)
+            (run_dir / "warm_start.json").write_text(json.dumps(ws, indent=2))
+        model.save_pretrained(init_dir)  # the reference policy and the run's starting point
+        tokenizer.save_pretrained(init_dir)
+    elif cfg.warm_start.steps > 0 and init_dir.is_dir():
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(init_dir, local_files_only=True, dtype=model.dtype)
+    ref = make_reference(model) if regs.needs().keys() & {"ref_logprobs", "kl_ref_full"} else None
+    if cfg.rollout.engine != "hf":
+        raise ConfigError(f"rollout.engine: {cfg.rollout.engine!r} needs the distributed runtime; valid choices here: 'hf'")
+    if cfg.orchestration != "local":
+        raise ConfigError(f"orchestration: {cfg.orchestration!r} is not available in this build; valid choices: 'local'")
+    if cfg.learner.backend != "torch":
+        raise ConfigError(f"learner.backend: {cfg.learner.backend!r} is not available in this build; valid choices: 'torch'")
+    learner = PolicyLearner(model, cfg, regs, ref_model=ref)
+    engine = HFRolloutEngine(model, tokenizer)
+    prompts = PromptIterator(train_records, cfg.rollout.prompts_per_step, cfg.trainer.seed)
+    run = Run(cfg, tokenizer, engine, learner, regs, train_records, eval_records, prompts)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt)
+        learner.load_state_dict(state["learner"])
+        prompts.load_state_dict(state["prompts"])
+        set_rng_state(state["rng"])
+        run.start_step = state["step"]
+        engine.load_weights(learner.export_weights())
+    return run
+
+
+def rollout_step(run: Run, records: list[dict], step: int) -> tuple[Any, dict[str, float]]:
+    """Generate, score, shape, compute advantages; returns the learner batch and rollout metrics."""
+    from alignreg.models import encode_prompts
+    from alignreg.rewards import compute_rewards
+
+    cfg, tok = run.cfg, run.tokenizer
+    rc = cfg.rollout
+    prompt_ids = encode_prompts(tok, [r["prompt"] for r in records])
+    sp = SamplingParams(temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k, max_new_tokens=rc.max_new_tokens, n=rc.group_size)
+    rb = run.rollout.generate(prompt_ids, sp)
+    texts = tok.batch_decode(rb.response_ids, skip_special_tokens=True)
+    raw = torch.tensor(compute_rewards(cfg.task.reward, texts, [records[i] for i in rb.prompt_index]), dtype=torch.float32)
+    rewards, metrics = raw, {}
+    for t in run.regs.with_hook("shape_rewards"):  # reward shaping: r + coef * bonus
+        bonus, m = t.term.shape_rewards(raw, rb)
+        rewards = rewards + run.regs.coef(t, step) * bonus
+        metrics.update({f"reg/{t.term.id}/{k}": v for k, v in m.items()})
+    group = torch.tensor(rb.prompt_index, dtype=torch.long)
+    adv = compute_advantages(cfg.algorithm.advantage, rewards, group, cfg.algorithm.adv_eps)
+    batch = collate(rb.prompt_ids, rb.response_ids, rb.logprobs, rewards, adv, rb.prompt_index, tok.pad_token_id)
+    lengths = torch.tensor([len(r) for r in rb.response_ids], dtype=torch.float32)
+    metrics.update({
+        "rollout/reward_mean": float(raw.mean()),
+        "rollout/reward_std": float(raw.std()) if raw.numel() > 1 else 0.0,
+        "rollout/response_len": float(lengths.mean()),
+        "rollout/finished_frac": sum(rb.finished) / max(len(rb), 1),
+        "rollout/adv_abs_mean": float(adv.abs().mean()),
+    })
+    return batch, metrics
+
+
+def evaluate_run(run: Run, step: int) -> dict[str, float]:
+    from alignreg.eval import evaluate
+
+    return evaluate(run.rollout, run.tokenizer, run.eval_records, run.cfg.task.reward, run.cfg.eval,
+                    run.cfg.rollout.max_new_tokens, seed=run.cfg.trainer.seed + 7919 * (step + 1))
+
+
+class _Preemption:
+    """SIGTERM (SLURM preemption) sets a flag; the loop checkpoints at the end of the current step."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def save_run(run: Run, step: int) -> Path:
+    state = {"learner": run.learner.state_dict(), "prompts": run.prompts.state_dict(), "rng": rng_state(), "step": step}
+    return save_checkpoint(run.cfg.trainer.run_dir, step, state, keep=run.cfg.trainer.keep_checkpoints)
+
+
+def train(cfg: RLConfig) -> dict[str, Any]:
+    """Run (or resume) a training run; returns a summary also written to ``summary.json``."""
+    from tqdm import tqdm
+
+    run_dir = Path(cfg.trainer.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    run = build_run(cfg)
+    tc = cfg.trainer
+    resumed = run.start_step > 0
+    logger = MetricsLogger(run_dir, tensorboard=tc.tensorboard, resume_step=run.start_step if resumed else None)
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if resumed and summary_path.exists() else {}
+    if not resumed:
+        first = evaluate_run(run, -1)
+        logger.log(0, first)
+        summary["initial_eval"] = first
+    step = run.start_step
+    bar = tqdm(total=tc.steps, initial=step, disable=not tc.progress, desc="rl", dynamic_ncols=True)
+    with _Preemption() as pre:
+        while step < tc.steps:
+            t0 = time.perf_counter()
+            records = run.prompts.next_batch()
+            batch, metrics = rollout_step(run, records, step)
+            t1 = time.perf_counter()
+            metrics.update(run.learner.train_step(batch, step))
+            t2 = time.perf_counter()
+            run.rollout.load_weights(run.learner.export_weights())
+            step += 1
+            metrics.update({"time/rollout_s": t1 - t0, "time/train_s": t2 - t1, "time/sync_s": time.perf_counter() - t2})
+            if (tc.log_every and step % tc.log_every == 0) or step == tc.steps:
+                if cfg.eval.every and step % cfg.eval.every == 0 or step == tc.steps:
+                    metrics.update(evaluate_run(run, step))
+                logger.log(step, metrics)
+            bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in ("rollout/reward_mean", "eval/greedy_acc") if k in metrics})
+            bar.update(1)
+            if (tc.save_every and step % tc.save_every == 0) or step == tc.steps or pre.requested:
+                save_run(run, step)
+            if pre.requested:
+                bar.write(f"SIGTERM: checkpoint written at step {step}; resume with trainer.resume=auto")
+                break
+    bar.close()
+    logger.close()
+    final_eval = {k: v for k, v in _last_eval(logger.path).items()}
+    summary.update({"steps": step, "final_eval": final_eval, "preempted": pre.requested})
+    if step == tc.steps:
+        final_dir = run_dir / "final"
+        run.learner.model.save_pretrained(final_dir)
+        run.tokenizer.save_pretrained(final_dir)
+        summary["final_model"] = str(final_dir)
+    png = plot_curves(logger.path, run_dir / "curves.png", PLOT_KEYS)
+    if png:
+        summary["plot"] = str(png)
+    summary_path.write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _last_eval(metrics_path: Path) -> dict[str, float]:
+    from alignreg.logging import read_metrics
+
+    out: dict[str, float] = {}
+    for row in read_metrics(metrics_path):
+        if "eval/greedy_acc" in row:
+            out = {k: v for k, v in row.items() if k.startswith("eval/")}
+    return out
