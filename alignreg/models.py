@@ -1,0 +1,148 @@
+"""Policy models and tokenizers: a tiny Qwen2 + character tokenizer built in code, or a local HF dir.
+
+Tests and CPU experiments must never touch a model hub, so ``path: tiny-qwen2`` builds both the
+tokenizer and the model from code. The tiny model is a real ``Qwen2ForCausalLM`` (not a toy
+module) so that the same code paths - HF ``generate``, vLLM loading from a saved directory,
+DeepSpeed wrapping - are exercised on CPU as on a GPU with a real checkpoint.
+
+The learner never calls ``model(...)`` for training: full ``[B, T, V]`` logits are what run real
+vocabularies out of memory. It takes the body and the lm-head apart with :func:`lm_head_and_body`
+and computes logits a chunk of tokens at a time.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import transformers
+from torch import Tensor
+
+from alignreg.config import ConfigError, ModelConfig
+
+TINY_MODEL = "tiny-qwen2"
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+# Characters of the synthetic tasks (digits, operators, '=', space) plus enough letters and
+# punctuation for short instruction-style jsonl prompts. Anything else maps to <unk>.
+CHARS = "0123456789+-*=/ .,:;?!()\n" + "abcdefghijklmnopqrstuvwxyz" + "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+# Chat messages are concatenated after BOS; the synthetic tasks are raw completions ("3+5="), so a
+# template only has to exist for tools (vLLM chat entry points) that insist on one.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ message['content'] }}{% endfor %}"
+)
+# Positions beyond prompt + response are never needed by the synthetic tasks; a small table keeps
+# the tiny model's parameter count dominated by the layers that learn.
+MAX_POSITIONS = 128
+
+
+def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """A character-level WordLevel tokenizer with <pad>/<bos>/<eos>; BOS is prepended on encode.
+
+    Every character is its own token, so digits of a number are always tokenised the same way,
+    wherever they appear (BPE merges would make '12' in a prompt and '12' in an answer differ).
+    Decoding concatenates pieces (``Fuse``), otherwise HF would insert spaces between tokens.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    specials = [PAD, BOS, EOS, UNK]
+    vocab = {tok: i for i, tok in enumerate(specials + list(CHARS))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    # [\s\S] = any single character including newline; "isolated" keeps each one as a piece.
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+    )
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        padding_side="left",  # generation pads on the left so every prompt ends at the same column
+        model_max_length=MAX_POSITIONS,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, seed: int,
+                tokenizer: Optional[transformers.PreTrainedTokenizerBase] = None
+                ) -> transformers.Qwen2ForCausalLM:
+    """A randomly initialised tiny Qwen2, identical for identical (cfg, vocab_size, seed).
+
+    Initialisation runs under a forked RNG so that building a model (e.g. the reference copy) does
+    not shift the global random stream that data order and sampling depend on. Eager attention is
+    used because it is deterministic on CPU and supports every mask shape ``generate`` produces.
+    """
+    tok = tokenizer or build_tokenizer()
+    config = transformers.Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=MAX_POSITIONS,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        use_sliding_window=False,
+        attn_implementation="eager",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+    return model.to(getattr(torch, cfg.dtype))
+
+
+def load_policy(cfg: ModelConfig, seed: int):
+    """Return ``(model, tokenizer)``: built in code for ``tiny-qwen2``, else from a local HF dir."""
+    if cfg.path == TINY_MODEL:
+        tokenizer = build_tokenizer()
+        model = build_model(cfg, len(tokenizer), seed, tokenizer)
+    else:
+        path = Path(cfg.path)
+        if not (path.is_dir() and (path / "config.json").is_file()):
+            raise ConfigError(
+                f"model.path: {cfg.path!r} is not a local Hugging Face checkpoint directory "
+                f"(no config.json); use {TINY_MODEL!r} or a directory saved with save_pretrained"
+            )
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, dtype=getattr(torch, cfg.dtype)
+        )
+        if tokenizer.pad_token is None:  # many base models ship without one; batching needs it
+            tokenizer.pad_token = tokenizer.eos_token
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model, tokenizer
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
+    """Token ids of prompt texts, with the tokenizer's own special tokens (BOS for tiny-qwen2)."""
+    return [tokenizer(p)["input_ids"] for p in prompts]
+
+
+def lm_head_and_body(model) -> tuple[Callable[..., Tensor], Tensor, Optional[Tensor]]:
+    """Split a causal LM into ``(body, lm_head_weight [V, H], lm_head_bias or None)``.
+
+    ``body(input_ids, attention_mask=None, position_ids=None)`` returns the final hidden states
+    ``[B, T, H]`` after the final norm (``model.model(...).last_hidden_state``), so that
+    ``hidden @ weight.T (+ bias)`` equals the model's logits. With tied embeddings the weight *is*
+    the input embedding, so gradients through it reach the embedding as in ``model(...)``.
+    """
+    decoder = model.get_decoder()
+    head = model.get_output_embeddings()
+
+    def body(input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+             position_ids: Optional[Tensor] = None) -> Tensor:
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids, use_cache=False)
+        return out.last_hidden_state
+
+    return body, head.weight, getattr(head, "bias", None)

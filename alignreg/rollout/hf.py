@@ -1,0 +1,114 @@
+"""Rollout engine on Hugging Face ``generate``: the fallback when vLLM is not installed, and the
+reference the vLLM engine is tested against.
+
+The engine owns a deep copy of the policy in eval mode, exactly as a vLLM engine owns its own
+weights: the learner's optimizer step never changes what the engine samples from until
+``load_weights`` is called, so the weight-sync path is exercised even in-process.
+
+RNG choice: with ``SamplingParams.seed`` set, sampling runs under ``torch.random.fork_rng`` seeded
+with it, so the call is reproducible on its own and leaves the global RNG untouched. With
+``seed=None`` it draws from the global torch RNG; that is also reproducible because the trainer
+seeds it and saves/restores it in checkpoints.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Iterable
+
+import torch
+import transformers
+
+from alignreg.rollout.base import RolloutBatch, SamplingParams, weights_checksum
+
+
+class HFRolloutEngine:
+    def __init__(self, model: torch.nn.Module, tokenizer):
+        self.model = copy.deepcopy(model).eval()  # deepcopy keeps tied embeddings tied
+        self.model.requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_id = tokenizer.eos_token_id
+
+    # ------------------------------------------------------------------ generation
+    def _generation_config(self, s: SamplingParams) -> transformers.GenerationConfig:
+        # Every knob is explicit (top_k=0, top_p=1.0) so that defaults from the checkpoint's
+        # generation_config.json (often top_k=50) cannot silently truncate sampling.
+        sample = {} if s.greedy else dict(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+        return transformers.GenerationConfig(
+            do_sample=not s.greedy, **sample,
+            max_new_tokens=s.max_new_tokens, num_return_sequences=s.n,
+            eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+            return_dict_in_generate=True, output_logits=True,  # raw logits, before any warper
+        )
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> RolloutBatch:
+        """Sample ``sampling.n`` responses per prompt in one left-padded batch.
+
+        Log-probs are ``log_softmax(raw_logits / temperature)`` at the chosen token (see
+        ``rollout/base.py``), also for greedy decoding, where they use ``sampling.temperature``.
+        """
+        if not prompts:
+            return RolloutBatch()
+        device = next(self.model.parameters()).device
+        width = max(len(p) for p in prompts)
+        input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + list(p) for p in prompts], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        rng = contextlib.nullcontext()
+        if sampling.seed is not None:
+            rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+        with rng:
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                      generation_config=self._generation_config(sampling))
+        new_tokens = out.sequences[:, width:]  # [B*n, T_new]; finished rows padded with pad_id
+        if new_tokens.shape[1] == 0:
+            raise RuntimeError("generate produced no tokens; max_new_tokens must be >= 1")
+        logits = torch.stack(out.logits, dim=1).float()  # [B*n, T_new, V]
+        logp = torch.log_softmax(logits / sampling.temperature, dim=-1)
+        token_logp = logp.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        return self._to_batch(prompts, sampling.n, new_tokens.tolist(), token_logp.tolist())
+
+    def _to_batch(self, prompts, n, tokens, logps) -> RolloutBatch:
+        """Cut each response after its first EOS (generate pads finished rows with pad_id)."""
+        batch = RolloutBatch()
+        for row, (toks, lps) in enumerate(zip(tokens, logps)):
+            end = toks.index(self.eos_id) + 1 if self.eos_id in toks else len(toks)
+            batch.prompt_index.append(row // n)  # generate expands prompts with repeat_interleave
+            batch.prompt_ids.append(list(prompts[row // n]))
+            batch.response_ids.append(toks[:end])
+            batch.logprobs.append(lps[:end])
+            batch.finished.append(self.eos_id in toks)
+        return batch
+
+    # ------------------------------------------------------------------ weights
+    @torch.no_grad()
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy tensors in place by name; strict, and checked in full before anything is copied.
+
+        Accepted names are the model's parameter names including aliases of tied weights
+        (``lm_head.weight`` when tied to ``model.embed_tokens.weight``); every parameter must be
+        covered once. Tensors are only referenced until the copy, so no second model is held.
+        """
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        incoming = dict(named_tensors)
+        unknown = sorted(set(incoming) - set(params))
+        if unknown:
+            raise KeyError(f"load_weights: unknown parameter names {unknown[:5]}"
+                           f"{' ...' if len(unknown) > 5 else ''}")
+        covered = {id(params[name]) for name in incoming}
+        missing = [name for name, p in self.model.named_parameters() if id(p) not in covered]
+        if missing:
+            raise KeyError(f"load_weights: missing parameters {missing[:5]}"
+                           f"{' ...' if len(missing) > 5 else ''}")
+        for name, tensor in incoming.items():
+            if tuple(tensor.shape) != tuple(params[name].shape):
+                raise ValueError(f"load_weights: {name} has shape {tuple(tensor.shape)}, "
+                                 f"expected {tuple(params[name].shape)}")
+        for name, tensor in incoming.items():
+            params[name].copy_(tensor)  # casts dtype/device (e.g. bf16 learner -> fp32 engine)
+
+    def weights_checksum(self) -> float:
+        return weights_checksum(self.model.named_parameters())

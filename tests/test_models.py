@@ -1,0 +1,82 @@
+"""Tiny Qwen2 + char tokenizer built in code: round trips, save/load, and the body/lm-head split."""
+import pytest
+import torch
+import transformers
+
+from alignreg.config import ConfigError, ModelConfig
+from alignreg.models import build_model, build_tokenizer, encode_prompts, lm_head_and_body, load_policy
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models are op-overhead bound: one intra-op thread is as fast on an idle machine and
+    avoids OpenMP spin-waiting, which made this file ~10x slower on a busy 2-core CI box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_tokenizer_round_trip_and_specials():
+    tok = build_tokenizer()
+    text = "12+7=19 what is 3*4? (Answer: 12.)"
+    ids = tok(text)["input_ids"]
+    assert ids[0] == tok.bos_token_id and len(ids) == len(text) + 1  # one token per character
+    assert tok.decode(ids, skip_special_tokens=True) == text
+    assert tok.decode(ids[1:]) == text  # Fuse decoder: no spaces inserted between tokens
+    assert len({tok.pad_token_id, tok.bos_token_id, tok.eos_token_id}) == 3
+    assert tok.decode([tok.convert_tokens_to_ids("5"), tok.eos_token_id], skip_special_tokens=True) == "5"
+    assert tok("~")["input_ids"][1] == tok.unk_token_id
+
+
+def test_tokenizer_save_load_and_chat_template(tmp_path):
+    tok = build_tokenizer()
+    tok.save_pretrained(tmp_path)
+    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    for text in ["3+5=", "99-12= x\nY"]:
+        assert loaded(text)["input_ids"] == tok(text)["input_ids"]
+        assert loaded.decode(loaded(text)["input_ids"], skip_special_tokens=True) == text
+    assert (loaded.pad_token, loaded.eos_token, loaded.bos_token) == ("<pad>", "<eos>", "<bos>")
+    chat = loaded.apply_chat_template([{"role": "user", "content": "3+5="}], tokenize=False)
+    assert chat == "<bos>3+5="
+    ids = loaded.apply_chat_template([{"role": "user", "content": "3+5="}], tokenize=True)
+    ids = ids["input_ids"] if not isinstance(ids, list) else ids
+    assert list(ids) == tok("3+5=")["input_ids"]
+
+
+def test_build_model_is_seeded_and_leaves_global_rng():
+    tok = build_tokenizer()
+    cfg = ModelConfig(tie_word_embeddings=False)
+    state = torch.get_rng_state()
+    a, b, c = (build_model(cfg, len(tok), s, tok) for s in (0, 0, 1))
+    assert torch.equal(torch.get_rng_state(), state)
+    pa, pb, pc = (dict(m.named_parameters()) for m in (a, b, c))
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert not torch.equal(pa["model.embed_tokens.weight"], pc["model.embed_tokens.weight"])
+    assert a.config.eos_token_id == tok.eos_token_id and a.config.pad_token_id == tok.pad_token_id
+    assert a.lm_head.weight is not a.model.embed_tokens.weight
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_lm_head_and_body_reproduce_logits_and_grads(tie):
+    model, tok = load_policy(ModelConfig(tie_word_embeddings=tie), seed=0)
+    ids = torch.tensor(encode_prompts(tok, ["12+34=", "5+6=77"]))
+    mask = torch.ones_like(ids)
+    body, weight, bias = lm_head_and_body(model)
+    assert bias is None and weight.shape == (len(tok), 64)
+    assert (weight is model.model.embed_tokens.weight) == tie
+    logits = body(ids, mask) @ weight.T
+    torch.testing.assert_close(logits, model(input_ids=ids, attention_mask=mask).logits, atol=1e-5, rtol=0)
+    logits.sum().backward()
+    assert model.model.embed_tokens.weight.grad is not None
+
+
+def test_load_policy_local_dir_and_missing_path(tmp_path):
+    model, tok = load_policy(ModelConfig(), seed=3)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded, ltok = load_policy(ModelConfig(path=str(tmp_path)), seed=0)  # seed unused for a checkpoint
+    ids = torch.tensor(encode_prompts(ltok, ["1+2="]))
+    torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+    with pytest.raises(ConfigError, match="not a local Hugging Face checkpoint"):
+        load_policy(ModelConfig(path=str(tmp_path / "nope")), seed=0)

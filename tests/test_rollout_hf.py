@@ -1,0 +1,137 @@
+"""HF rollout engine: sampling log-probs vs a teacher-forced forward, EOS cut, seeding, weight sync."""
+import pytest
+import torch
+
+from alignreg.config import ModelConfig
+from alignreg.models import encode_prompts, load_policy
+from alignreg.rollout.base import RolloutEngine, SamplingParams, weights_checksum
+from alignreg.rollout.hf import HFRolloutEngine
+from alignreg.warmstart import sft_warm_start
+
+PROMPTS = ["3+5=", "12+7=", "1+1=", "40+41="]  # different lengths -> left padding is exercised
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models are op-overhead bound: one intra-op thread is as fast on an idle machine and
+    avoids OpenMP spin-waiting, which made this file ~10x slower on a busy 2-core CI box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return load_policy(ModelConfig(), seed=0)
+
+
+def teacher_forced_logprobs(model, prompt, response, temperature):
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1 : -1].double() / temperature
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(0.7, 1.0, 0), (1.0, 1.0, 0), (0.7, 0.9, 5)])
+def test_sampling_logprobs_match_teacher_forcing(policy, temperature, top_p, top_k):
+    model, tok = policy
+    engine = HFRolloutEngine(model, tok)
+    assert isinstance(engine, RolloutEngine)
+    prompts = encode_prompts(tok, PROMPTS)
+    sp = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, n=3, max_new_tokens=10, seed=0)
+    batch = engine.generate(prompts, sp)
+    assert len(batch) == 12 and batch.prompt_index == [i // 3 for i in range(12)]
+    for p, r, lp, i in zip(batch.prompt_ids, batch.response_ids, batch.logprobs, batch.prompt_index):
+        assert p == prompts[i] and len(lp) == len(r) > 0
+        # full-distribution log-probs even when top-p/top-k truncated the sampling distribution
+        ref = teacher_forced_logprobs(model, p, r, temperature)
+        torch.testing.assert_close(torch.tensor(lp, dtype=torch.float64), ref, atol=1e-4, rtol=0)
+    if top_k:  # every sampled token lies in the teacher-forced top-k
+        for p, r in zip(batch.prompt_ids, batch.response_ids):
+            logits = model(torch.tensor([p + r])).logits[0, len(p) - 1 : -1]
+            assert all(t in logits[j].topk(top_k).indices for j, t in enumerate(r))
+
+
+def test_eos_cut_and_finished_flags(policy):
+    model, tok = policy
+    trained = load_policy(ModelConfig(), seed=0)[0]
+    records = [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+3=", "answer": "5"}]
+    m = sft_warm_start(trained, tok, records, steps=60, lr=1e-2, batch_size=2, seed=0)
+    assert m["warmstart/loss_last"] < 0.1 * m["warmstart/loss_first"]
+    engine = HFRolloutEngine(trained, tok)
+    # one prompt answers and stops, one is cut at max_new_tokens: rows of different lengths
+    prompts = encode_prompts(tok, ["1+1=", "2+3="]) + [encode_prompts(tok, ["1+1="])[0][:-1]]
+    batch = engine.generate(prompts, SamplingParams(greedy=True, max_new_tokens=6))
+    texts = tok.batch_decode(batch.response_ids, skip_special_tokens=True)
+    assert texts[:2] == ["2", "5"] and batch.finished[:2] == [True, True]
+    eos = tok.eos_token_id
+    for r, lp, fin in zip(batch.response_ids, batch.logprobs, batch.finished):
+        assert len(lp) == len(r) <= 6
+        assert (eos in r) == fin and (not fin or r.index(eos) == len(r) - 1)  # nothing after EOS
+        assert tok.pad_token_id not in r
+        assert fin or len(r) == 6
+    assert batch.response_ids[0] == [tok.convert_tokens_to_ids("2"), eos]
+
+
+def test_greedy_is_deterministic_and_padding_invariant(policy):
+    model, tok = policy
+    engine = HFRolloutEngine(model, tok)
+    prompts = encode_prompts(tok, PROMPTS)
+    sp = SamplingParams(greedy=True, max_new_tokens=8)
+    a, b = engine.generate(prompts, sp), engine.generate(prompts, sp)
+    assert a.response_ids == b.response_ids
+    singles = [engine.generate([p], sp).response_ids[0] for p in prompts]
+    assert singles == a.response_ids
+    for p, r in zip(a.prompt_ids, a.response_ids):
+        logits = model(torch.tensor([p + r])).logits[0, len(p) - 1 : -1]
+        assert logits.argmax(-1).tolist() == r
+
+
+def test_seeded_sampling_reproducible_and_leaves_global_rng(policy):
+    model, tok = policy
+    engine = HFRolloutEngine(model, tok)
+    prompts = encode_prompts(tok, PROMPTS)
+    state = torch.get_rng_state()
+    a = engine.generate(prompts, SamplingParams(n=4, seed=5, max_new_tokens=8))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert engine.generate(prompts, SamplingParams(n=4, seed=5, max_new_tokens=8)).response_ids == a.response_ids
+    assert engine.generate(prompts, SamplingParams(n=4, seed=6, max_new_tokens=8)).response_ids != a.response_ids
+
+
+def test_load_weights_syncs_and_is_strict(policy):
+    model, tok = policy
+    other = load_policy(ModelConfig(), seed=1)[0]
+    engine = HFRolloutEngine(model, tok)
+    prompts = encode_prompts(tok, PROMPTS)
+    sp = SamplingParams(greedy=True, max_new_tokens=8)  # random tied models repeat the last
+    # prompt token greedily, so compare log-probs (which see every weight), not only token ids
+    before = engine.generate(prompts, sp)
+    original = model.model.embed_tokens.weight.detach().clone()
+    with torch.no_grad():  # the engine owns a copy: learner updates are invisible until a sync
+        model.model.embed_tokens.weight.add_(1.0)
+    assert engine.generate(prompts, sp).logprobs == before.logprobs
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(original)
+
+    assert engine.weights_checksum() != pytest.approx(weights_checksum(other.named_parameters()))
+    engine.load_weights(other.named_parameters())
+    assert engine.weights_checksum() == pytest.approx(weights_checksum(other.named_parameters()), rel=1e-12)
+    after = engine.generate(prompts, sp)
+    assert after.logprobs != before.logprobs
+    assert after.logprobs == HFRolloutEngine(other, tok).generate(prompts, sp).logprobs
+
+    named = dict(model.named_parameters())
+    with pytest.raises(KeyError, match="unknown"):
+        engine.load_weights({**named, "model.layers.9.foo": torch.zeros(1)}.items())
+    with pytest.raises(KeyError, match="missing"):
+        engine.load_weights([(k, v) for k, v in named.items() if "layers.1." not in k])
+    bad = {**named, "model.norm.weight": torch.zeros(3)}
+    with pytest.raises(ValueError, match="shape"):
+        engine.load_weights(bad.items())
+    # strict checks happen before any copy: the failed loads left the synced weights untouched
+    assert engine.generate(prompts, sp).logprobs == after.logprobs
+    # the tied alias name is accepted in place of the embedding name
+    alias = {("lm_head.weight" if k == "model.embed_tokens.weight" else k): v for k, v in named.items()}
+    engine.load_weights(alias.items())
+    assert engine.generate(prompts, sp).logprobs == before.logprobs
