@@ -66,14 +66,36 @@ class TorchBackend:
         )
         self.grad_clip = lc.grad_clip
 
-    # collectives (identity in one process; overridden by distributed backends)
-    world_size = 1
+    # Collectives: identity in one process; plain torch.distributed (gloo on CPU, nccl on GPU) when
+    # a process group is initialised (Ray learner actors set MASTER_ADDR/RANK/WORLD_SIZE).
+    @property
+    def world_size(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
     def all_reduce_sum(self, t: Tensor) -> Tensor:
+        if self.world_size == 1:
+            return t
+        import torch.distributed as dist
+
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
     def all_gather_cat(self, t: Tensor) -> Tensor:
-        return t
+        if self.world_size == 1:
+            return t
+        import torch.distributed as dist
+
+        n = torch.tensor([t.shape[0]], dtype=torch.long)
+        sizes = [torch.zeros_like(n) for _ in range(self.world_size)]
+        dist.all_gather(sizes, n)
+        m = int(max(s.item() for s in sizes))
+        padded = torch.cat([t, t.new_zeros((m - t.shape[0], *t.shape[1:]))])
+        parts = [torch.empty_like(padded) for _ in range(self.world_size)]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -82,6 +104,21 @@ class TorchBackend:
         loss.backward()
 
     def step(self) -> float:
+        """Reduce gradients over ranks, clip, update; returns the pre-clip gradient norm."""
+        self.reduce_gradients()
+        return self.apply_update()
+
+    def reduce_gradients(self) -> None:
+        if self.world_size > 1:  # losses use global normalisers, so rank gradients are summed
+            import torch.distributed as dist
+
+            for p in self.model.parameters():
+                if p.requires_grad:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+    def apply_update(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
         self.optimizer.step()
@@ -219,7 +256,8 @@ class PolicyLearner:
         old = self._old_pass(batch, train_spec, old_spec)
         metrics: dict[str, float] = {}
         view_stats = {k: v for k, v in old.items() if k not in ("old_hidden", "ref_hidden")}
-        full_view = StepView(batch.mask, batch.advantages, old["old_logprobs"], view_stats, step, be.all_reduce_sum, be.all_gather_cat)
+        L = float(cfg.algorithm.norm_len or cfg.rollout.max_new_tokens)
+        full_view = StepView(batch.mask, batch.advantages, old["old_logprobs"], view_stats, step, L, be.all_reduce_sum, be.all_gather_cat)
         for t in self.regs:
             for k, v in t.term.on_step_start(full_view).items():
                 metrics[f"reg/{t.term.id}/{k}"] = v
@@ -244,7 +282,7 @@ class PolicyLearner:
                     cur = self._prepass(batch, rows, pre_spec, chunk)
                     sl = slice(rows.start, rows.stop)
                     view = StepView(batch.mask[sl], batch.advantages[sl], old["old_logprobs"][sl],
-                                    {**{k: v[sl] for k, v in view_stats.items()}, **cur}, step, be.all_reduce_sum, be.all_gather_cat)
+                                    {**{k: v[sl] for k, v in view_stats.items()}, **cur}, step, L, be.all_reduce_sum, be.all_gather_cat)
                     prepared = {t.term.id: t.term.prepare_minibatch(view) for t in self.regs if t.term.prepass_needs()}
                 be.zero_grad()
                 for r in self._micro_batches(rows):

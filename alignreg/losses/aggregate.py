@@ -13,12 +13,25 @@ Modes (veRL's names):
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from alignreg.regularizers.base import AggNorm
+
+@dataclass
+class AggNorm:
+    """Global normalisers of one mini-batch (all micro-batches and data-parallel ranks together).
+
+    Using these (not micro-batch-local counts) makes every linear aggregate invariant to
+    micro-batching, gradient accumulation and data-parallel sharding.
+    """
+
+    num_tokens: float  # valid response tokens in the mini-batch
+    num_seqs: float  # responses in the mini-batch
+    norm_len: float  # length divisor for seq-mean-token-sum-norm
+
 
 AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 

@@ -120,9 +120,8 @@ def nucleus_mask(p: Tensor, n: Tensor, thr: Tensor) -> Tensor:
     if ambiguous.any():
         rows = ambiguous.nonzero().squeeze(-1)
         e = eq[rows]
-        keep[rows] |= e & (e.cumsum(-1) <= need[rows].unsqueeze(-1))
-    else:
-        keep |= eq
+        eq[rows] = e & (e.cumsum(-1) <= need[rows].unsqueeze(-1))
+    keep |= eq
     return keep
 
 
@@ -189,9 +188,9 @@ class _TokenStats(torch.autograd.Function):
             outs.get("entropy"), outs.get("top_p_entropy"), outs.get("kl_ref_full"),
             *[saved[k] for k in ctx.saved_keys],
         )
-        for k in ("kl_old_full", "min_p_logprobs"):
-            if k in outs:
-                ctx.mark_non_differentiable(outs[k])
+        nondiff = [outs[k] for k in ("kl_old_full", "min_p_logprobs") if k in outs]
+        if nondiff:  # one call: each call replaces the previous set
+            ctx.mark_non_differentiable(*nondiff)
         return tuple(outs[k] for k in names)
 
     @staticmethod

@@ -16,6 +16,7 @@ with whatever statistics only it needed. Each term declares the statistics it ne
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 
 from alignreg.config import ConfigError, Schedule, coef_always_zero, coef_value, from_dict
+from alignreg.losses.aggregate import AggNorm, aggregate
 from alignreg.registry import Registry
 
 REGULARIZERS: Registry[type["Regularizer"]] = Registry("regularizer")
@@ -72,19 +74,6 @@ def merge_needs(requests: list[StatRequest]) -> dict[str, dict]:
 
 
 @dataclass
-class AggNorm:
-    """Global normalisers of one mini-batch (all micro-batches and data-parallel ranks together).
-
-    Using these (not micro-batch-local counts) makes every linear aggregate invariant to
-    micro-batching, gradient accumulation and data-parallel sharding.
-    """
-
-    num_tokens: float  # valid response tokens in the mini-batch
-    num_seqs: float  # responses in the mini-batch
-    norm_len: float  # length divisor for seq-mean-token-sum-norm
-
-
-@dataclass
 class LossContext:
     """Per-micro-batch view handed to ratio transforms and token terms ([B, T] tensors)."""
 
@@ -104,8 +93,6 @@ class LossContext:
     all_gather_cat: Callable[[Tensor], Tensor] = lambda t: t  # concatenate over data-parallel ranks
 
     def aggregate(self, values: Tensor, mode: str, mask: Optional[Tensor] = None) -> Tensor:
-        from alignreg.losses.aggregate import aggregate
-
         return aggregate(values, self.mask if mask is None else mask, mode, self.norm)
 
 
@@ -125,6 +112,7 @@ class StepView:
     old_logprobs: Tensor  # [N, T]
     stats: dict[str, Tensor]  # old_* / ref_* statistics, [N, T]
     step: int
+    norm_len: Optional[float] = None  # length divisor of seq-mean-token-sum-norm (None: T)
     all_reduce_sum: Callable[[Tensor], Tensor] = lambda t: t
     all_gather_cat: Callable[[Tensor], Tensor] = lambda t: t
 
@@ -145,6 +133,11 @@ class Regularizer:
     Params: type = NoParams
     # Which hooks the term implements; the learner only calls those.
     kind: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        if not cls.__dict__.get("__doc__"):  # the module docstring (paper, equation, defaults) documents the term
+            cls.__doc__ = sys.modules[cls.__module__].__doc__
 
     def __init__(self, params: Any, term_id: str):
         self.params = params
@@ -275,6 +268,17 @@ def build_regularizers(configs: list, path: str = "regularizers", hooks: tuple[s
 def params_doc(cls: type) -> str:
     """Field list of a term's Params dataclass (name = default), for docs and error messages."""
     return ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Params))
+
+
+def k3(d: Tensor, clamp: float = 0.0) -> Tensor:
+    """Schulman's k3 estimator ``exp(d) - d - 1`` with ``d = log q - log p`` at a sample of p.
+
+    With ``clamp > 0`` the value is clamped to [-clamp, clamp] (veRL ``low_var_kl``); ``exp`` is
+    evaluated on ``min(d, 80)`` so a clamped (zero-gradient) overflow cannot turn into NaN.
+    """
+    if clamp > 0:
+        return (torch.exp(d.clamp(max=80.0)) - d - 1.0).clamp(-clamp, clamp)
+    return torch.exp(d) - d - 1.0
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> float:

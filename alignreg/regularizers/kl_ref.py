@@ -20,9 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-
-from alignreg.regularizers.base import REGULARIZERS, LossContext, Regularizer, StatRequest, TermOutput, masked_mean
+from alignreg.regularizers.base import REGULARIZERS, LossContext, Regularizer, StatRequest, TermOutput, k3, masked_mean
 
 AggMode = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
 
@@ -53,7 +51,5 @@ class KLRef(Regularizer):
             elif est == "k2":
                 kl = 0.5 * d**2
             else:
-                kl = torch.exp(d) - d - 1.0
-                if self.params.clamp > 0:
-                    kl = kl.clamp(-self.params.clamp, self.params.clamp)
+                kl = k3(d, self.params.clamp)
         return TermOutput(loss=ctx.aggregate(kl, self.params.agg), metrics={"kl": masked_mean(kl, ctx.mask)})

@@ -44,6 +44,7 @@ from alignreg.regularizers.base import (
     StepView,
     TermOutput,
     as_bool,
+    k3,
 )
 
 
@@ -123,7 +124,7 @@ class LpReg(Regularizer):
                 low |= lowest_k(lp_d, cand, rho)
         reg = low & (lp_d < proxy)
         d = proxy - ctx.logprobs
-        kl3 = (torch.exp(d) - d - 1.0).clamp(-self.params.clamp, self.params.clamp)
+        kl3 = k3(d, self.params.clamp)
         values = torch.where(reg, kl3, torch.zeros_like(kl3))
         n = max(float(valid.sum()), 1.0)
         return TermOutput(

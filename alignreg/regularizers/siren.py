@@ -98,7 +98,7 @@ class Siren(Regularizer):
     def _batch_value(self, h: Tensor, view: StepView) -> tuple[float, float]:
         """``H_sel`` of a whole batch spread over data-parallel ranks, and its selected-token count."""
         sel = peak_entropy_mask(h, view.mask, self.params.mask_ratio)
-        unit = AggNorm(1.0, 1.0, float(view.mask.shape[-1]))  # sums; divided by global counts below
+        unit = AggNorm(1.0, 1.0, float(view.norm_len or view.mask.shape[-1]))  # sums; divided by global counts below
         total = view.all_reduce_sum(aggregate(h, sel, self.params.agg, unit).detach().double().reshape(1))
         n_sel = view.all_reduce_sum(sel.sum().double().reshape(1))
         n_seq = view.all_reduce_sum(torch.tensor([float(view.mask.shape[0])], dtype=torch.float64))
