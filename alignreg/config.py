@@ -73,7 +73,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         (inner,) = typing.get_args(tp)[:1]
         out = [_coerce(v, inner, f"{path}.{i}") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
-    if origin is dict:
+    if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
         return dict(value)
@@ -86,6 +86,11 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected true/false, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         return float(value)
@@ -277,6 +282,8 @@ class TaskConfig:
     max_operand: int = 9  # arithmetic: operands are drawn from 0..max_operand
     num_operands: int = 2  # arithmetic: number of operands per problem
     operators: str = "+"  # arithmetic: operator characters to draw from, e.g. "+-"
+    min_length: int = 3  # sequence tasks (reverse, sort): fewest digits in a prompt
+    max_length: int = 5  # sequence tasks (reverse, sort): most digits in a prompt
     train_size: int = 4096  # number of training prompts generated (synthetic tasks)
     eval_size: int = 64  # number of held-out evaluation prompts
     seed: int = 1234  # seed of the prompt generator (held-out split uses a disjoint stream)
@@ -361,6 +368,7 @@ class EvalConfig:
 class TrainerConfig:
     steps: int = 50  # training steps (one rollout batch each)
     seed: int = 0  # global seed (model init, sampling, data order)
+    threads: int = 0  # torch intra-op CPU threads (0 = torch's default); 1 is fastest for tiny models on few cores
     run_dir: str = "runs/default"  # output directory (config, metrics, checkpoints, plots)
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
     keep_checkpoints: int = 2  # number of most recent checkpoints kept

@@ -76,6 +76,8 @@ def build_run(cfg: RLConfig) -> Run:
     from alignreg.warmstart import sft_warm_start
 
     set_seed(cfg.trainer.seed)
+    if cfg.trainer.threads > 0:
+        torch.set_num_threads(cfg.trainer.threads)
     run_dir = Path(cfg.trainer.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     regs = build_regularizers(cfg.regularizers)
@@ -94,7 +96,8 @@ def build_run(cfg: RLConfig) -> Run:
     elif cfg.warm_start.steps > 0 and init_dir.is_dir():
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(init_dir, local_files_only=True, dtype=model.dtype)
+        attn = model.config._attn_implementation  # same kernels as the uninterrupted run: exact resume
+        model = AutoModelForCausalLM.from_pretrained(init_dir, local_files_only=True, dtype=model.dtype, attn_implementation=attn)
     ref = make_reference(model) if regs.needs().keys() & {"ref_logprobs", "kl_ref_full"} else None
     if cfg.rollout.engine != "hf":
         raise ConfigError(f"rollout.engine: {cfg.rollout.engine!r} needs the distributed runtime; valid choices here: 'hf'")

@@ -1,0 +1,98 @@
+"""The single-process RLVR loop end to end: outputs, exact resume, config errors from the CLI."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from alignreg.checkpoint import latest_checkpoint, load_checkpoint
+from alignreg.config import RLConfig, load_config
+from alignreg.logging import read_metrics
+from alignreg.orchestration.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "rl" / "tiny_grpo_siren.yaml"
+FAST = [
+    "warm_start.steps=20", "rollout.prompts_per_step=4", "rollout.group_size=4", "learner.micro_batch_size=8",
+    "eval.every=2", "task.eval_size=8", "eval.num_samples=4", "eval.ks=[1,4]", "trainer.progress=false",
+]
+
+
+def _cfg(run_dir, *extra) -> RLConfig:
+    return load_config(RLConfig, DEMO, FAST + [f"trainer.run_dir={run_dir}", *extra])
+
+
+def _rows(run_dir):
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in read_metrics(Path(run_dir) / "metrics.jsonl")]
+
+
+def test_run_writes_metrics_plot_checkpoint_and_model(tmp_path):
+    summary = train(_cfg(tmp_path, "trainer.steps=3"))
+    assert summary["steps"] == 3
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    for r in rows[1:]:
+        for k in ("rollout/reward_mean", "policy/pg_loss", "reg/siren/h_sel", "reg/siren/anchor", "optim/grad_norm"):
+            assert k in r and torch.isfinite(torch.tensor(r[k])), k
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert (tmp_path / "config.yaml").is_file()
+    assert (tmp_path / "final" / "config.json").is_file()
+    ckpt = latest_checkpoint(tmp_path)
+    assert ckpt is not None and ckpt.name == "step_00000003"
+    state = load_checkpoint(ckpt)
+    assert state["learner"]["regularizers"]["siren"]["anchor"] == rows[1]["reg/siren/anchor"]
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    extra = ["trainer.save_every=2", "regularizers.0.name=lp_reg", "regularizers.0.coef=1.0",
+             "learner.mini_batch_size=8", "learner.ppo_epochs=2"]
+    train(_cfg(straight, "trainer.steps=4", *extra))
+    train(_cfg(split, "trainer.steps=2", *extra))
+    summary = train(_cfg(split, "trainer.steps=4", *extra))  # resume=auto from step 2
+    assert summary["steps"] == 4
+    a, b = _rows(straight), _rows(split)
+    assert a == b
+    wa = load_checkpoint(latest_checkpoint(straight))["learner"]["model"]
+    wb = load_checkpoint(latest_checkpoint(split))["learner"]["model"]
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def _cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "alignreg", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("learner.lrr=0.1", "config.learner.lrr: unknown key; valid keys: backend, betas, chunk_size"),
+        ("regularizers.0.name=sirem", "unknown regularizer 'sirem'; valid choices:"),
+        ("regularizers.0.params.top_q=0.9", "regularizers.0.params.top_q: unknown key; valid keys: agg, anchor, mask_ratio"),
+        ("learner.lr=fast", "config.learner.lr: expected a number, got 'fast'"),
+        ("algorithm.advantage=ppo", "config.algorithm.advantage: 'ppo' is not a valid choice; valid choices: 'grpo', 'drgrpo', 'rloo'"),
+        ("learner.mini_batch_size=7", "must divide the batch size"),
+    ],
+)
+def test_config_errors_are_one_line_exit_2(override, needle, tmp_path):
+    r = _cli("rl", str(DEMO), override, f"trainer.run_dir={tmp_path}")
+    assert r.returncode == 2, r.stderr
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert needle in err, err
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_missing_config_file_is_clear(tmp_path):
+    r = _cli("rl", str(tmp_path / "nope.yaml"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_every_shipped_rl_config_validates():
+    for path in sorted((ROOT / "configs" / "rl").glob("*.yaml")):
+        load_config(RLConfig, path)
