@@ -1,0 +1,74 @@
+"""Config schema: overrides, schedules, round trip, and the light-import promise."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from alignreg.config import (
+    ConfigError,
+    RLConfig,
+    Schedule,
+    apply_overrides,
+    coef_always_zero,
+    from_dict,
+    load_config,
+    save_config,
+)
+
+
+def test_overrides_reach_nested_keys_and_list_items():
+    data = {"regularizers": [{"name": "siren", "coef": 0.1}]}
+    apply_overrides(data, ["learner.lr=3e-4", "regularizers.0.params.top_p=0.9", "eval.ks=[1,2]"])
+    cfg = from_dict(RLConfig, data)
+    assert cfg.learner.lr == 3e-4 and cfg.regularizers[0].params == {"top_p": 0.9} and cfg.eval.ks == [1, 2]
+    with pytest.raises(ConfigError, match="index out of range"):
+        apply_overrides({"regularizers": []}, ["regularizers.0.coef=1"])
+    with pytest.raises(ConfigError, match="expected key=value"):
+        apply_overrides({}, ["learner.lr"])
+
+
+def test_schedules():
+    lin = Schedule(kind="linear", start=1.0, end=0.0, steps=10)
+    assert lin.value(0) == 1.0 and lin.value(5) == 0.5 and lin.value(20) == 0.0
+    cos = Schedule(kind="cosine", start=1.0, end=0.0, steps=10)
+    assert math.isclose(cos.value(5), 0.5) and cos.value(10) == 0.0
+    step = Schedule(kind="step", start=1.0, end=0.2, steps=3)
+    assert [step.value(i) for i in range(5)] == [1.0, 1.0, 1.0, 0.2, 0.2]
+    warm = Schedule(kind="constant", start=2.0, warmup_steps=4)
+    assert [warm.value(i) for i in range(5)] == [0.5, 1.0, 1.5, 2.0, 2.0]
+    assert coef_always_zero(0.0) and coef_always_zero(Schedule(start=0.0))
+    assert not coef_always_zero(Schedule(kind="linear", start=0.0, end=1.0))
+    cfg = from_dict(RLConfig, {"regularizers": [{"name": "entropy", "coef": {"kind": "linear", "start": 0.1, "end": 0.0, "steps": 5}}]})
+    assert isinstance(cfg.regularizers[0].coef, Schedule)
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = from_dict(RLConfig, {"regularizers": [{"name": "lp_reg", "coef": 1.0, "params": {"rho": 0.02}}], "deepspeed": {"zero_stage": 3}})
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(RLConfig, tmp_path / "c.yaml") == cfg
+
+
+def test_wrong_types_and_choices_name_the_key():
+    with pytest.raises(ConfigError, match=r"config.rollout.group_size: expected an integer, got 'x'"):
+        from_dict(RLConfig, {"rollout": {"group_size": "x"}})
+    with pytest.raises(ConfigError, match=r"config.trainer.progress: expected true/false"):
+        from_dict(RLConfig, {"trainer": {"progress": "yes"}})
+    with pytest.raises(ConfigError, match=r"config.deepspeed.zero_stage: 1 is not a valid choice; valid choices: 2, 3"):
+        from_dict(RLConfig, {"deepspeed": {"zero_stage": 1}})
+    with pytest.raises(ConfigError, match=r"duplicate regularizer id 'siren'"):
+        from_dict(RLConfig, {"regularizers": [{"name": "siren"}, {"name": "siren"}]})
+    with pytest.raises(ConfigError, match="at most one ratio-transform"):
+        from_dict(RLConfig, {"regularizers": [{"name": "grpo_guard"}, {"name": "grpo_guard", "id": "g2"}]})
+
+
+def test_import_alignreg_stays_light():
+    code = (
+        "import sys, alignreg, alignreg.cli, alignreg.config, alignreg.regularizers, alignreg.losses.stats\n"
+        "heavy = [m for m in ('ray', 'vllm', 'deepspeed', 'gymnasium', 'mujoco') if m in sys.modules]\n"
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
