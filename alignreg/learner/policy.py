@@ -28,19 +28,16 @@ from alignreg.losses.aggregate import aggregate
 from alignreg.losses.policy import clipped_pg_loss
 from alignreg.losses.stats import StatsSpec, auto_chunk_size, token_stats
 from alignreg.learner.batch import TrainBatch
+from alignreg.models import lm_head_and_body
 from alignreg.regularizers.base import AggNorm, LossContext, RegularizerSet, StepView
 
 
-def lm_parts(model) -> tuple[torch.nn.Module, Tensor, Optional[Tensor]]:
-    """(decoder body returning final-normed hidden states, lm-head weight [V, H], bias or None)."""
-    head = model.get_output_embeddings()
-    return model.get_decoder(), head.weight, getattr(head, "bias", None)
+lm_parts = lm_head_and_body  # (body -> final-normed hidden states, lm-head weight [V, H], bias or None)
 
 
 def response_hidden(body, batch: TrainBatch) -> Tensor:
     """Hidden states that predict each response token: [N, R, H]."""
-    out = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
-    h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    h = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
     P, R = batch.prompt_len, batch.response_len
     return h[:, P - 1 : P - 1 + R]
 
