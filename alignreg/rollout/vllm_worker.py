@@ -1,0 +1,118 @@
+"""vLLM worker extension: in-place weight updates, a weights checksum and the temperature fold.
+
+``VLLMRolloutEngine`` passes ``worker_extension_cls="alignreg.rollout.vllm_worker.WorkerExtension"``;
+vLLM mixes the class into its worker, so every method here runs inside the worker process (the one
+that owns the model) and is called with ``llm.collective_rpc("alignreg_<method>", args=...)``. The
+``alignreg_`` prefix is required: vLLM refuses extension attributes its worker already has, and
+recent workers have ``update_weights`` / ``init_weight_transfer_engine`` of their own. This module
+imports nothing from vLLM at import time, so it can be imported (and read) without vLLM installed.
+
+Weight updates go through ``model_runner.reload_weights(weights_iterator=...)``: the CPU backend
+repacks some linear layers into kernel layouts after loading, and a plain ``model.load_weights``
+writes checkpoint-layout tensors into repacked parameters (wrong shapes). ``reload_weights``
+restores checkpoint layout, loads and re-runs the post-processing. Older vLLM without it (GPU
+builds only, where nothing is repacked) fall back to ``model.load_weights``.
+
+Checksum: ``alignreg_weights_checksum`` returns :func:`alignreg.rollout.base.weights_checksum` over the
+tensors *as this worker received them* (names as sent by the learner), computed right before they
+are handed to ``reload_weights``; before the first update, over the checkpoint's safetensors
+(checkpoint names). It cannot be computed over the model's parameters after loading, because the
+fused (``qkv_proj``, ``gate_up_proj``) and repacked parameters have other names and layouts. So the
+checksum proves that the transport delivered the learner's bytes to the worker; that the load
+itself produced the learner's function is what the log-prob parity probe checks
+(``orchestration/weight_sync.verify_sync``).
+
+Temperature fold: ``alignreg_set_logit_scale(s)`` multiplies the model's ``LogitsProcessor.scale`` (applied
+to the final logits, after any soft-cap, like HF's temperature) by ``s / current``. The engine sets
+``s = 1 / temperature`` and samples at vLLM temperature 1, so vLLM's ``raw_logprobs`` are exactly
+``log_softmax(logits / T)`` over the full vocabulary, also under top-p/top-k and for greedy
+decoding, and ``prompt_logprobs`` (teacher forcing) get the same temperature.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Iterable
+
+import torch
+
+from alignreg.rollout.base import weights_checksum
+
+
+class WorkerExtension:
+    """Methods mixed into the vLLM worker (``self`` is the worker: ``self.model_runner`` etc.)."""
+
+    # ------------------------------------------------------------------ weights
+    def alignreg_update_weights(self, named_tensors: list[tuple[str, torch.Tensor]]) -> float:
+        """Load tensors sent through vLLM's RPC channel (pickled); returns their checksum."""
+        return self._reload(list(named_tensors))
+
+    def alignreg_update_weights_from_shm(self, spec: dict) -> float:
+        """Map a :class:`~alignreg.orchestration.weight_sync.SharedMemoryWeights` buffer
+        zero-copy, check the transport checksum, load; returns the checksum."""
+        from alignreg.orchestration.weight_sync import read_shared_weights
+
+        named = read_shared_weights(spec)  # views into the mapped file, no copy
+        return self._reload(named, expected=spec.get("checksum"))
+
+    def _reload(self, named: list[tuple[str, torch.Tensor]], expected: float | None = None) -> float:
+        checksum = weights_checksum(named)
+        if expected is not None and checksum != expected:
+            raise RuntimeError(f"weight transport corrupted the tensors: checksum {checksum!r} in the "
+                               f"worker, {expected!r} written by the learner")
+        runner = self.model_runner
+        params = inspect.signature(runner.reload_weights).parameters if hasattr(runner, "reload_weights") else {}
+        if "weights_iterator" in params:
+            runner.reload_weights(weights_iterator=iter(named))
+        else:  # vLLM without in-place reload (GPU, no repacked layers)
+            runner.get_model().load_weights(iter(named))
+        self._alignreg_checksum = checksum
+        return checksum
+
+    def alignreg_weights_checksum(self) -> float:
+        if getattr(self, "_alignreg_checksum", None) is None:
+            self._alignreg_checksum = weights_checksum(_checkpoint_tensors(self.model_config.model))
+        return self._alignreg_checksum
+
+    # ------------------------------------------------------------------ temperature fold
+    def alignreg_set_logit_scale(self, scale: float) -> None:
+        """Make the model's final logits ``base_scale * scale * logits`` (base: the model's own)."""
+        procs = [m for m in self.model_runner.get_model().modules() if hasattr(m, "scale") and hasattr(m, "soft_cap")]
+        if not procs:
+            raise RuntimeError("set_logit_scale: the model has no vLLM LogitsProcessor (attribute scale/soft_cap); "
+                               "the temperature fold needs one")
+        for m in procs:
+            if not hasattr(m, "_alignreg_base_scale"):
+                m._alignreg_base_scale = float(m.scale)
+            m.scale = m._alignreg_base_scale * float(scale)
+
+    # ------------------------------------------------------------------ GPU path (untested on CPU)
+    def alignreg_init_weight_update_group(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
+        """Join the learner's NCCL group as rank ``rank_offset + worker rank``. GPU only."""
+        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+        from vllm.distributed.utils import StatelessProcessGroup
+
+        pg = StatelessProcessGroup.create(host=host, port=port, rank=rank_offset + self.rank, world_size=world_size)
+        self._alignreg_nccl = PyNcclCommunicator(pg, device=self.device)
+
+    def alignreg_update_weights_from_nccl(self, meta: list[tuple[str, str, tuple[int, ...]]], checksum: float | None = None) -> float:
+        """Receive tensors broadcast by learner rank 0 (group rank 0), in ``meta`` order, and load."""
+        named = []
+        for name, dtype, shape in meta:
+            t = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
+            self._alignreg_nccl.broadcast(t, src=0, stream=torch.cuda.current_stream())
+            named.append((name, t))
+        torch.cuda.current_stream().synchronize()
+        return self._reload(named, expected=checksum)
+
+
+def _checkpoint_tensors(model_dir: str) -> Iterable[tuple[str, torch.Tensor]]:
+    from safetensors.torch import load_file
+
+    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files in {model_dir}")
+    out: list[tuple[str, torch.Tensor]] = []
+    for f in files:
+        out.extend(load_file(os.path.join(model_dir, f)).items())
+    return out

