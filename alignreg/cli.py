@@ -13,6 +13,8 @@ USAGE = """usage: alignreg <command> [args]
 
 commands:
   rl CONFIG [key=value ...]        train an LLM policy with GRPO + regularizers
+  sft CONFIG [key=value ...]       supervised cold start with TRL (writes a checkpoint rl starts from)
+  eval CHECKPOINT [--data F] [...] greedy / pass@k / maj@k / self-correction metrics of a checkpoint
   offline CONFIG [key=value ...]   offline RL (TD3 + actor penalty) on D4RL-format data
   data d4rl --env ENV --level LVL  generate a D4RL-format dataset from gymnasium MuJoCo
   sweep CONFIG [...]               seeds x datasets x algorithms as Ray tasks
@@ -60,6 +62,8 @@ def _lazy(module: str, func: str):
 COMMANDS = {
     "rl": _rl,
     "regularizers": _regularizers,
+    "sft": _lazy("alignreg.sft", "sft_main"),
+    "eval": _lazy("alignreg.evaluate", "eval_main"),
     "offline": _lazy("alignreg.offline.cli", "offline_main"),
     "data": _lazy("alignreg.offline.cli", "data_main"),
     "sweep": _lazy("alignreg.offline.cli", "sweep_main"),
