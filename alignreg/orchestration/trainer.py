@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,13 +37,19 @@ class Run:
 
     cfg: RLConfig
     tokenizer: Any
-    rollout: Any  # rollout group: generate / load_weights / weights_checksum
-    learner: Any  # learner group: train_step / export_weights / state_dict / load_state_dict
+    rollout: Any  # rollout group: generate / generate_scored / load_weights / weights_checksum
+    learner: Any  # learner group: train_step / export_weights / state_dict / load_state_dict / save_hf
     regs: RegularizerSet
     train_records: list
     eval_records: list
     prompts: Any  # PromptIterator
     start_step: int = 0
+    closers: list = field(default_factory=list)  # shut engines / actors / the Ray cluster down, in order
+
+    def close(self) -> None:
+        for fn in self.closers:
+            fn()
+        self.closers = []
 
 
 def set_seed(seed: int) -> None:
@@ -68,11 +74,13 @@ def _resolve_resume(cfg: RLConfig) -> Optional[Path]:
     return path
 
 
-def build_run(cfg: RLConfig) -> Run:
+def build_run(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = None) -> Run:
+    """Build (or resume) a run. ``resources``: extra custom Ray resources per role for
+    ``orchestration: ray``, e.g. ``{"engine": {"node_b": 0.01}}`` (see ``ray_groups.RayCluster``)."""
     from alignreg.data import PromptIterator, prompt_dataset
-    from alignreg.learner.policy import PolicyLearner, make_reference
+    from alignreg.learner.policy import make_reference
     from alignreg.models import load_policy
-    from alignreg.rollout.hf import HFRolloutEngine
+    from alignreg.orchestration.workers import LearnerWorker, RolloutWorker
     from alignreg.warmstart import sft_warm_start
 
     set_seed(cfg.trainer.seed)
@@ -81,11 +89,15 @@ def build_run(cfg: RLConfig) -> Run:
     run_dir = Path(cfg.trainer.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     regs = build_regularizers(cfg.regularizers)
-    train_records, eval_records = prompt_dataset(cfg.task)
     ckpt = _resolve_resume(cfg)
     init_dir = run_dir / "init_policy"
 
     model, tokenizer = load_policy(cfg.model, cfg.trainer.seed)
+    from alignreg.data.math import math_prompt_dataset  # also registers the math_verify rewards
+    from alignreg.rewards.math import configure as configure_math_rewards
+
+    configure_math_rewards(**vars(cfg.math_reward))
+    train_records, eval_records = math_prompt_dataset(cfg, tokenizer) or prompt_dataset(cfg.task)
     if ckpt is None:
         if cfg.warm_start.steps > 0:
             ws = sft_warm_start(model, tokenizer, train_records, cfg.warm_start.steps, cfg.warm_start.lr,
@@ -98,39 +110,82 @@ def build_run(cfg: RLConfig) -> Run:
 
         attn = model.config._attn_implementation  # same kernels as the uninterrupted run: exact resume
         model = AutoModelForCausalLM.from_pretrained(init_dir, local_files_only=True, dtype=model.dtype, attn_implementation=attn)
-    ref = make_reference(model) if regs.needs().keys() & {"ref_logprobs", "kl_ref_full"} else None
-    if cfg.rollout.engine != "hf":
-        raise ConfigError(f"rollout.engine: {cfg.rollout.engine!r} needs the distributed runtime; valid choices here: 'hf'")
-    if cfg.orchestration != "local":
-        raise ConfigError(f"orchestration: {cfg.orchestration!r} is not available in this build; valid choices: 'local'")
-    if cfg.learner.backend != "torch":
-        raise ConfigError(f"learner.backend: {cfg.learner.backend!r} is not available in this build; valid choices: 'torch'")
-    learner = PolicyLearner(model, cfg, regs, ref_model=ref)
-    engine = HFRolloutEngine(model, tokenizer)
+    if cfg.rollout.engine == "vllm":
+        _check_vllm()
     prompts = PromptIterator(train_records, cfg.rollout.prompts_per_step, cfg.trainer.seed)
-    run = Run(cfg, tokenizer, engine, learner, regs, train_records, eval_records, prompts)
-    if ckpt is not None:
-        state = load_checkpoint(ckpt)
-        learner.load_state_dict(state["learner"])
-        prompts.load_state_dict(state["prompts"])
-        set_rng_state(state["rng"])
-        run.start_step = state["step"]
-        engine.load_weights(learner.export_weights())
+    if cfg.orchestration == "ray":
+        rollout, learner, close = _ray_groups(cfg, init_dir, len(tokenizer), resources)
+    else:
+        # the engine copies the model before a DeepSpeed backend partitions it (ZeRO-3)
+        rollout = RolloutWorker(cfg, str(init_dir), cfg.trainer.seed, model=None if cfg.rollout.engine == "vllm" else model,
+                                tokenizer=tokenizer)
+        ref = make_reference(model) if regs.needs().keys() & {"ref_logprobs", "kl_ref_full"} else None
+        learner = LearnerWorker(cfg, model=model, ref_model=ref, regs=regs)
+        close = [rollout.shutdown, learner.close]
+    # with Ray, ``regs`` serves reward shaping on the driver; stateful terms live in the learners
+    run = Run(cfg, tokenizer, rollout, learner, regs, train_records, eval_records, prompts, closers=close)
+    try:
+        if ckpt is not None:
+            state = load_checkpoint(ckpt)
+            learner.load_state_dict(state["learner"])
+            prompts.load_state_dict(state["prompts"])
+            set_rng_state(state["rng"])
+            run.start_step = state["step"]
+            rollout.load_weights(learner.export_weights())
+    except BaseException:
+        run.close()
+        raise
     return run
+
+
+def _check_vllm() -> None:
+    try:
+        from alignreg.rollout.vllm import check_vllm_version
+    except ImportError:
+        raise ConfigError("rollout.engine: 'vllm' needs alignreg/rollout/vllm.py, which this build lacks; valid choices: 'hf'") from None
+    try:
+        check_vllm_version()
+    except ImportError as e:
+        raise ConfigError(f"rollout.engine: 'vllm': {e}") from None
+
+
+def _ray_groups(cfg: RLConfig, init_dir: Path, vocab_size: int, resources):
+    """Engine and learner actor groups (imports Ray; the loop below never does)."""
+    try:
+        from alignreg.orchestration.ray_groups import RayCluster, RayLearnerGroup, RayRolloutGroup
+    except ImportError as e:
+        raise ConfigError(f"orchestration: 'ray' needs Ray ({e}); pip install 'alignreg[ray]'") from None
+    cluster = RayCluster(cfg, resources)
+    closers = [cluster.close]
+    try:
+        learner = RayLearnerGroup(cluster, cfg, str(init_dir.resolve()))
+        closers.insert(0, learner.shutdown)
+        rollout = RayRolloutGroup(cluster, cfg, str(init_dir.resolve()), learner=learner, vocab_size=vocab_size)
+        closers.insert(0, rollout.shutdown)
+        learner.via_shm = rollout.same_node and not torch.cuda.is_available()
+    except BaseException:
+        for c in closers:
+            c()
+        raise
+    return rollout, learner, closers
 
 
 def rollout_step(run: Run, records: list[dict], step: int) -> tuple[Any, dict[str, float]]:
     """Generate, score, shape, compute advantages; returns the learner batch and rollout metrics."""
     from alignreg.models import encode_prompts
-    from alignreg.rewards import compute_rewards
 
+    if run.cfg.score.enabled:
+        from alignreg.orchestration.score import score_rollout_step
+
+        return score_rollout_step(run, records, step)
     cfg, tok = run.cfg, run.tokenizer
     rc = cfg.rollout
     prompt_ids = encode_prompts(tok, [r["prompt"] for r in records])
-    sp = SamplingParams(temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k, max_new_tokens=rc.max_new_tokens, n=rc.group_size)
-    rb = run.rollout.generate(prompt_ids, sp)
-    texts = tok.batch_decode(rb.response_ids, skip_special_tokens=True)
-    raw = torch.tensor(compute_rewards(cfg.task.reward, texts, [records[i] for i in rb.prompt_index]), dtype=torch.float32)
+    # a per-step seed: the same samples in-process, in Ray actors, after a resume or an engine restart
+    sp = SamplingParams(temperature=rc.temperature, top_p=rc.top_p, top_k=rc.top_k, max_new_tokens=rc.max_new_tokens,
+                        n=rc.group_size, seed=cfg.trainer.seed * 1_000_003 + step)
+    rb, raw = run.rollout.generate_scored(prompt_ids, sp, records, cfg.task.reward)  # rewards next to the engine
+    raw = torch.tensor(raw, dtype=torch.float32)
     rewards, metrics = raw, {}
     for t in run.regs.with_hook("shape_rewards"):  # reward shaping: r + coef * bonus
         bonus, m = t.term.shape_rewards(raw, rb)
@@ -153,8 +208,14 @@ def rollout_step(run: Run, records: list[dict], step: int) -> tuple[Any, dict[st
 def evaluate_run(run: Run, step: int) -> dict[str, float]:
     from alignreg.eval import evaluate
 
-    return evaluate(run.rollout, run.tokenizer, run.eval_records, run.cfg.task.reward, run.cfg.eval,
-                    run.cfg.rollout.max_new_tokens, seed=run.cfg.trainer.seed + 7919 * (step + 1))
+    metrics = evaluate(run.rollout, run.tokenizer, run.eval_records, run.cfg.task.reward, run.cfg.eval,
+                       run.cfg.rollout.max_new_tokens, seed=run.cfg.trainer.seed + 7919 * (step + 1))
+    if run.cfg.score.enabled:
+        from alignreg.orchestration.score import score_evaluate
+
+        metrics.update(score_evaluate(run.rollout, run.tokenizer, run.eval_records, run.cfg.task.reward, run.cfg.score,
+                                      run.cfg.rollout.max_new_tokens, run.cfg.math_data))
+    return metrics
 
 
 class _Preemption:
@@ -184,14 +245,24 @@ def save_run(run: Run, step: int) -> Path:
     return save_checkpoint(run.cfg.trainer.run_dir, step, state, keep=run.cfg.trainer.keep_checkpoints)
 
 
-def train(cfg: RLConfig) -> dict[str, Any]:
-    """Run (or resume) a training run; returns a summary also written to ``summary.json``."""
-    from tqdm import tqdm
+def train(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = None) -> dict[str, Any]:
+    """Run (or resume) a training run; returns a summary also written to ``summary.json``.
 
+    ``resources``: custom Ray resources per actor role (``build_run``)."""
     run_dir = Path(cfg.trainer.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    run = build_run(cfg)
+    run = build_run(cfg, resources)
+    try:
+        return _loop(run, run_dir)
+    finally:
+        run.close()  # engines, actors, placement groups, the Ray cluster we started
+
+
+def _loop(run: Run, run_dir: Path) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    cfg = run.cfg
     tc = cfg.trainer
     resumed = run.start_step > 0
     logger = MetricsLogger(run_dir, tensorboard=tc.tensorboard, resume_step=run.start_step if resumed else None)
@@ -211,7 +282,7 @@ def train(cfg: RLConfig) -> dict[str, Any]:
             t1 = time.perf_counter()
             metrics.update(run.learner.train_step(batch, step))
             t2 = time.perf_counter()
-            run.rollout.load_weights(run.learner.export_weights())
+            metrics.update(run.rollout.load_weights(run.learner.export_weights()) or {})  # Ray: verified, sync/*
             step += 1
             metrics.update({"time/rollout_s": t1 - t0, "time/train_s": t2 - t1, "time/sync_s": time.perf_counter() - t2})
             if (tc.log_every and step % tc.log_every == 0) or step == tc.steps:
@@ -231,7 +302,7 @@ def train(cfg: RLConfig) -> dict[str, Any]:
     summary.update({"steps": step, "final_eval": final_eval, "preempted": pre.requested})
     if step == tc.steps:
         final_dir = run_dir / "final"
-        run.learner.model.save_pretrained(final_dir)
+        run.learner.save_hf(str(final_dir))
         run.tokenizer.save_pretrained(final_dir)
         summary["final_model"] = str(final_dir)
     png = plot_curves(logger.path, run_dir / "curves.png", PLOT_KEYS)

@@ -1,0 +1,419 @@
+"""Ray actor groups with the same typed methods as the local workers (``workers.py``).
+
+* :class:`RayCluster` joins or starts Ray, checks that the requested resources exist BEFORE any
+  actor starts (one-line :class:`ConfigError` naming what is missing), and builds one placement
+  group per role from ``cfg.ray``: engines (``num_engines`` bundles of ``num_cpus_per_actor`` CPUs
+  and ``num_gpus_per_engine`` GPUs = the engine's tensor-parallel GPUs) and learners
+  (``learner_ranks`` bundles). ``resources`` adds custom Ray resources per role, e.g.
+  ``{"engine": {"node_b": 0.01}}`` pins engines to the node started with
+  ``--resources='{"node_b": 1}'``.
+* :class:`RayRolloutGroup`: N :class:`RolloutWorker` actors. ``generate``/``generate_scored`` split
+  the prompts into N contiguous shards (engine ``i`` samples with ``seed + i``) and merge in order;
+  rewards are computed inside the engine actors. ``load_weights`` ships the learner's weights by
+  ``/dev/shm`` (``weight_sync.SharedMemoryWeights``) when every engine shares learner rank 0's node,
+  else through the Ray object store (learner actor -> store -> engines, never through the driver),
+  then verifies every engine (checksum + log-prob parity probe, ``weight_sync.verify_sync``). A dead
+  engine actor is restarted by Ray (``ray.max_restarts``), re-synced with the last weights,
+  re-verified, and its shard of the step is generated again with the same seed.
+* :class:`RayLearnerGroup`: N :class:`LearnerWorker` actors = torch.distributed ranks (each sets
+  ``MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE``; rank 0's node and a free port there are the
+  rendezvous). ``train_step`` shards every mini-batch evenly over the ranks (each rank runs
+  ``mini_batch_size / ranks`` rows per optimizer step, so a step equals the single-process step) and
+  returns rank 0's metrics. Learner actors are not restarted: a dead rank fails the run, and
+  ``trainer.resume: auto`` continues from the last checkpoint.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from alignreg.config import ConfigError, RLConfig
+from alignreg.orchestration.workers import LearnerWorker, RolloutWorker
+from alignreg.rollout.base import RolloutBatch, SamplingParams, weights_checksum
+
+log = logging.getLogger(__name__)
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PG_TIMEOUT_S = 120.0
+
+
+def _fmt(res: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in sorted(res.items()))
+
+
+def check_resources(bundles: dict[str, list[dict[str, float]]], total: dict[str, float], nodes: list[dict[str, float]]) -> None:
+    """Raise a one-line ConfigError when the bundles cannot fit the cluster (totals, then per bundle)."""
+    need: dict[str, float] = {}
+    for role_bundles in bundles.values():
+        for b in role_bundles:
+            for k, v in b.items():
+                need[k] = need.get(k, 0.0) + v
+    missing = {k: v for k, v in need.items() if v > total.get(k, 0.0) + 1e-9}
+    if missing:
+        have = {k: total.get(k, 0.0) for k in missing}
+        raise ConfigError(
+            f"ray: the actors need {_fmt(missing)} but the cluster has {_fmt(have)} (ray.num_engines, ray.learner_ranks, "
+            f"ray.num_cpus_per_actor, ray.num_gpus_per_engine, ray.num_gpus_per_learner); lower them or use a bigger cluster (ray.address)")
+    for role, role_bundles in bundles.items():
+        for b in role_bundles:
+            if not any(all(n.get(k, 0.0) + 1e-9 >= v for k, v in b.items()) for n in nodes):
+                raise ConfigError(f"ray: no single node has the resources of one {role} actor ({_fmt(b)}); "
+                                  f"an actor cannot span nodes - lower ray.num_*_per_* or add a bigger node")
+
+
+class RayCluster:
+    """Ray connection + resource check + one placement group per role (engine, learner)."""
+
+    def __init__(self, cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = None):
+        rc = cfg.ray
+        if cfg.ray.colocate_ref is False:
+            raise ConfigError("ray.colocate_ref: false (a separate reference-model actor) is not implemented; "
+                              "valid choices: true (the reference model lives in each learner actor)")
+        extra = resources or {}
+        self.bundles = {
+            "engine": [self._bundle(rc.num_cpus_per_actor, rc.num_gpus_per_engine, extra.get("engine", {}))
+                       for _ in range(rc.num_engines)],
+            "learner": [self._bundle(rc.num_cpus_per_actor, rc.num_gpus_per_learner, extra.get("learner", {}))
+                        for _ in range(rc.learner_ranks)],
+        }
+        self.started = not ray.is_initialized()
+        if self.started:
+            env = {"PYTHONPATH": os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p),
+                   "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(cfg.trainer.threads, 1))}
+            ray.init(address=rc.address or "local", include_dashboard=False, logging_level=logging.WARNING,
+                     log_to_driver=os.environ.get("ALIGNREG_RAY_LOGS", "0") == "1", runtime_env={"env_vars": env})
+        try:
+            nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+            check_resources(self.bundles, ray.cluster_resources(), nodes)
+            self.groups = {role: self._placement_group(role, b, rc.placement_strategy) for role, b in self.bundles.items()}
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _bundle(cpus: float, gpus: float, extra: dict[str, float]) -> dict[str, float]:
+        b = {"CPU": float(cpus)}
+        if gpus > 0:
+            b["GPU"] = float(gpus)
+        b.update({k: float(v) for k, v in extra.items()})
+        return b
+
+    @staticmethod
+    def _placement_group(role: str, bundles: list[dict], strategy: str):
+        pg = placement_group(bundles, strategy=strategy, name="")
+        try:
+            ray.get(pg.ready(), timeout=PG_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(pg)
+            raise ConfigError(f"ray: the {role} placement group ({len(bundles)} x {_fmt(bundles[0])}, "
+                              f"ray.placement_strategy={strategy}) could not be placed within {PG_TIMEOUT_S:g} s") from None
+        return pg
+
+    def options(self, role: str, index: int, **kw) -> dict:
+        b = self.bundles[role][index]
+        custom = {k: v for k, v in b.items() if k not in ("CPU", "GPU")}
+        return dict(num_cpus=b["CPU"], num_gpus=b.get("GPU", 0), resources=custom or None,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.groups[role], placement_group_bundle_index=index), **kw)
+
+    def close(self) -> None:
+        for pg in getattr(self, "groups", {}).values():
+            try:
+                remove_placement_group(pg)
+            except Exception:  # noqa: BLE001 - the cluster may already be gone
+                pass
+        self.groups = {}
+        if self.started and ray.is_initialized():
+            ray.shutdown()
+
+
+# ------------------------------------------------------------------------------------------ learners
+class LearnerActor(LearnerWorker):
+    """A learner rank whose model is built by :meth:`setup` once the rendezvous address is known."""
+
+    def __init__(self):  # noqa: D107 - the worker is built in setup()
+        pass
+
+    def rendezvous(self) -> tuple[str, int]:
+        from alignreg.learner.deepspeed import _free_port
+
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+    def setup(self, cfg: RLConfig, model_dir: str, rank: int, world: int, addr: str, port: int) -> None:
+        # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU, so the local device is always 0
+        os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0")
+        LearnerWorker.__init__(self, cfg, model_dir=model_dir)
+
+
+@dataclass
+class RemoteWeights:
+    """The learner's exported weights, living in the Ray object store (or a /dev/shm spec).
+
+    Iterating fetches them (``Iterable[(name, tensor)]`` like a local export); a Ray group passes the
+    reference on without the driver ever holding the tensors.
+    """
+
+    ref: Any = None  # ObjectRef of list[(name, tensor)]
+    shm_spec: Optional[dict] = None  # weight_sync.SharedMemoryWeights spec (same node only)
+    node: str = ""  # Ray node id of learner rank 0
+
+    def __iter__(self):
+        if self.ref is None:
+            from alignreg.orchestration.weight_sync import read_shared_weights
+
+            return iter([(n, t.clone()) for n, t in read_shared_weights(self.shm_spec)])
+        return iter(ray.get(self.ref))
+
+
+class RayLearnerGroup:
+    def __init__(self, cluster: RayCluster, cfg: RLConfig, model_dir: str):
+        world = cfg.ray.learner_ranks
+        bs = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+        mini = cfg.learner.mini_batch_size or bs
+        if mini % world:
+            raise ConfigError(f"ray.learner_ranks: {world} ranks must divide the mini-batch ({mini} responses) "
+                              f"so that every rank runs the same number of micro-batches")
+        self.world, self.mini = world, mini
+        rank_cfg = copy.deepcopy(cfg)
+        rank_cfg.learner.mini_batch_size = mini // world
+        actor_cls = ray.remote(LearnerActor)
+        self.actors = [actor_cls.options(**cluster.options("learner", r, max_restarts=0)).remote() for r in range(world)]
+        addr, port = ray.get(self.actors[0].rendezvous.remote())
+        ray.get([a.setup.remote(rank_cfg, model_dir, r, world, addr, port) for r, a in enumerate(self.actors)])
+        self.node = ray.get(self.actors[0].node_id.remote())
+        self.via_shm = False
+
+    def _all(self, method: str, *args) -> list:
+        return ray.get([getattr(a, method).remote(*args) for a in self.actors])
+
+    def _shards(self, n: int) -> list[list[int]]:
+        """Row indices of each rank: the r-th slice of every mini-batch."""
+        per = self.mini // self.world
+        return [[i for s in range(0, n, self.mini) for i in range(s + r * per, s + (r + 1) * per)] for r in range(self.world)]
+
+    def train_step(self, batch, step: int) -> dict[str, float]:
+        if len(batch) % self.mini:
+            raise ValueError(f"train_step: batch of {len(batch)} rows is not a multiple of the mini-batch {self.mini}")
+        parts = [batch.rows(torch.tensor(idx)) for idx in self._shards(len(batch))]
+        return ray.get([a.train_step.remote(p, step) for a, p in zip(self.actors, parts)])[0]
+
+    def export_weights(self) -> RemoteWeights:
+        """Full weights of rank 0 (every rank takes part: ZeRO-3 gathers). ``via_shm`` (set by the
+        run when every engine is on learner rank 0's node): through /dev/shm, else the object store."""
+        if self.via_shm:
+            specs = self._all("export_to_shm")
+            return RemoteWeights(shm_spec=specs[0], node=self.node)
+        refs = [a.export_weights.remote(r == 0) for r, a in enumerate(self.actors)]
+        ray.wait(refs, num_returns=len(refs), fetch_local=False)
+        return RemoteWeights(ref=refs[0], node=self.node)
+
+    def probe_logprobs(self, prompt_ids: list[int], response_ids: list[int], temperature: float = 1.0) -> list[float]:
+        return self._all("probe_logprobs", prompt_ids, response_ids, temperature)[0]
+
+    def state_dict(self) -> dict:
+        return self._all("state_dict")[0]
+
+    def load_state_dict(self, state: dict) -> None:
+        ref = ray.put(state)
+        self._all("load_state_dict", ref)
+
+    def save_hf(self, path: str) -> None:
+        self._all("save_hf", path)
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            try:
+                ray.get(a.close.remote(), timeout=30)
+            except Exception:  # noqa: BLE001
+                pass
+            ray.kill(a)
+        self.actors = []
+
+
+# ------------------------------------------------------------------------------------------ engines
+class EngineActor(RolloutWorker):
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+@ray.remote
+def _checksum(named: list) -> float:
+    return weights_checksum(named)
+
+
+class _EngineProbe:
+    """``verify_sync``'s view of engine ``i`` (calls go through the group: a death is handled)."""
+
+    def __init__(self, group: "RayRolloutGroup", i: int):
+        self.group, self.i = group, i
+
+    def logprobs_of(self, prompt_ids, response_ids, temperature=1.0):
+        return self.group._call(self.i, "logprobs_of", prompt_ids, response_ids, temperature)
+
+    def weights_checksum(self):
+        return self.group._call(self.i, "weights_checksum")
+
+
+class RayRolloutGroup:
+    def __init__(self, cluster: RayCluster, cfg: RLConfig, model_dir: str, learner: Optional[RayLearnerGroup] = None,
+                 vocab_size: int = 0):
+        self.cfg, self.model_dir, self.learner = cfg, model_dir, learner
+        self.max_restarts = cfg.ray.max_restarts
+        self.restarts = 0
+        actor_cls = ray.remote(EngineActor)
+        self.actors = [actor_cls.options(**cluster.options("engine", i, max_restarts=cfg.ray.max_restarts, max_task_retries=0))
+                       .remote(cfg, model_dir, cfg.trainer.seed + i) for i in range(cfg.ray.num_engines)]
+        self.nodes = ray.get([a.node_id.remote() for a in self.actors])
+        self._last: Optional[RemoteWeights] = None
+        self._probe = None
+        if learner is not None and cfg.sync.verify and vocab_size:
+            from alignreg.orchestration.weight_sync import make_probe
+
+            self._probe = make_probe(vocab_size, cfg.sync, cfg.trainer.seed)
+        self.sync_stats: dict[str, float] = {}
+
+    @property
+    def same_node(self) -> bool:
+        return self.learner is not None and all(n == self.learner.node for n in self.nodes)
+
+    # -------------------------------------------------------------- generation
+    def _call(self, i: int, method: str, *args):
+        """Call engine ``i``; if its actor died: wait for Ray's restart, re-sync, call again."""
+        while True:
+            try:
+                return ray.get(getattr(self.actors[i], method).remote(*args), timeout=self.cfg.sync.timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                self._on_death(i)
+
+    def _on_death(self, i: int) -> None:
+        self.restarts += 1
+        if self.restarts > self.max_restarts:
+            raise RuntimeError(f"rollout engine {i} died and the ray.max_restarts={self.max_restarts} restarts are used up")
+        log.warning("rollout engine %d died; restart %d/%d: re-sync weights and retry", i, self.restarts, self.max_restarts)
+        deadline = time.monotonic() + self.cfg.sync.timeout_s
+        while True:  # the restarted actor answers once its __init__ has run again
+            try:
+                self.nodes[i] = ray.get(self.actors[i].node_id.remote(), timeout=self.cfg.sync.timeout_s)
+                break
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        if self._last is not None:
+            self._load_one(i, self._last)
+            self._verify(i, self._last)
+
+    def _split(self, prompts: list) -> list[tuple[int, int]]:
+        n, k = len(prompts), len(self.actors)
+        per = math.ceil(n / k) if n else 0
+        return [(min(i * per, n), min((i + 1) * per, n)) for i in range(k)]
+
+    def _shard_sampling(self, sampling: SamplingParams, i: int) -> SamplingParams:
+        return sampling if sampling.seed is None else SamplingParams(**{**sampling.__dict__, "seed": sampling.seed + i})
+
+    def _gather(self, method: str, prompts: list, sampling: SamplingParams, *scoring) -> list:
+        """Run ``method`` on every engine's shard; ``scoring`` = (records, reward) for generate_scored."""
+        spans = self._split(prompts)
+        refs = {}
+        for i, (a, b) in enumerate(spans):
+            if b > a:
+                args = (prompts[a:b], self._shard_sampling(sampling, i))
+                if scoring:
+                    args += (scoring[0][a:b], scoring[1])
+                refs[i] = (getattr(self.actors[i], method).remote(*args), args)
+        out = []
+        for i, (ref, args) in refs.items():
+            try:
+                res = ray.get(ref, timeout=self.cfg.sync.timeout_s)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                self._on_death(i)
+                res = self._call(i, method, *args)  # the same shard, the same seed
+            out.append((spans[i][0], res))
+        return out
+
+    @staticmethod
+    def _merge(parts: list[tuple[int, RolloutBatch]]) -> RolloutBatch:
+        out = RolloutBatch()
+        for offset, rb in parts:
+            out.prompt_ids += rb.prompt_ids
+            out.response_ids += rb.response_ids
+            out.logprobs += rb.logprobs
+            out.prompt_index += [offset + j for j in rb.prompt_index]
+            out.finished += rb.finished
+        return out
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> RolloutBatch:
+        return self._merge(self._gather("generate", prompts, sampling))
+
+    def generate_scored(self, prompts: list[list[int]], sampling: SamplingParams, records: list[dict],
+                        reward: str) -> tuple[RolloutBatch, list[float]]:
+        parts = self._gather("generate_scored", prompts, sampling, records, reward)
+        rewards = [r for _, (_, rs) in parts for r in rs]
+        return self._merge([(off, rb) for off, (rb, _) in parts]), rewards
+
+    # -------------------------------------------------------------- weights
+    def _load_one(self, i: int, weights: RemoteWeights) -> None:
+        if weights.shm_spec is not None and self.nodes[i] == weights.node:
+            ray.get(self.actors[i].load_weights_from_spec.remote(weights.shm_spec), timeout=self.cfg.sync.timeout_s)
+        else:
+            ref = weights.ref if weights.ref is not None else ray.put(list(weights))
+            ray.get(self.actors[i].load_weights.remote(ref), timeout=self.cfg.sync.timeout_s)
+
+    def _verify(self, i: int, weights: RemoteWeights) -> dict[str, float]:
+        if self._probe is None:
+            return {}
+        from alignreg.orchestration.weight_sync import verify_sync
+
+        return verify_sync(_EngineProbe(self, i), self.learner.probe_logprobs, self._probe, self.cfg.sync,
+                           expected_checksum=self._expected_checksum(weights), temperature=self.cfg.rollout.temperature)
+
+    def _expected_checksum(self, weights: RemoteWeights) -> float:
+        if weights.shm_spec is not None:
+            return weights.shm_spec["checksum"]
+        if weights.ref is not None:
+            return ray.get(_checksum.remote(weights.ref))
+        return weights_checksum(list(weights))
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, float]:
+        """Sync every engine and verify it; returns ``sync/*`` metrics (worst engine)."""
+        weights = named_tensors if isinstance(named_tensors, RemoteWeights) else RemoteWeights(ref=ray.put(list(named_tensors)))
+        if weights.shm_spec is not None and weights.ref is None and not all(n == weights.node for n in self.nodes):
+            weights = RemoteWeights(ref=ray.put(list(weights)), node=weights.node)
+        self._last = weights
+        metrics: dict[str, float] = {}
+        for i in range(len(self.actors)):
+            try:
+                self._load_one(i, weights)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                self._on_death(i)  # restart + re-sync with these weights
+            m = self._verify(i, weights)
+            for k, v in m.items():
+                metrics[k] = max(metrics.get(k, v), v) if k.endswith("diff") else v
+        metrics["sync/engine_restarts"] = float(self.restarts)
+        return metrics
+
+    def weights_checksum(self) -> float:
+        sums = [self._call(i, "weights_checksum") for i in range(len(self.actors))]
+        if any(not math.isclose(s, sums[0], rel_tol=1e-9, abs_tol=1e-9) for s in sums):
+            raise RuntimeError(f"rollout engines disagree on their weights: checksums {sums}")
+        return sums[0]
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            try:
+                ray.get(a.shutdown.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 - a dead engine needs no shutdown
+                pass
+            ray.kill(a, no_restart=True)
+        self.actors = []

@@ -1,0 +1,230 @@
+"""The two workers behind the loop's seams, used in-process (local groups) and as Ray actor bodies.
+
+* :class:`RolloutWorker` - one rollout engine (HF or vLLM) and its tokenizer: ``generate``,
+  ``generate_scored`` (rewards are computed next to the engine, so with Ray they never reach the
+  driver), ``load_weights``, ``weights_checksum``, ``logprobs_of`` (the parity probe).
+* :class:`LearnerWorker` - one data-parallel rank: model, optional reference model, regularizers,
+  backend (``TorchBackend`` or ``DeepSpeedBackend``) and :class:`PolicyLearner`; ``train_step``,
+  ``export_weights``, ``state_dict``, ``load_state_dict``, ``save_hf``, ``probe_logprobs``.
+
+In a local run the trainer holds one of each; ``orchestration: ray`` wraps N of each in actors
+(``ray_groups.py``) with the same typed methods. Ray is never imported here.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+
+from alignreg.config import ConfigError, RLConfig
+from alignreg.rollout.base import RolloutBatch, SamplingParams, weights_checksum
+
+
+def score_rollouts(tokenizer, reward: str, rb: RolloutBatch, records: list[dict]) -> list[float]:
+    """Raw verifiable rewards of a rollout batch (``records[i]`` belongs to prompt ``i``)."""
+    from alignreg.rewards.math import batch_rewards  # any registered reward; math ones run in the verifier pool
+
+    texts = tokenizer.batch_decode(rb.response_ids, skip_special_tokens=True)
+    return batch_rewards(reward, texts, [records[i] for i in rb.prompt_index])
+
+
+def _threads(cfg: RLConfig) -> None:
+    if cfg.trainer.threads > 0:
+        torch.set_num_threads(cfg.trainer.threads)
+
+
+class RolloutWorker:
+    """One engine. ``model``/``tokenizer`` given: an HF engine on a copy of that model (local runs);
+    otherwise the engine loads ``model_dir`` (an HF ``save_pretrained`` directory)."""
+
+    def __init__(self, cfg: RLConfig, model_dir: str, seed: int, model=None, tokenizer=None):
+        _threads(cfg)
+        if tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        self.tokenizer = tokenizer
+        from alignreg.rewards.math import configure as configure_math_rewards
+
+        configure_math_rewards(**vars(cfg.math_reward))  # rewards are computed next to the engine
+        if cfg.rollout.engine == "vllm":
+            from alignreg.rollout.vllm import VLLMRolloutEngine
+
+            self.engine = VLLMRolloutEngine(model_dir, cfg.vllm, seed, _max_len(model_dir))
+        else:
+            from alignreg.rollout.hf import HFRolloutEngine
+
+            if model is None:
+                from transformers import AutoModelForCausalLM
+
+                model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, attn_implementation="eager",
+                                                             dtype=torch.float32)
+            self.engine = HFRolloutEngine(model, tokenizer)
+        self.temperature = cfg.rollout.temperature
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> RolloutBatch:
+        return self.engine.generate(prompts, sampling)
+
+    def generate_scored(self, prompts: list[list[int]], sampling: SamplingParams, records: list[dict],
+                        reward: str) -> tuple[RolloutBatch, list[float]]:
+        rb = self.engine.generate(prompts, sampling)
+        return rb, score_rollouts(self.tokenizer, reward, rb, records)
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.engine.load_weights(named_tensors)
+
+    def load_weights_from_spec(self, spec: dict) -> None:
+        """Load a shared-memory buffer written by the learner (``weight_sync.SharedMemoryWeights``)."""
+        if hasattr(self.engine, "load_weights_from_spec"):
+            self.engine.load_weights_from_spec(spec)
+        else:
+            from alignreg.orchestration.weight_sync import read_shared_weights
+
+            self.engine.load_weights(read_shared_weights(spec))
+
+    def weights_checksum(self) -> float:
+        return self.engine.weights_checksum()
+
+    def logprobs_of(self, prompt_ids: list[int], response_ids: list[int], temperature: float = 1.0) -> list[float]:
+        if hasattr(self.engine, "logprobs_of"):
+            return self.engine.logprobs_of(prompt_ids, response_ids, temperature=temperature)
+        from alignreg.orchestration.weight_sync import hf_logprobs_fn
+
+        return hf_logprobs_fn(self.engine.model, temperature)(prompt_ids, response_ids)
+
+    def shutdown(self) -> None:
+        if hasattr(self.engine, "shutdown"):
+            self.engine.shutdown()
+
+
+def _max_len(model_dir: str) -> int:
+    """Context length for vLLM when ``vllm.max_model_len`` is 0: the checkpoint's position table."""
+    import json
+
+    return int(json.loads((Path(model_dir) / "config.json").read_text()).get("max_position_embeddings", 2048))
+
+
+class LearnerWorker:
+    """One learner rank. ``model`` given (local runs) or loaded from ``model_dir`` (Ray actors).
+
+    With ``world_size > 1`` the caller has set ``MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE``; the
+    process group is plain torch.distributed (gloo on CPU, nccl on GPU), initialised here for the
+    torch backend and by DeepSpeed for the deepspeed backend.
+    """
+
+    def __init__(self, cfg: RLConfig, model=None, model_dir: Optional[str] = None, ref_model=None, regs=None):
+        from alignreg.learner.policy import PolicyLearner, TorchBackend, make_reference
+        from alignreg.regularizers import build_regularizers
+
+        _threads(cfg)
+        self.cfg = cfg
+        if model is None:
+            model = _load_hf(model_dir, cfg)
+        regs = regs if regs is not None else build_regularizers(cfg.regularizers)
+        needs_ref = bool(regs.needs().keys() & {"ref_logprobs", "kl_ref_full"})
+        if needs_ref and ref_model is None:
+            ref_model = make_reference(model)  # before DeepSpeed partitions the policy
+        if cfg.lora.enabled:  # after the reference copy: the reference is the base model
+            from alignreg.learner.lora import apply_lora
+
+            model = apply_lora(model, cfg.lora, base_path=model_dir or Path(cfg.trainer.run_dir) / "init_policy")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if cfg.learner.backend == "deepspeed":
+            try:
+                from alignreg.learner.deepspeed import DeepSpeedBackend
+                import deepspeed  # noqa: F401
+            except ImportError as e:
+                raise ConfigError(f"learner.backend: 'deepspeed' needs DeepSpeed ({e}); pip install 'alignreg[deepspeed]'") from None
+            backend = DeepSpeedBackend(model, cfg)
+            learner_model = backend.learner_model
+        else:
+            if world > 1:
+                import torch.distributed as dist
+
+                if not dist.is_initialized():
+                    from alignreg.learner.deepspeed import resolve_dist_backend
+
+                    dist.init_process_group(resolve_dist_backend(cfg.deepspeed.dist_backend))
+            backend = TorchBackend(model, cfg)
+            learner_model = model
+        self.backend = backend
+        self.model = model
+        self.learner = PolicyLearner(learner_model, cfg, regs, ref_model=ref_model if needs_ref else None, backend=backend)
+
+    @property
+    def rank(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    def train_step(self, batch, step: int) -> dict[str, float]:
+        return self.learner.train_step(batch, step)
+
+    def export_weights(self, keep: bool = True) -> list[tuple[str, torch.Tensor]]:
+        """Full weights (collective under ZeRO-3: every rank calls; ``keep=False`` returns [])."""
+        if hasattr(self.backend, "export_weights"):
+            out = self.backend.export_weights()
+        elif hasattr(self.model, "peft_config"):  # LoRA: engines get W + (alpha/r) B A under the base names
+            from alignreg.learner.lora import merged_weights
+
+            out = merged_weights(self.model)
+        else:
+            out = [(n, p.detach().clone()) for n, p in self.model.named_parameters()]
+        return out if keep else []
+
+    def export_to_shm(self, path: Optional[str] = None) -> Optional[dict]:
+        """Write the full weights into a reusable ``/dev/shm`` buffer; returns its spec (rank 0)."""
+        named = self.export_weights()
+        if self.rank != 0:
+            return None
+        from alignreg.orchestration.weight_sync import SharedMemoryWeights
+
+        if getattr(self, "_shm", None) is None:
+            self._shm = SharedMemoryWeights(path)
+        return self._shm.write(named)
+
+    def weights_checksum(self) -> float:
+        return weights_checksum(self.export_weights())
+
+    @torch.no_grad()
+    def probe_logprobs(self, prompt_ids: list[int], response_ids: list[int], temperature: float = 1.0) -> list[float]:
+        """Teacher-forced log-probs of the current weights (collective under ZeRO-3)."""
+        from alignreg.orchestration.weight_sync import hf_logprobs_fn
+
+        module = getattr(self.backend, "module", self.model)
+        was_training = module.training
+        module.eval()
+        try:
+            return hf_logprobs_fn(module, temperature)(prompt_ids, response_ids)
+        finally:
+            module.train(was_training)
+
+    def state_dict(self) -> dict:
+        return self.learner.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.learner.load_state_dict(state)
+
+    def save_hf(self, path: str) -> None:
+        """HF checkpoint of the current weights (written by rank 0)."""
+        if hasattr(self.backend, "save_hf"):
+            self.backend.save_hf(path)
+        elif self.rank == 0:
+            self.model.save_pretrained(path)
+
+    def close(self) -> None:
+        shm = getattr(self, "_shm", None)
+        if shm is not None:
+            shm.close()
+
+
+def _load_hf(model_dir: str, cfg: RLConfig):
+    from transformers import AutoModelForCausalLM
+
+    if not (Path(model_dir) / "config.json").is_file():
+        raise ConfigError(f"learner: {model_dir!r} is not an HF checkpoint directory")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, attn_implementation="eager",
+                                                 dtype=getattr(torch, cfg.model.dtype))
+    return model

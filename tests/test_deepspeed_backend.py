@@ -1,0 +1,157 @@
+"""DeepSpeed ZeRO-2/3 backend == the single-process torch backend.
+
+Two gloo ranks (spawned with torch.multiprocessing) each train on half of the batch with the
+DeepSpeed backend; gradients (summed over ranks, read before the update), gradient norms and
+weights after two optimizer steps must equal one process training on the whole batch with
+:class:`TorchBackend`. Adam is invariant to the gradient scale, so the gradients themselves are
+compared: a missing world-size factor would pass a weights-only test.
+
+ZeRO-3 runs with ``stage3_param_persistence_threshold: 0`` so that every parameter of the tiny
+model - including the tied embedding / lm-head weight that the learner reads outside any module's
+forward - really is partitioned (by default small parameters stay replicated and the lm-head
+problem would be invisible).
+
+Tolerance: rtol 1e-4 / atol 1e-6 on gradients; atol 1e-4 on weights (1% of one lr=1e-2 step: Adam's
+g / (sqrt(v) + eps) amplifies float32 summation-order differences of near-zero gradient entries;
+observed max 3e-5). The only differences are the summation order of the reductions. The same
+worker then resumes a fresh engine from the backend's checkpoint and takes a third step, which must
+match the uninterrupted torch run.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+pytest.importorskip("deepspeed")
+
+from alignreg.config import RLConfig, from_dict  # noqa: E402
+from alignreg.learner.policy import PolicyLearner, TorchBackend  # noqa: E402
+from alignreg.models import build_tokenizer  # noqa: E402
+from alignreg.regularizers import build_regularizers  # noqa: E402
+from tests.test_learner import ALL_TERMS, _batch, _model, _perturbed_ref  # noqa: E402
+
+TERMS = ALL_TERMS[:3]  # kl_ref full + k3 (reference model), entropy: every stats path with a gradient
+STEPS = 2
+
+
+def _cfg(stage: int, grad_clip: float = 0.0) -> RLConfig:
+    return from_dict(RLConfig, {
+        "rollout": {"group_size": 4, "prompts_per_step": 4, "max_new_tokens": 6, "temperature": 0.9},
+        "algorithm": {"loss_agg_mode": "seq-mean-token-mean"},
+        "learner": {"micro_batch_size": 3, "lr": 1e-2, "grad_clip": grad_clip, "warmup_steps": 2, "backend": "deepspeed"},
+        "deepspeed": {"zero_stage": stage},
+        "regularizers": TERMS,
+    })
+
+
+def _capture_grads(backend, store: list):
+    """Record the full (rank-reduced) gradients right before each optimizer update."""
+    from deepspeed.utils import safe_get_full_grad
+
+    opt = backend.engine.optimizer
+    inner = opt.step
+
+    def step(*a, **k):
+        store.append({n: safe_get_full_grad(p).detach().clone() for n, p in backend.module.named_parameters()})
+        return inner(*a, **k)
+
+    opt.step = step
+
+
+def _ds_worker(rank: int, world: int, port: int, stage: int, out_dir: str):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    from alignreg.learner.deepspeed import DeepSpeedBackend
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    model = _model(tok)
+    ref = _perturbed_ref(model)
+    cfg = _cfg(stage)
+    backend = DeepSpeedBackend(model, cfg, ds_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+    if stage == 3:  # the test is only meaningful if the head weight really is partitioned
+        assert backend.module.get_output_embeddings().weight.numel() == 0
+    grads, norms = [], []
+    _capture_grads(backend, grads)
+    learner = PolicyLearner(backend.learner_model, cfg, build_regularizers(cfg.regularizers), ref_model=ref, backend=backend)
+    for step in range(STEPS):
+        batch = _batch(tok, seed=step)
+        half = len(batch) // world
+        norms.append(learner.train_step(batch.rows(slice(rank * half, (rank + 1) * half)), step)["optim/grad_norm"])
+    weights = dict(backend.export_weights())
+    state = learner.state_dict()
+    # resume: a fresh engine loads the checkpoint and takes one more step
+    fresh = DeepSpeedBackend(_model(tok, seed=1), cfg, ds_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+    resumed = PolicyLearner(fresh.learner_model, cfg, build_regularizers(cfg.regularizers), ref_model=ref, backend=fresh)
+    resumed.load_state_dict(state)
+    batch = _batch(tok, seed=STEPS)
+    half = len(batch) // world
+    resumed.train_step(batch.rows(slice(rank * half, (rank + 1) * half)), STEPS)
+    after_resume = dict(fresh.export_weights())
+    if rank == 0:
+        torch.save({"grads": grads, "norms": norms, "weights": weights, "state": state, "resumed": after_resume},
+                   os.path.join(out_dir, "ds.pt"))
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+class _Capture(TorchBackend):
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.grads = []
+
+    def apply_update(self) -> float:
+        self.grads.append({n: p.grad.detach().clone() for n, p in self.model.named_parameters()})
+        return super().apply_update()
+
+
+def _torch_reference():
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    model = _model(tok)
+    ref = _perturbed_ref(model)
+    cfg = _cfg(2)
+    backend = _Capture(model, cfg)
+    learner = PolicyLearner(model, cfg, build_regularizers(cfg.regularizers), ref_model=ref, backend=backend)
+    norms = [learner.train_step(_batch(tok, seed=s), s)["optim/grad_norm"] for s in range(STEPS)]
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    state = copy.deepcopy(learner.state_dict())  # AdamW's state_dict references live tensors
+    learner.train_step(_batch(tok, seed=STEPS), STEPS)
+    return backend.grads, norms, weights, state, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_two_ranks_match_single_process_torch(stage, tmp_path):
+    mp.start_processes(_ds_worker, args=(2, _free_port(), stage, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    ds = torch.load(tmp_path / "ds.pt", weights_only=False)
+    grads, norms, weights, state, after = _torch_reference()
+    assert len(ds["grads"]) == STEPS and len(grads) == STEPS + 1
+    for s in range(STEPS):
+        for name, g in grads[s].items():
+            torch.testing.assert_close(ds["grads"][s][name], g, rtol=1e-4, atol=1e-6, msg=f"step {s} grad {name}")
+    torch.testing.assert_close(torch.tensor(ds["norms"]), torch.tensor(norms), rtol=1e-4, atol=1e-6)
+    for name, w in weights.items():
+        torch.testing.assert_close(ds["weights"][name], w.detach(), rtol=1e-5, atol=1e-4, msg=name)
+    # checkpoints have the torch backend's layout: same keys, same AdamW moments
+    assert ds["state"]["scheduler"]["last_epoch"] == state["scheduler"]["last_epoch"]
+    for i, s in state["optimizer"]["state"].items():
+        for k in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(ds["state"]["optimizer"]["state"][i][k], s[k], rtol=1e-4, atol=1e-7)
+    # a fresh engine resumed from that checkpoint continues like the uninterrupted torch run
+    for name, w in after.items():
+        torch.testing.assert_close(ds["resumed"][name], w, rtol=1e-5, atol=1e-4, msg=name)
