@@ -1,0 +1,276 @@
+"""Launch scripts: real SLURM submissions of launch/slurm_ray.sbatch, a real `ray job submit`, syntax.
+
+The SLURM tests need a running SLURM (`bash .ci/setup_slurm.sh` as root sets up a single-node one);
+without it they fail and say so. The Ray tests need ``ray[default]`` in the venv. The trainer runs
+with ``orchestration: ray`` as soon as ``alignreg/orchestration/ray_groups.py`` exists, with the
+local orchestration until then; either way the SLURM job starts and stops a real Ray cluster when
+Ray is installed, so the cluster bring-up is tested too.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch"
+SCRIPTS = sorted(p for p in LAUNCH.iterdir() if p.suffix in (".sh", ".sbatch"))
+CONFIG = "configs/rl/tiny_grpo_siren.yaml"
+HAVE_RAY = importlib.util.find_spec("ray") is not None
+ORCHESTRATION = "ray" if (ROOT / "alignreg/orchestration/ray_groups.py").exists() else "local"
+SETUP_HINT = "SLURM is not running on this machine: run `bash .ci/setup_slurm.sh` (as root) first"
+
+
+def tiny(run_dir: Path, steps: int = 2) -> list[str]:
+    """Overrides for a run of a few seconds per step: no warm start, small evaluations."""
+    return [f"trainer.steps={steps}", "warm_start.steps=0", f"trainer.run_dir={run_dir}",
+            "trainer.progress=false", "trainer.tensorboard=false", "eval.every=0",
+            "task.eval_size=8", "eval.num_samples=2", "eval.ks=[1,2]"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def metrics_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that contain ``text`` (leftover Ray processes of a job)."""
+    found = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit() and p.name != str(os.getpid()):
+            try:
+                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if text in cmd:
+                found.append(f"{p.name}: {cmd[:200]}")
+    return found
+
+
+# --------------------------------------------------------------------------------------------
+# Scripts: syntax and the `ray job submit` command line (fast)
+# --------------------------------------------------------------------------------------------
+
+
+def test_launch_scripts_exist():
+    names = {p.name for p in SCRIPTS}
+    assert {"slurm_ray.sbatch", "ray_job_submit.sh", "local.sh", "ray_env.sh"} <= names
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_bash_syntax(script):
+    r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_sbatch_directives():
+    text = (LAUNCH / "slurm_ray.sbatch").read_text()
+    assert "#SBATCH --signal=B:TERM@120" in text  # preemption warning goes to the batch shell
+    assert "trap forward_term TERM" in text
+    assert not re.search(r"^\s*ray stop", text, re.M)  # would kill every Ray cluster on the node
+
+
+def _dry_run(*args: str, env: dict | None = None) -> list[str]:
+    r = subprocess.run([str(LAUNCH / "ray_job_submit.sh"), "--dry-run", *args], capture_output=True,
+                       text=True, env={**os.environ, **(env or {})}, cwd="/")
+    assert r.returncode == 0, r.stderr
+    return shlex.split(r.stdout)
+
+
+def test_ray_job_submit_dry_run():
+    cmd = _dry_run("--address", "http://head:8265", "--submission-id", "run-1", "--env", "HF_HOME=/data/hf",
+                   "--exclude", "benchmarks", CONFIG, "learner.lr=1e-5", "eval.ks=[1, 2]",
+                   env={"ALIGNREG_ORCHESTRATION": "ray"})
+    sep = cmd.index("--")
+    opts, entry = cmd[:sep], cmd[sep + 1:]
+    assert opts[:3] == ["ray", "job", "submit"]
+    assert opts[opts.index("--address") + 1] == "http://head:8265"
+    assert opts[opts.index("--submission-id") + 1] == "run-1"
+    assert "--no-wait" not in opts
+    renv = json.loads(opts[opts.index("--runtime-env-json") + 1])
+    assert renv["working_dir"] == str(ROOT)
+    assert {".git", ".venv", "runs", "benchmarks"} <= set(renv["excludes"])
+    assert renv["env_vars"] == {"PYTHONUNBUFFERED": "1", "HF_HOME": "/data/hf"}
+    assert entry == ["python", "-m", "alignreg", "rl", CONFIG, "orchestration=ray", "ray.address=auto",
+                     "learner.lr=1e-5", "eval.ks=[1, 2]"]
+
+
+def test_ray_job_submit_orchestration_switch_and_errors():
+    entry = _dry_run("--no-wait", CONFIG, env={"ALIGNREG_ORCHESTRATION": "local"})
+    assert "--no-wait" in entry and entry[-2:] == [CONFIG, "orchestration=local"]
+    entry = _dry_run(CONFIG, env={"ALIGNREG_ORCHESTRATION": ""})
+    assert entry[-1] == CONFIG  # keep the config's orchestration
+    bad = subprocess.run([str(LAUNCH / "ray_job_submit.sh"), "--dry-run", "configs/rl/missing.yaml"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "missing.yaml" in bad.stderr
+
+
+# --------------------------------------------------------------------------------------------
+# SLURM: submit launch/slurm_ray.sbatch for real (slow)
+# --------------------------------------------------------------------------------------------
+
+
+def require_slurm() -> None:
+    try:
+        r = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30)
+    except (FileNotFoundError, subprocess.TimeoutExpired) as e:
+        pytest.fail(f"{SETUP_HINT} ({e})")
+    states = r.stdout.split()
+    if r.returncode != 0 or not any(s.rstrip("*") in ("idle", "mixed", "allocated", "completing") for s in states):
+        pytest.fail(f"{SETUP_HINT} (sinfo: rc={r.returncode} {r.stdout.strip()} {r.stderr.strip()})")
+
+
+def sbatch_env(**extra: str) -> dict:
+    if ORCHESTRATION == "ray":
+        assert HAVE_RAY, "alignreg/orchestration/ray_groups.py exists but ray is not installed: pip install -e '.[ray]'"
+    env = {**os.environ, "ALIGNREG_VENV": sys.prefix, "ALIGNREG_ORCHESTRATION": ORCHESTRATION,
+           "ALIGNREG_START_RAY": "1" if HAVE_RAY else "0"}
+    if HAVE_RAY:  # private ports: other Ray clusters may run on this machine
+        env.update(ALIGNREG_RAY_PORT=str(free_port()), ALIGNREG_RAY_DASHBOARD_PORT=str(free_port()),
+                   ALIGNREG_RAY_CLIENT_PORT=str(free_port()), ALIGNREG_RAY_AGENT_PORT=str(free_port()))
+    env.update(extra)
+    return env
+
+
+def job_info(job: str) -> dict[str, str]:
+    r = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True)
+    return dict(kv.split("=", 1) for kv in r.stdout.split() if "=" in kv)
+
+
+def check_job_log(log: str, run_dir: Path, steps: int) -> None:
+    assert f"run dir: {run_dir}" in log
+    assert "trainer exited with code 0" in log
+    assert re.search(r"eval/greedy_acc\s+\S+ ->\s+\S+", log)  # the final summary lines
+    if HAVE_RAY:
+        assert "Ray nodes alive: 1/1" in log
+        assert "stopping Ray" in log
+    assert sorted(set(metrics_steps(run_dir))) == list(range(steps + 1))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == steps and summary["preempted"] is False
+
+
+@pytest.mark.slow
+def test_slurm_sbatch_runs_tiny_config(tmp_path):
+    require_slurm()
+    run_dir, out = tmp_path / "run", tmp_path / "job-%j.out"
+    cmd = ["sbatch", "--wait", "--parsable", "--time=15", f"--output={out}", f"--chdir={ROOT}",
+           str(LAUNCH / "slurm_ray.sbatch"), CONFIG, *tiny(run_dir)]
+    t0 = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=sbatch_env(), timeout=900)
+    job = r.stdout.strip().split(";")[0]
+    log_path = tmp_path / f"job-{job}.out"
+    log = log_path.read_text() if log_path.exists() else "(no job output)"
+    assert r.returncode == 0, f"sbatch --wait rc={r.returncode}: {r.stderr}\n--- job log\n{log[-6000:]}"
+    info = job_info(job)
+    if info:  # kept by slurmctld for MinJobAge seconds
+        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", info
+    check_job_log(log, run_dir, steps=2)
+    assert not processes_mentioning(f"/tmp/ray_{job}/"), "Ray processes of the job are still running"
+    print(f"sbatch job {job}: {time.time() - t0:.1f}s")
+
+
+@pytest.mark.slow
+def test_slurm_preemption_checkpoints_requeues_and_resumes(tmp_path):
+    """SIGTERM to the batch shell (what --signal=B:TERM@120 sends) -> checkpoint -> requeue -> resume."""
+    require_slurm()
+    run_dir, steps = tmp_path / "run", 16
+    cmd = ["sbatch", "--parsable", "--time=20", f"--output={tmp_path}/job-%j.out", f"--chdir={ROOT}",
+           str(LAUNCH / "slurm_ray.sbatch"), CONFIG, *tiny(run_dir, steps=steps)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=sbatch_env(), timeout=60)
+    assert r.returncode == 0, r.stderr
+    job = r.stdout.strip().split(";")[0]
+    log_path = tmp_path / f"job-{job}.out"
+    try:
+        deadline = time.time() + 600
+        while len(metrics_steps(run_dir)) < 3:  # initial eval + two training steps
+            assert job_info(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), job_info(job)
+            assert time.time() < deadline, "no training steps after 600 s"
+            time.sleep(1)
+        subprocess.run(["scancel", "--batch", "--signal=TERM", job], check=True)
+        while (info := job_info(job)).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
+            if info.get("JobState") == "PENDING" and info.get("Restarts") == "1":
+                # SLURM delays a requeued job's start by minutes; release it now.
+                subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
+            assert time.time() < deadline, f"job not finished after 600 s: {info}"
+            time.sleep(2)
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    log = log_path.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", (info, log[-6000:])
+    assert "SIGTERM: asking the trainer" in log and "SIGTERM: checkpoint written at step" in log
+    assert f"requeueing job {job}" in log
+    assert log.count("trainer exited with code 0") == 2
+    check_job_log(log, run_dir, steps=steps)
+
+
+# --------------------------------------------------------------------------------------------
+# Ray: a real `ray job submit` against a private local head (slow)
+# --------------------------------------------------------------------------------------------
+
+
+def dashboard_up(port: int) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=5):
+            return True
+    except urllib.error.HTTPError:  # it answers (401 without the auth token): it is up
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_on_local_head(tmp_path):
+    assert HAVE_RAY, "ray is not installed in this venv: pip install -e '.[ray]'"
+    import secrets
+
+    ray_bin = Path(sys.prefix) / "bin"
+    env = {**os.environ, "PATH": f"{ray_bin}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+           "ALIGNREG_ORCHESTRATION": ORCHESTRATION}
+    env.pop("RAY_ADDRESS", None)
+    port, dash = free_port(), free_port()
+    temp = Path(f"/tmp/ray_t{port}")  # short: Ray's unix socket paths live under it
+    head = subprocess.Popen(
+        ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+         f"--dashboard-port={dash}", f"--ray-client-server-port={free_port()}",
+         f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp}", "--num-cpus=2",
+         "--disable-usage-stats"],
+        env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while not dashboard_up(dash):  # the job server starts after the GCS
+            assert head.poll() is None and time.time() < deadline, (tmp_path / "head.log").read_text()[-3000:]
+            time.sleep(1)
+        run_dir = tmp_path / "run"
+        r = subprocess.run([str(LAUNCH / "ray_job_submit.sh"), "--address", f"http://127.0.0.1:{dash}",
+                            CONFIG, *tiny(run_dir)], env=env, capture_output=True, text=True, timeout=600)
+        out = r.stdout + r.stderr
+        assert r.returncode == 0, out[-6000:]
+        assert "succeeded" in out and f"run dir: {run_dir}" in out
+        assert sorted(set(metrics_steps(run_dir))) == [0, 1, 2]
+    finally:
+        head.terminate()
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+    time.sleep(1)
+    assert not processes_mentioning(f"{temp}/"), "Ray processes of the local head are still running"
