@@ -440,6 +440,10 @@ class RLConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)  # DeepSpeed settings (learner.backend: deepspeed)
     ray: RayConfig = field(default_factory=RayConfig)  # Ray cluster and actor layout (orchestration: ray)
     sync: SyncConfig = field(default_factory=SyncConfig)  # learner -> engine weight sync verification
+    math_data: "MathDataConfig" = field(default_factory=lambda: MathDataConfig())  # GSM8K / MATH files, templates, mixture (task.name gsm8k|math|math_mixture)
+    math_reward: "MathRewardConfig" = field(default_factory=lambda: MathRewardConfig())  # math-verify worker pool limits
+    score: "ScoreConfig" = field(default_factory=lambda: ScoreConfig())  # SCoRe two-attempt self-correction training
+    lora: "LoRAConfig" = field(default_factory=lambda: LoRAConfig())  # PEFT LoRA on the learner
 
     def validate(self, path: str) -> None:
         from alignreg.regularizers import build_regularizers  # validates names and params
@@ -448,3 +452,58 @@ class RLConfig:
         bs = self.rollout.prompts_per_step * self.rollout.group_size
         mb = self.learner.mini_batch_size or bs
         _check(bs % mb == 0, f"{path}.learner.mini_batch_size ({mb}) must divide the batch size {bs}")
+
+
+# --------------------------------------------------------------------------------------------
+# Math RLVR, SCoRe and LoRA sections (docs/math.md)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataSource:
+    format: Literal["gsm8k", "math", "prompt_answer"] = "gsm8k"  # record layout: gsm8k {question, answer "... #### 72"}; math {problem, solution with \boxed{}}; prompt_answer {prompt, answer}
+    path: str = ""  # local .jsonl / .json / .parquet file (HF `datasets`, local files only)
+    weight: float = 1.0  # mixture weight: share of the training prompts drawn from this source
+    max_records: int = 0  # use at most this many records of the file (0 = all)
+
+
+@dataclass
+class MathDataConfig:
+    sources: list[DataSource] = field(default_factory=list)  # training mixture for task.name gsm8k|math|math_mixture (empty: task.path in task.name's format)
+    eval_path: str = ""  # held-out file (same format as the first source); "" = hold out task.eval_size records of the mixture
+    template: str = "boxed"  # prompt template: "boxed" | "gsm8k" | "plain" | a format string with {question}
+    chat_template: bool = False  # render the prompt with the tokenizer's chat template (one user turn + generation prompt)
+    system_prompt: str = ""  # chat template only: optional system message
+    max_prompt_tokens: int = 0  # drop prompts longer than this many tokens after templating (0 = keep all)
+
+
+@dataclass
+class MathRewardConfig:
+    timeout_s: float = 5.0  # wall-clock limit per answer check (parse + verify) in a worker process; reward 0 and counted on timeout
+    num_workers: int = 2  # verifier worker processes (killed and replaced when an answer times out or crashes)
+    max_chars: int = 4096  # only the last max_chars characters of a response are parsed (bounded work for huge outputs)
+    format_score: float = 0.1  # math_verify_format reward: score of a wrong answer in the expected format
+
+
+@dataclass
+class ScoreConfig:
+    enabled: bool = False  # train on two-attempt episodes (SCoRe, arXiv 2409.12917) instead of single responses
+    stage: Literal[1, 2] = 2  # 1: reward on attempt 2 only + KL on attempt 1 (score_kl attempts=first); 2: both attempts + bonus (regularizer `score`)
+    instruction: str = (
+        "There might be an error in the solution above because of lack of understanding of the question. "
+        "Please correct the error, if any, and rewrite the solution."
+    )  # self-correction instruction p_sc appended after attempt 1
+    advantage: Literal["reinforce", "grpo", "rloo", "drgrpo"] = "reinforce"  # reinforce: advantage = shaped reward (paper, no baseline); else group-normalised per (prompt, attempt)
+    second_max_new_tokens: int = 0  # attempt-2 length cap (0 = rollout.max_new_tokens)
+
+
+@dataclass
+class LoRAConfig:
+    enabled: bool = False  # train PEFT LoRA adapters instead of all weights; engines get merged weights
+    r: int = 16  # adapter rank
+    alpha: float = 32.0  # LoRA scaling numerator (scale = alpha / r)
+    dropout: float = 0.0  # dropout on the adapter input
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # module names that get adapters
+
+    def validate(self, path: str) -> None:
+        _check(self.r >= 1, f"{path}.r must be >= 1")

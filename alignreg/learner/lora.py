@@ -1,0 +1,128 @@
+"""LoRA (PEFT) on the learner: adapters train, the base stays frozen, engines get merged weights.
+
+``apply_lora(model, cfg)`` wraps the policy in a ``peft.PeftModel`` with LoRA adapters on
+``cfg.target_modules`` (Hu et al. 2021, "LoRA", arXiv 2106.09685: ``W + (alpha / r) B A``, ``B = 0``
+at init, so the wrapped model starts exactly at the base policy). Only adapter parameters have
+``requires_grad``; the learner's optimizer (``TorchBackend``) takes just those.
+
+What works unchanged on the wrapped model: ``alignreg.models.lm_head_and_body`` (``get_decoder`` /
+``get_output_embeddings`` are forwarded by PEFT to the base model; the decoder's linear layers are
+the LoRA layers, so the chunked statistics see the adapted model), ``PolicyLearner``, HF
+``generate``.
+
+Engines: :func:`merged_weights` returns ``W + scale * B A`` under the *base* model's parameter names
+(``model.layers.0.self_attn.q_proj.weight``), computed without merging in place (merge/unmerge
+cycles accumulate rounding error in W), so an HF or vLLM engine loads them as a full weight
+update. Checkpoints: ``model.save_pretrained(dir)`` on the wrapped model writes the adapter only
+(``adapter_config.json`` + ``adapter_model.safetensors``) whose ``base_model_name_or_path`` is the
+run's ``init_policy`` directory; :func:`load_adapter_policy` loads it back (base + adapter) and
+:func:`save_merged` writes a full HF checkpoint for tools that want one.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from alignreg.config import LoRAConfig
+
+_PREFIX = "base_model.model."
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def apply_lora(model, cfg: LoRAConfig, base_path: Optional[str | Path] = None):
+    """Wrap ``model`` with trainable LoRA adapters; all other parameters are frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
+                      bias="none", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lcfg)
+    if base_path is not None:  # where the adapter's base weights live (the run's init_policy)
+        peft_model.peft_config["default"].base_model_name_or_path = str(Path(base_path).resolve())
+    return peft_model
+
+
+def base_name(name: str) -> str:
+    """PEFT parameter name -> base model name (``...q_proj.base_layer.weight`` -> ``...q_proj.weight``)."""
+    if name.startswith(_PREFIX):
+        name = name[len(_PREFIX):]
+    return name.replace(".base_layer.", ".")
+
+
+@torch.no_grad()
+def merged_weights(model) -> list[tuple[str, torch.Tensor]]:
+    """Every base parameter with the active adapters folded in, under the base names."""
+    from peft.tuners.lora import LoraLayer
+
+    deltas = {}
+    for mname, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            delta = None
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    d = module.get_delta_weight(adapter)
+                    delta = d if delta is None else delta + d
+            if delta is not None:
+                deltas[base_name(mname) + ".weight"] = delta
+    out = []
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            continue
+        bn = base_name(name)
+        w = p.detach()
+        if bn in deltas:
+            w = (w + deltas[bn].to(w.dtype))
+        out.append((bn, w.clone()))
+    return out
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    """The trainable adapter tensors (what a LoRA checkpoint needs besides the base)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_merged(model, tokenizer, path: str | Path) -> Path:
+    """A full HF checkpoint of base + adapters (e.g. for a vLLM build without LoRA support)."""
+    path = Path(path)
+    merged = model.merge_and_unload() if is_peft(model) else model  # merge_and_unload mutates: caller passes a copy
+    merged.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+    return path
+
+
+def load_adapter_policy(path: str | Path, dtype: torch.dtype = torch.float32):
+    """``(PeftModel, tokenizer)`` from an adapter directory (base from ``base_model_name_or_path``)."""
+    import json
+
+    import transformers
+    from peft import PeftModel
+
+    path = Path(path)
+    base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, local_files_only=True, dtype=dtype, attn_implementation="eager")
+    tok_dir = path if (path / "tokenizer_config.json").is_file() else Path(base)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+    return PeftModel.from_pretrained(model, path, is_trainable=True), tokenizer
+
+
+def load_any_policy(path: str | Path, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` from a full HF checkpoint or a LoRA adapter directory."""
+    import transformers
+
+    path = Path(path)
+    if (path / "adapter_config.json").is_file():
+        return load_adapter_policy(path, dtype)
+    if not (path / "config.json").is_file():
+        from alignreg.config import ConfigError
+
+        raise ConfigError(f"{str(path)!r} is neither an HF checkpoint (config.json) nor a LoRA adapter (adapter_config.json)")
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, attn_implementation="eager")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -1,0 +1,314 @@
+"""Math rewards with ``math-verify``: answer extraction, equivalence checking, bounded time.
+
+Rewards (``task.reward``):
+
+* ``math_verify``        1.0 when the response's final answer is mathematically equivalent to the
+                         record's ``answer`` (a LaTeX / plain string, e.g. ``"\\frac{1}{2}"``, ``"72"``), else 0.
+* ``math_verify_format`` same, plus ``format_score`` (default 0.1) for a wrong answer that is in the
+                         expected format (a ``\\boxed{}`` or a GSM8K ``#### x`` line).
+
+Extraction (:func:`extract_answer`): the last ``\\boxed{...}`` / ``\\fbox{...}`` (balanced braces),
+else the text after the last ``####`` (GSM8K), else "the answer is X", else math-verify's own
+extraction (last LaTeX / numeric expression). Equivalence is math-verify's ``verify`` (sympy; numbers
+compared after rounding to 6 decimals, sets, intervals, equations).
+
+Why a worker pool: sympy can take unbounded time (``10^{10^{10^{10}}}``, 10^5 nested braces) and
+math-verify's own timeout uses ``signal.alarm``, which only works in a main thread and cannot
+interrupt C code. Every check runs in a worker *process* with a wall-clock deadline; a worker that
+misses it is killed and replaced, the answer gets reward 0 and ``timeouts`` is counted. A worker that
+dies (segfault, OOM) counts as ``errors``. Only the last ``max_chars`` characters of a response are
+parsed, so huge outputs cost bounded work. Counters are read with :func:`pop_reward_metrics`
+(logged as ``reward/math_timeouts`` ...).
+"""
+from __future__ import annotations
+
+import atexit
+import re
+import threading
+import time
+from multiprocessing.connection import wait
+from typing import Optional
+
+from alignreg.rewards.base import REWARDS
+
+# ------------------------------------------------------------------------------------------------
+# Extraction (pure string work, runs in the caller; linear time)
+# ------------------------------------------------------------------------------------------------
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_ANSWER_IS = re.compile(r"answer is[:\s]*\$?([^\n$]+?)\$?\s*(?:\.|$)", re.I)
+
+
+def last_boxed(text: str) -> Optional[str]:
+    """Content of the last ``\\boxed{...}`` with balanced braces (``None`` if none or unbalanced).
+
+    One pass matches every brace pair, so the cost is linear even for ``"\\boxed{" * 10**5``.
+    """
+    starts = [m.end() for m in _BOXED.finditer(text)]
+    if starts:
+        close, stack = {}, []
+        for i, c in enumerate(text):
+            if c == "{":
+                stack.append(i)
+            elif c == "}" and stack:
+                close[stack.pop()] = i
+        for start in reversed(starts):  # start = index after "{"
+            end = close.get(start - 1)
+            if end is not None:
+                return text[start:end].strip()
+    m = re.search(r"\\boxed ([^\s$]+)", text)  # "\boxed 5" (no braces)
+    return m.group(1) if m else None
+
+
+def gsm8k_answer(text: str) -> Optional[str]:
+    """Text after the last ``####`` (GSM8K), without thousands separators."""
+    if "####" not in text:
+        return None
+    tail = text.rsplit("####", 1)[1].strip().splitlines()
+    return tail[0].replace(",", "").strip().rstrip(".") if tail else None
+
+
+def extract_answer(text: str) -> Optional[str]:
+    """The final answer string of a response, or ``None`` if it states none explicitly."""
+    for fn in (last_boxed, gsm8k_answer):
+        ans = fn(text)
+        if ans:
+            return ans
+    m = list(_ANSWER_IS.finditer(text[-2000:]))  # a stated answer sits at the end; bounded regex work
+    return m[-1].group(1).strip() if m else None
+
+
+def has_format(text: str) -> bool:
+    return last_boxed(text) is not None or gsm8k_answer(text) is not None
+
+
+def gold_answer(solution: str) -> str:
+    """Gold answer of a dataset solution: the boxed part (MATH) or after ``####`` (GSM8K)."""
+    return extract_answer(solution) or solution.strip()
+
+
+# ------------------------------------------------------------------------------------------------
+# The check that runs in a worker
+# ------------------------------------------------------------------------------------------------
+
+
+def check_equivalent(pred_text: str, gold: str) -> bool:
+    """math-verify equivalence of the response's final answer and the gold answer (no timeout:
+    call it only inside a worker, see :class:`VerifierPool`)."""
+    from math_verify import parse, verify
+
+    ans = extract_answer(pred_text)
+    target = parse(f"${ans}$", parsing_timeout=None) if ans is not None else []
+    if not target and ans is not None:
+        target = parse(ans, parsing_timeout=None)
+    if not target:
+        target = parse(pred_text, parsing_timeout=None)
+    if not target:
+        return False
+    golds = parse(f"${gold}$", parsing_timeout=None) or parse(gold, parsing_timeout=None)
+    if not golds:
+        return ans is not None and ans.strip() == gold.strip()
+    return bool(verify(golds, target, timeout_seconds=None))
+
+
+def _serve() -> None:
+    """Worker main loop (``python -m alignreg.rewards.math``): one JSON job per stdin line."""
+    import json
+    import sys
+
+    check_equivalent("\\boxed{\\frac{1}{2}}", "0.5")  # imports and warms sympy before the first deadline
+    sys.stdout.write("ready\n")
+    sys.stdout.flush()
+    for line in sys.stdin:
+        job, pred, gold = json.loads(line)
+        try:
+            ok = check_equivalent(pred, gold)
+        except Exception:  # noqa: BLE001 - an unparsable answer is a wrong answer, not a crash
+            ok = False
+        sys.stdout.write(json.dumps([job, bool(ok)]) + "\n")
+        sys.stdout.flush()
+
+
+class _Worker:
+    """One verifier subprocess with line-based JSON pipes (a fresh interpreter: no fork of a
+    process that holds torch / vLLM threads, no re-import of the caller's ``__main__``)."""
+
+    def __init__(self):
+        import subprocess
+        import sys
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "alignreg.rewards.math"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, text=True, bufsize=1,
+        )
+        self.ready = False  # True once math-verify is imported (the first line is "ready")
+
+    def fileno(self) -> int:
+        return self.proc.stdout.fileno()
+
+    def send(self, job: int, pred: str, gold: str) -> None:
+        import json
+
+        self.proc.stdin.write(json.dumps([job, pred, gold]) + "\n")
+        self.proc.stdin.flush()
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+
+
+class VerifierPool:
+    """A few worker processes, each checking one answer at a time under a wall-clock deadline.
+
+    A worker that misses its deadline is killed (SIGKILL) and a fresh one started, so one
+    adversarial answer costs at most ``timeout_s`` of one worker and never hangs the run. A fresh
+    worker first imports math-verify (about a second); that start-up has its own allowance
+    (``startup_s``) and is not charged to the answer.
+    """
+
+    def __init__(self, num_workers: int = 2, timeout_s: float = 5.0, startup_s: float = 60.0):
+        self.num_workers, self.timeout_s, self.startup_s = max(1, num_workers), timeout_s, startup_s
+        self._workers: list[_Worker] = []
+        self._lock = threading.Lock()
+        self.counts = {"checks": 0, "timeouts": 0, "errors": 0}
+
+    def _start(self) -> None:
+        while len(self._workers) < self.num_workers:
+            self._workers.append(_Worker())
+        deadline = time.monotonic() + self.startup_s
+        for i, w in enumerate(self._workers):
+            if not w.ready:
+                if wait([w.proc.stdout], timeout=max(0.0, deadline - time.monotonic())) and w.proc.stdout.readline() == "ready\n":
+                    w.ready = True
+                else:
+                    w.kill()
+                    raise RuntimeError("math-verify worker failed to start; is math-verify installed? "
+                                       "(pip install 'alignreg[math]')")
+
+    def _replace(self, i: int) -> None:
+        self._workers[i].kill()
+        self._workers[i] = _Worker()
+
+    def check(self, preds: list[str], golds: list[str]) -> list[bool]:
+        """Equivalence of each ``preds[i]`` to ``golds[i]``; False on timeout or worker crash."""
+        with self._lock:
+            self._start()
+            out = [False] * len(preds)
+            todo = list(range(len(preds)))[::-1]
+            busy: dict[int, tuple[int, float]] = {}  # worker index -> (job, deadline)
+            while todo or busy:
+                for w in range(self.num_workers):
+                    if w not in busy and todo:
+                        job = todo.pop()
+                        try:
+                            self._workers[w].send(job, preds[job], golds[job])
+                        except OSError:  # died while idle
+                            self.counts["errors"] += 1
+                            self._replace(w)
+                            self._start()
+                            self._workers[w].send(job, preds[job], golds[job])
+                        busy[w] = (job, time.monotonic() + self.timeout_s)
+                files = {self._workers[w].proc.stdout: w for w in busy}
+                deadline = min(d for _, d in busy.values())
+                ready = wait(list(files), timeout=max(0.0, deadline - time.monotonic()))
+                for f in ready:
+                    w = files[f]
+                    job, _ = busy.pop(w)
+                    line = f.readline()
+                    try:
+                        import json
+
+                        got, ok = json.loads(line)
+                        assert got == job
+                        out[job] = bool(ok)
+                    except (ValueError, AssertionError, TypeError):  # EOF: the worker died
+                        self.counts["errors"] += 1
+                        self._replace(w)
+                now = time.monotonic()
+                for w, (job, d) in list(busy.items()):
+                    if now >= d:
+                        busy.pop(w)
+                        self.counts["timeouts"] += 1
+                        self._replace(w)
+                if any(not w.ready for w in self._workers):
+                    self._start()
+            self.counts["checks"] += len(preds)
+            return out
+
+    def close(self) -> None:
+        for w in self._workers:
+            w.kill()
+        self._workers = []
+
+
+_POOL: Optional[VerifierPool] = None
+_SETTINGS = {"num_workers": 2, "timeout_s": 5.0, "max_chars": 4096, "format_score": 0.1}
+
+
+def configure(num_workers: int = 2, timeout_s: float = 5.0, max_chars: int = 4096, format_score: float = 0.1) -> None:
+    """Set the pool limits (``math_reward`` config section); restarts the pool if they change."""
+    global _POOL
+    new = {"num_workers": num_workers, "timeout_s": timeout_s, "max_chars": max_chars, "format_score": format_score}
+    if _POOL is not None and (new["num_workers"], new["timeout_s"]) != (_SETTINGS["num_workers"], _SETTINGS["timeout_s"]):
+        _POOL.close()
+        _POOL = None
+    _SETTINGS.update(new)
+
+
+def pool() -> VerifierPool:
+    global _POOL
+    if _POOL is None:
+        _POOL = VerifierPool(_SETTINGS["num_workers"], _SETTINGS["timeout_s"])
+        atexit.register(_POOL.close)
+    return _POOL
+
+
+def math_scores(texts: list[str], records: list[dict], format_score: float = 0.0) -> list[float]:
+    """Batched reward: 1.0 for an equivalent answer, ``format_score`` for a formatted wrong one."""
+    n = _SETTINGS["max_chars"]
+    tails = [t[-n:] for t in texts]
+    ok = pool().check(tails, [str(r["answer"]) for r in records])
+    return [1.0 if o else (format_score if format_score and has_format(t) else 0.0) for o, t in zip(ok, tails)]
+
+
+def pop_reward_metrics() -> dict[str, float]:
+    """Counters since the last call: checks, timeouts, crashed workers (``reward/math_*``)."""
+    if _POOL is None:
+        return {}
+    c = dict(_POOL.counts)
+    _POOL.counts = {k: 0 for k in c}
+    return {f"reward/math_{k}": float(v) for k, v in c.items()}
+
+
+@REWARDS.register("math_verify")
+def math_verify_reward(response_text: str, record: dict) -> float:
+    """1.0 when the final answer is equivalent to ``record["answer"]`` (math-verify), else 0."""
+    return math_scores([response_text], [record])[0]
+
+
+@REWARDS.register("math_verify_format")
+def math_verify_format_reward(response_text: str, record: dict) -> float:
+    """``math_verify`` plus ``format_score`` for a wrong answer in \\boxed{} / #### format."""
+    return math_scores([response_text], [record], _SETTINGS["format_score"])[0]
+
+
+math_verify_reward.batch = lambda texts, records: math_scores(texts, records)
+math_verify_format_reward.batch = lambda texts, records: math_scores(texts, records, _SETTINGS["format_score"])
+
+
+def batch_rewards(name: str, texts: list[str], records: list[dict]) -> list[float]:
+    """Rewards of many responses at once: parallel over the pool for math rewards."""
+    from alignreg.rewards.base import compute_rewards
+
+    fn = REWARDS.get(name)
+    if hasattr(fn, "batch"):
+        return [float(v) for v in fn.batch(texts, records)]
+    return compute_rewards(name, texts, records)
+
+
+if __name__ == "__main__":
+    _serve()

@@ -1,0 +1,151 @@
+"""``alignreg sft CONFIG``: the supervised cold start before RLVR, with TRL's ``SFTTrainer``.
+
+RL recipes for math (DeepSeek-R1's cold start, SCoRe's base policies) fine-tune on worked solutions
+first, so that the policy already writes answers in the verifiable format (``\\boxed{}``, ``####``)
+and RL has reward signal from the first step. This command trains on ``(prompt, completion)`` pairs
+with the loss on completion tokens only (TRL ``completion_only_loss``) and writes an HF checkpoint
+that ``alignreg rl model.path=<output_dir>`` starts from:
+
+* full fine-tuning: ``output_dir`` holds the weights and the tokenizer;
+* ``lora.enabled: true``: ``output_dir/adapter`` holds the PEFT adapter and ``output_dir`` the merged
+  full weights (what ``alignreg rl`` and ``alignreg eval`` load; vLLM engines too).
+
+Prompts and completions: any task of ``alignreg rl`` (synthetic, ``jsonl``, ``gsm8k``, ``math``,
+``math_mixture`` with the same ``math_data`` templates). The completion is the record's
+``solution`` (GSM8K / MATH worked solution) or, for synthetic tasks, its ``answer``; EOS is appended
+by TRL. ``alignreg.warmstart`` is the built-in few-step variant used inside ``alignreg rl``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alignreg.config import LoRAConfig, MathDataConfig, ModelConfig, TaskConfig, load_config, save_config
+
+
+@dataclass
+class SFTRunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)  # starting policy (tiny-qwen2 or a local HF dir)
+    task: TaskConfig = field(default_factory=TaskConfig)  # prompt/answer source (same schema as alignreg rl)
+    math_data: MathDataConfig = field(default_factory=MathDataConfig)  # GSM8K / MATH files and templates
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # train a LoRA adapter instead of all weights
+    steps: int = 100  # optimizer steps (TRL max_steps)
+    lr: float = 3e-3  # learning rate (linear decay, TRL default scheduler)
+    batch_size: int = 16  # sequences per step (per device)
+    grad_accum: int = 1  # gradient accumulation steps
+    max_length: int = 1024  # truncate prompt + completion to this many tokens
+    warmup_steps: int = 0  # steps of linear learning-rate warmup
+    seed: int = 0  # model init (tiny-qwen2), data order
+    threads: int = 0  # torch CPU threads (0 = default)
+    bf16: bool = False  # bf16 mixed precision (GPU)
+    output_dir: str = "runs/sft"  # checkpoint directory that alignreg rl model.path points to
+    logging_steps: int = 10  # log the loss every N steps
+    correction_pairs: float = 0.0  # add this fraction (of the train set) of second-turn examples x1 + y1 + instruction -> answer (y1 right or perturbed); teaches the SCoRe episode format
+    correction_instruction: str = " check:"  # instruction p_sc of those examples (= score.instruction of the RL run)
+
+
+def sft_records(cfg: SFTRunConfig, tokenizer) -> tuple[list[dict], list[dict]]:
+    """``(train, eval)`` ``{"prompt", "completion"}`` pairs for ``cfg.task``."""
+    from alignreg.config import RLConfig
+    from alignreg.data import prompt_dataset
+    from alignreg.data.math import math_prompt_dataset
+
+    rl = RLConfig(model=cfg.model, task=cfg.task, math_data=cfg.math_data)
+    train, held = math_prompt_dataset(rl, tokenizer) or prompt_dataset(cfg.task)
+
+    def pairs(recs):
+        return [{"prompt": r["prompt"], "completion": r.get("solution") or r["answer"]} for r in recs]
+
+    out = pairs(train)
+    if cfg.correction_pairs > 0:
+        out += correction_pairs(train, int(cfg.correction_pairs * len(train)), cfg.correction_instruction, cfg.seed)
+        random.Random(cfg.seed).shuffle(out)
+    return out, pairs(held)
+
+
+def perturb(answer: str, rng: random.Random) -> str:
+    """A plausible wrong first attempt: two characters swapped, or one digit changed."""
+    chars = list(answer)
+    if len(set(chars)) > 1 and rng.random() < 0.5:
+        while True:
+            i, j = rng.sample(range(len(chars)), 2)
+            if chars[i] != chars[j]:
+                chars[i], chars[j] = chars[j], chars[i]
+                return "".join(chars)
+    i = rng.randrange(len(chars))
+    digits = [d for d in "0123456789" if d != chars[i]]
+    chars[i] = rng.choice(digits) if chars[i].isdigit() else chars[i] + rng.choice(digits)
+    return "".join(chars)
+
+
+def correction_pairs(records: list[dict], n: int, instruction: str, seed: int) -> list[dict]:
+    """Second-turn examples ``x1 + y1 + instruction -> answer``: y1 is the right answer half the
+    time (keep it) and a perturbed one otherwise (fix it) - the format of a SCoRe episode's x2."""
+    rng = random.Random(seed + 1)
+    out = []
+    for r in rng.choices(records, k=n) if records else []:
+        y1 = r["answer"] if rng.random() < 0.5 else perturb(r["answer"], rng)
+        out.append({"prompt": r["prompt"] + y1 + instruction, "completion": r["answer"]})
+    return out
+
+
+def run_sft(cfg: SFTRunConfig) -> dict:
+    """Train and save; returns a summary (also ``output_dir/sft_summary.json``)."""
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from alignreg.models import load_policy
+
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_policy(cfg.model, cfg.seed)
+    train, held = sft_records(cfg, tokenizer)
+    peft_config = None
+    if cfg.lora.enabled:
+        from peft import LoraConfig
+
+        lc = cfg.lora
+        peft_config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
+                                 bias="none", task_type="CAUSAL_LM")
+    args = SFTConfig(
+        output_dir=str(out / "trl"), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps,
+        logging_steps=cfg.logging_steps, save_strategy="no", report_to=[], seed=cfg.seed, data_seed=cfg.seed,
+        use_cpu=not torch.cuda.is_available(), bf16=cfg.bf16, completion_only_loss=True, max_length=cfg.max_length,
+        dataloader_num_workers=0, disable_tqdm=True,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train), processing_class=tokenizer,
+                         peft_config=peft_config)
+    result = trainer.train()
+    trained = trainer.model
+    if cfg.lora.enabled:
+        trained.save_pretrained(out / "adapter")
+        tokenizer.save_pretrained(out / "adapter")
+        trained = trained.merge_and_unload()
+    trained.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    save_config(cfg, out / "sft_config.yaml")
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    summary = {"output_dir": str(out), "steps": int(result.global_step), "train_loss": float(result.training_loss),
+               "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+               "train_records": len(train), "lora": cfg.lora.enabled}
+    (out / "sft_summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def sft_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="alignreg sft", description="supervised warm start (TRL SFTTrainer) before RL")
+    p.add_argument("config", help="YAML file (configs/sft/*.yaml)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. steps=200")
+    args = p.parse_args(argv)
+    cfg = load_config(SFTRunConfig, args.config, args.overrides)
+    summary = run_sft(cfg)
+    print(f"sft: {summary['steps']} steps, loss {summary['loss_first']} -> {summary['loss_last']}; "
+          f"checkpoint: {summary['output_dir']} (alignreg rl CONFIG model.path={summary['output_dir']})")
+    return 0

@@ -1,0 +1,54 @@
+"""Every real-run and demo config of the math / SCoRe work loads, validates and is consistent with
+the GPU count its header states."""
+import re
+from pathlib import Path
+
+import pytest
+
+from alignreg.config import RLConfig, load_config
+from alignreg.regularizers import build_regularizers
+from alignreg.sft import SFTRunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+REAL = sorted((ROOT / "configs" / "rl").glob("qwen25_math_*.yaml"))
+
+
+def test_real_run_matrix_is_complete():
+    names = {p.stem for p in REAL}
+    for size in ("1.5b", "7b"):
+        for var in ("grpo", "siren", "lp_reg", "grpo_guard", "score"):
+            assert f"qwen25_math_{size}_math_{var}" in names
+        assert f"qwen25_math_{size}_gsm8k_grpo" in names
+
+
+@pytest.mark.parametrize("path", REAL, ids=lambda p: p.stem)
+def test_real_run_config(path):
+    cfg = load_config(RLConfig, path)
+    text = path.read_text()
+    gpus = int(re.search(r"Hardware: (\d+) GPUs", text).group(1))
+    r = cfg.ray
+    assert cfg.orchestration == "ray" and cfg.rollout.engine == "vllm" and cfg.learner.backend == "deepspeed"
+    assert r.num_engines * r.num_gpus_per_engine + r.learner_ranks * r.num_gpus_per_learner == gpus
+    assert r.num_gpus_per_engine == cfg.vllm.tensor_parallel_size
+    assert cfg.task.name in ("gsm8k", "math") and cfg.task.reward == "math_verify"
+    assert cfg.math_data.max_prompt_tokens > 0
+    new = cfg.rollout.max_new_tokens
+    if cfg.score.enabled:  # x2 = x1 + y1 + instruction, then y2
+        new += (cfg.score.second_max_new_tokens or cfg.rollout.max_new_tokens) + 64
+        assert {t.term.id for t in build_regularizers(cfg.regularizers)} == {"score", "score_kl"}
+    assert cfg.math_data.max_prompt_tokens + new <= cfg.vllm.max_model_len <= 4096  # Qwen2.5-Math context
+    variant = path.stem.split("_", 4)[-1]
+    if variant not in ("grpo", "score"):
+        assert [t.term.id for t in build_regularizers(cfg.regularizers)] == [variant]
+
+
+@pytest.mark.parametrize("path", [ROOT / "configs/rl/tiny_score.yaml"], ids=["tiny_score"])
+def test_demo_config(path):
+    cfg = load_config(RLConfig, path)
+    assert cfg.score.enabled and cfg.model.path == "runs/sft_tiny_sort"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sft").glob("*.yaml")), ids=lambda p: p.stem)
+def test_sft_configs(path):
+    cfg = load_config(SFTRunConfig, path)
+    assert cfg.steps > 0 and cfg.output_dir

@@ -1,0 +1,101 @@
+"""GSM8K / MATH loaders on small files in the real formats, templates, chat template, mixtures, filter."""
+import json
+
+import pytest
+
+from alignreg.config import ConfigError, DataSource, MathDataConfig, RLConfig, TaskConfig, load_config
+from alignreg.data import TASKS, prompt_dataset
+from alignreg.data.math import build_math_dataset, math_prompt_dataset, mix, read_records, render_prompt
+from alignreg.models import build_tokenizer
+
+GSM8K = [
+    {"question": f"Natalia sold clips to {i} of her friends in April, and then she sold half as many clips in May. "
+                 "How many clips did Natalia sell altogether in April and May?",
+     "answer": f"Natalia sold {i}/2 = <<{i}/2={i // 2}>>{i // 2} clips in May.\nNatalia sold {i}+{i // 2} = "
+               f"<<{i}+{i // 2}={i + i // 2}>>{i + i // 2} clips altogether in April and May.\n#### {i + i // 2:,}"}
+    for i in range(2, 2002, 50)
+]
+MATH = [
+    {"problem": f"What is $\\frac{{1}}{{{i}}} + \\frac{{1}}{{{i}}}$?", "level": "Level 1", "type": "Prealgebra",
+     "solution": f"We have $\\frac{{1}}{{{i}}} + \\frac{{1}}{{{i}}} = \\boxed{{\\frac{{2}}{{{i}}}}}$."}
+    for i in range(3, 33)
+]
+
+
+@pytest.fixture
+def files(tmp_path):
+    import pandas as pd
+
+    g = tmp_path / "gsm8k_train.jsonl"
+    g.write_text("\n".join(json.dumps(r) for r in GSM8K) + "\n")
+    m = tmp_path / "math_train.parquet"
+    pd.DataFrame(MATH).to_parquet(m)
+    return g, m
+
+
+def test_read_real_formats(files):
+    g, m = files
+    rows = read_records(g)
+    assert len(rows) == len(GSM8K) and rows[0]["question"] == GSM8K[0]["question"]
+    assert read_records(m)[0]["solution"] == MATH[0]["solution"]
+    with pytest.raises(ConfigError, match="not a .jsonl"):
+        read_records(g.parent / "missing.jsonl")
+
+
+def test_gsm8k_and_math_tasks_extract_gold(files):
+    g, m = files
+    train, held = TASKS.get("gsm8k")(TaskConfig(name="gsm8k", path=str(g), eval_size=5))
+    assert len(held) == 5 and len(train) == len(GSM8K) - 5
+    by_q = {r["question"]: r for r in train + held}
+    r = by_q[GSM8K[-1]["question"]]
+    assert r["answer"] == "2928" and "#### 2,928" in GSM8K[-1]["answer"]  # thousands separator removed
+    assert r["prompt"].startswith(GSM8K[-1]["question"]) and "####" in r["prompt"]
+    train, held = prompt_dataset(TaskConfig(name="math", path=str(m), eval_size=4))
+    rec = next(x for x in train + held if x["question"] == MATH[0]["problem"])
+    assert rec["answer"] == "\\frac{2}{3}" and "\\boxed{}" in rec["prompt"]
+    assert not {x["question"] for x in train} & {x["question"] for x in held}
+
+
+def test_templates_and_chat_template():
+    tok = build_tokenizer()
+    assert render_prompt("1+1?", MathDataConfig(template="plain")) == "1+1?"
+    assert render_prompt("1+1?", MathDataConfig(template="Q: {question} A:")) == "Q: 1+1? A:"
+    chat = render_prompt("1+1?", MathDataConfig(template="plain", chat_template=True, system_prompt="Be brief."), tok)
+    assert chat == tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"}],
+                                           tokenize=False, add_generation_prompt=True)
+    with pytest.raises(ConfigError, match="format string"):
+        render_prompt("x", MathDataConfig(template="no placeholder"))
+
+
+def test_mixture_weights_and_length_filter(files):
+    g, m = files
+    tok = build_tokenizer()
+    cfg = RLConfig()
+    cfg.task = TaskConfig(name="math_mixture", eval_size=4, train_size=30, reward="math_verify")
+    cfg.math_data = MathDataConfig(sources=[DataSource(format="gsm8k", path=str(g), weight=2.0),
+                                            DataSource(format="math", path=str(m), weight=1.0)], template="plain")
+    train, held = math_prompt_dataset(cfg, tok)
+    srcs = [r["source"] for r in train]
+    assert len(train) == 30 and srcs.count("gsm8k") == 20 and srcs.count("math") == 10
+    assert len(held) == 4
+    again, _ = math_prompt_dataset(cfg, tok)
+    assert [r["prompt"] for r in again] == [r["prompt"] for r in train]  # seeded
+    cfg.math_data.max_prompt_tokens = 60  # the char tokenizer: MATH problems (~45 chars) pass, GSM8K (~190) do not
+    train, held = math_prompt_dataset(cfg, tok)
+    assert train and all(r["source"] == "math" for r in train)
+    assert all(len(tok(r["prompt"])["input_ids"]) <= 60 for r in train + held)
+    assert math_prompt_dataset(load_config(RLConfig, None, ["task.name=sort"]), tok) is None
+
+
+def test_eval_path_and_errors(files, tmp_path):
+    g, m = files
+    train, held = build_math_dataset(TaskConfig(name="gsm8k", path=str(g), eval_size=3),
+                                     MathDataConfig(eval_path=str(g), template="gsm8k"))
+    assert len(held) == 3 and len(train) == len(GSM8K)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"problem": "x"}) + "\n")
+    with pytest.raises(ConfigError, match="needs string fields"):
+        build_math_dataset(TaskConfig(name="math", path=str(bad), eval_size=1), MathDataConfig())
+    with pytest.raises(ConfigError, match="task.path is empty"):
+        build_math_dataset(TaskConfig(name="gsm8k", eval_size=1), MathDataConfig())
+    assert mix([[1, 2, 3], [4, 5]], [1.0, 1.0], 4, 0).__len__() == 4

@@ -1,0 +1,125 @@
+"""Math rewards: extraction, math-verify equivalence on real-style answers, bounded time."""
+import time
+
+import pytest
+
+from alignreg.rewards import REWARDS
+from alignreg.rewards.math import (VerifierPool, batch_rewards, configure, extract_answer, gold_answer, gsm8k_answer,
+                                   has_format, last_boxed, math_scores, pop_reward_metrics)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("so the answer is $\\boxed{\\frac{1}{2}}$.", "\\frac{1}{2}"),
+    ("\\boxed{\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),
+    ("first \\boxed{3} then corrected: \\boxed{4}", "4"),
+    ("\\fbox{x^{2}+1}", "x^{2}+1"),
+    ("\\boxed 5", "5"),
+    ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72", "72"),
+    ("... so he earns $1,234.\n#### 1,234", "1234"),
+    ("The answer is 17.", "17"),
+    ("no final answer here", None),
+    ("unbalanced \\boxed{3", None),
+])
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_gold_and_format_helpers():
+    assert gold_answer("Thus the area is $\\boxed{12\\pi}$.") == "12\\pi"
+    assert gold_answer("She has 5 + 3 = 8 apples.\n#### 8") == "8"
+    assert gsm8k_answer("x #### 3.") == "3" and last_boxed("\\boxed{{a}}") == "{a}"
+    assert has_format("\\boxed{1}") and has_format("#### 2") and not has_format("2")
+
+
+# (response, gold, correct?) in the styles of MATH / GSM8K solutions and Qwen2.5-Math outputs
+CASES = [
+    ("The answer is $\\boxed{\\frac{1}{2}}$", "\\frac{1}{2}", True),
+    ("\\boxed{0.5}", "\\frac12", True),
+    ("\\boxed{\\dfrac{3}{4}}", "\\frac{3}{4}", True),
+    ("\\boxed{\\frac{\\sqrt{2}}{2}}", "\\frac{1}{\\sqrt{2}}", True),
+    ("\\boxed{x^2+2x+1}", "(x+1)^2", True),
+    ("\\boxed{(1,2)}", "(1, 2)", True),
+    ("\\boxed{[0, 1)}", "[0,1)", True),
+    ("\\boxed{12\\pi}", "12\\pi", True),
+    ("\\boxed{3}", "4", False),
+    ("\\boxed{-3}", "3", False),
+    ("Total: 18 * 2 = 36\n#### 36", "36", True),
+    ("#### 1,000", "1000", True),
+    ("#### 35", "36", False),
+    ("So she has 8 apples. The answer is 8.", "8", True),
+    ("\\boxed{50\\%}", "50", True),
+    ("\\boxed{x = 5}", "5", True),
+    ("", "5", False),
+]
+
+
+def test_verify_real_style_answers():
+    configure(num_workers=2, timeout_s=5.0)
+    got = math_scores([c[0] for c in CASES], [{"answer": c[1]} for c in CASES])
+    assert got == [1.0 if c[2] else 0.0 for c in CASES], [(c, g) for c, g in zip(CASES, got) if (g == 1.0) != c[2]]
+    # the registered per-answer reward and the batched path agree
+    fn = REWARDS.get("math_verify")
+    assert fn(CASES[0][0], {"answer": CASES[0][1]}) == 1.0 and fn("\\boxed{3}", {"answer": "4"}) == 0.0
+    assert batch_rewards("math_verify_format", ["\\boxed{3}", "3", "\\boxed{4}"], [{"answer": "4"}] * 3) == [0.1, 0.0, 1.0]
+    assert batch_rewards("exact_match", ["4"], [{"answer": "4"}]) == [1.0]  # non-math rewards pass through
+
+
+ADVERSARIAL = [
+    "\\boxed{10^{10^{10^{10^{10^{10}}}}}}",  # sympy would try to evaluate a tower of powers
+    "\\boxed{" + "{" * 50000 + "1" + "}" * 50000 + "}",  # deep nesting
+    "\\boxed{" * 30000,  # unbalanced, huge
+    "9" * 300000,  # huge number
+    "\\boxed{\\frac{" * 2000 + "1" + "}{2}}" * 2000,
+]
+
+
+def test_adversarial_outputs_finish_within_time_limit():
+    pool = VerifierPool(num_workers=2, timeout_s=1.0)
+    try:
+        pool.check(["\\boxed{1}"], ["1"])  # workers started (import of math-verify is not charged)
+        t0 = time.monotonic()
+        out = pool.check(ADVERSARIAL + ["\\boxed{2}"], ["1"] * len(ADVERSARIAL) + ["2"])
+        elapsed = time.monotonic() - t0
+        assert out[:-1] == [False] * len(ADVERSARIAL) and out[-1] is True
+        # each answer is bounded by timeout_s on one of 2 workers, plus restarts of killed workers
+        assert elapsed < len(ADVERSARIAL) * (1.0 + 8.0), elapsed
+        assert pool.counts["checks"] == len(ADVERSARIAL) + 2
+    finally:
+        pool.close()
+
+
+def test_timeout_is_counted_and_pool_recovers():
+    configure(num_workers=1, timeout_s=2.0)
+    try:
+        pop_reward_metrics()
+        t0 = time.monotonic()
+        assert math_scores(["\\boxed{10^{10^{10^{10^{10^{10}}}}}}", "\\boxed{7}"], [{"answer": "1"}, {"answer": "7"}]) == [0.0, 1.0]
+        m = pop_reward_metrics()
+        assert m["reward/math_timeouts"] >= 1 and m["reward/math_checks"] == 2
+        assert time.monotonic() - t0 < 30
+    finally:
+        configure(num_workers=2, timeout_s=5.0)
+
+
+def test_crashed_worker_counts_as_error_and_is_replaced():
+    pool = VerifierPool(num_workers=1, timeout_s=5.0)
+    try:
+        assert pool.check(["\\boxed{1}"], ["1"]) == [True]
+        pool._workers[0].proc.kill()  # the worker dies (as on a segfault / OOM kill)
+        pool._workers[0].proc.wait()
+        assert pool.check(["\\boxed{2}"], ["2"]) == [True]  # detected, replaced, the answer re-sent
+        assert pool.counts["errors"] == 1
+        assert pool.check(["\\boxed{3}"], ["4"]) == [False]  # the fresh worker still judges
+    finally:
+        pool.close()
+
+
+def test_huge_output_is_truncated_to_max_chars():
+    configure(max_chars=200)
+    try:
+        text = "blah " * 100000 + "\\boxed{42}"
+        t0 = time.monotonic()
+        assert math_scores([text], [{"answer": "42"}]) == [1.0]
+        assert time.monotonic() - t0 < 10
+    finally:
+        configure(max_chars=4096)

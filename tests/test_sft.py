@@ -1,0 +1,75 @@
+"""``alignreg sft``: TRL SFTTrainer on the tiny model writes a checkpoint that ``alignreg rl`` starts from."""
+import json
+
+import torch
+
+from alignreg.config import ModelConfig, RLConfig, TaskConfig
+from alignreg.learner.lora import load_any_policy
+from alignreg.models import load_policy
+from alignreg.sft import SFTRunConfig, correction_pairs, run_sft, sft_main
+
+
+def _logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_sft_full_and_lora_checkpoints_load_in_rl(tmp_path):
+    task = TaskConfig(name="sort", min_length=3, max_length=4, eval_size=8, train_size=256)
+    out = tmp_path / "sft"
+    cfg_path = tmp_path / "sft.yaml"
+    cfg_path.write_text(
+        "task: {name: sort, min_length: 3, max_length: 4, eval_size: 8, train_size: 256}\n"
+        f"steps: 30\nlr: 3.0e-3\nbatch_size: 32\nmax_length: 32\nthreads: 1\nlogging_steps: 10\n"
+        f"correction_pairs: 0.5\noutput_dir: {out}\n")
+    assert sft_main([str(cfg_path)]) == 0
+    summary = json.loads((out / "sft_summary.json").read_text())
+    assert summary["steps"] == 30 and summary["loss_last"] < summary["loss_first"]
+    # RL starts from it: the trainer's model loader reads the directory (weights + tokenizer)
+    rl = RLConfig(model=ModelConfig(path=str(out)), task=task)
+    model, tok = load_policy(rl.model, 0)
+    fresh, _ = load_policy(ModelConfig(), 0)
+    ids = torch.tensor([tok("sort 321=")["input_ids"]])
+    assert not torch.allclose(_logits(model, ids), _logits(fresh, ids))
+    from alignreg.orchestration.trainer import build_run
+
+    rl.trainer.run_dir = str(tmp_path / "rl")
+    rl.trainer.progress = False
+    run = build_run(rl)
+    try:
+        assert torch.allclose(_logits(run.learner.learner.model if hasattr(run.learner, "learner") else run.learner.model, ids),
+                              _logits(model, ids), atol=1e-5)
+    finally:
+        if hasattr(run, "close"):
+            run.close()
+
+    # LoRA: adapter in out/adapter, merged full weights in out (what alignreg rl loads)
+    lout = tmp_path / "sft_lora"
+    cfg = SFTRunConfig(task=task, steps=10, lr=1e-2, batch_size=32, max_length=32, threads=1, output_dir=str(lout))
+    cfg.lora.enabled, cfg.lora.r = True, 4
+    run_sft(cfg)
+    assert (lout / "adapter" / "adapter_config.json").is_file() and (lout / "config.json").is_file()
+    merged, _ = load_policy(ModelConfig(path=str(lout)), 0)
+    adapter_config = json.loads((lout / "adapter" / "adapter_config.json").read_text())
+    base_dir = tmp_path / "base"  # the adapter's base: the tiny model the SFT started from
+    fresh.save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    adapter_config["base_model_name_or_path"] = str(base_dir)
+    (lout / "adapter" / "adapter_config.json").write_text(json.dumps(adapter_config))
+    adapted, _ = load_any_policy(lout / "adapter")
+    assert torch.allclose(_logits(adapted, ids), _logits(merged, ids), atol=1e-4)
+    assert not torch.allclose(_logits(merged, ids), _logits(fresh, ids))
+
+
+def test_correction_pairs_format():
+    recs = [{"prompt": "sort 321=", "answer": "123"}, {"prompt": "sort 9050=", "answer": "0059"}]
+    pairs = correction_pairs(recs, 50, " check:", 0)
+    assert len(pairs) == 50
+    for p in pairs:
+        head, y1 = p["prompt"].split("=")[0] + "=", p["prompt"].split("=")[1][: -len(" check:")]
+        assert p["prompt"].endswith(" check:") and head in {r["prompt"] for r in recs}
+        assert p["completion"] == next(r["answer"] for r in recs if r["prompt"] == head)
+        assert len(y1) == len(p["completion"]) or len(y1) == len(p["completion"]) + 1
+    assert any(p["prompt"].split("=")[1].startswith(p["completion"]) for p in pairs)  # kept right answers
+    assert any(not p["prompt"].split("=")[1].startswith(p["completion"]) for p in pairs)  # wrong ones to fix
