@@ -1,0 +1,167 @@
+"""Seeds x datasets x algorithms as Ray tasks (one CPU task per run), then a results table and plots.
+
+Each run is one ``alignreg offline`` config: ``<config_dir>/<algo>_<env>_<level>.yaml`` (falling back
+to ``<algo>_<env>_medium.yaml`` with ``data.level`` overridden) plus the sweep's ``overrides``,
+``trainer.seed`` and an output directory ``<out_dir>/<algo>/<env>-<level>/seed<seed>``. Runs whose
+``results.json`` exists are not repeated. Tasks return their results to the driver, which writes
+``results.json`` (all runs), ``results.md`` / ``results.csv`` (final normalised score, mean +- std
+over seeds) and ``curves_<env>-<level>.png`` (mean +- std over seeds per algorithm).
+
+``ray_address: local`` starts a local Ray with ``num_cpus``; any other value (``auto``,
+``ray://head:10001``) joins that cluster (``launch/`` has the cluster scripts). ``backend: serial``
+runs the same tasks in-process without Ray.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from alignreg.config import ConfigError, _check
+
+
+@dataclass
+class SweepConfig:
+    name: str = "sweep"  # sweep name ({name} in out_dir)
+    algos: list[str] = field(default_factory=lambda: ["bc", "td3bc", "prdc", "a2pr"])  # config-file prefixes
+    envs: list[str] = field(default_factory=lambda: ["hopper", "halfcheetah", "walker2d"])  # data.env values
+    levels: list[str] = field(default_factory=lambda: ["medium", "medium-replay"])  # data.level values
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # trainer.seed values
+    config_dir: str = "configs/offline"  # where <algo>_<env>_<level>.yaml live
+    overrides: list[str] = field(default_factory=list)  # key=value overrides for every run, e.g. trainer.steps=20000
+    out_dir: str = "runs/sweep/{name}"  # sweep output directory
+    backend: Literal["ray", "serial"] = "ray"  # ray: one Ray task per run; serial: in-process loop
+    ray_address: str = "local"  # local: start Ray here with num_cpus; else a cluster address (auto, ray://...)
+    num_cpus: int = 2  # local Ray only: CPUs Ray may use
+    cpus_per_task: float = 1.0  # CPUs reserved per run (torch threads = max(1, int(cpus_per_task)))
+
+    def validate(self, path: str) -> None:
+        _check(bool(self.algos and self.envs and self.levels and self.seeds), f"{path}: algos, envs, levels and seeds must be non-empty")
+        _check(self.cpus_per_task > 0, f"{path}.cpus_per_task must be > 0")
+
+
+def run_config(cfg: SweepConfig, algo: str, env: str, level: str):
+    """The OfflineConfig of one run (seed and out_dir set by ``run_one``)."""
+    from alignreg.config import load_config
+    from alignreg.offline.config import OfflineConfig
+
+    base = Path(cfg.config_dir) / f"{algo}_{env}_{level}.yaml"
+    extra = []
+    if not base.is_file():
+        base = Path(cfg.config_dir) / f"{algo}_{env}_medium.yaml"
+        extra = [f"data.level={level}"]
+    if not base.is_file():
+        raise ConfigError(f"sweep: no config {algo}_{env}_{level}.yaml or {algo}_{env}_medium.yaml in {cfg.config_dir}")
+    oc = load_config(OfflineConfig, base, extra + list(cfg.overrides))
+    oc.name = f"{algo}_{env}_{level}"
+    return oc
+
+
+def run_one(oc, seed: int, out_dir: str, threads: int) -> dict:
+    from alignreg.offline.train import train
+
+    out = Path(out_dir)
+    if (out / "results.json").is_file():
+        return json.loads((out / "results.json").read_text())
+    oc.trainer.seed, oc.trainer.progress, oc.trainer.threads = seed, False, threads
+    res = train(oc, out, log=lambda *a: None)
+    res["algo"] = oc.name.split("_")[0]
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+def run_sweep(cfg: SweepConfig) -> list[dict]:
+    out = Path(cfg.out_dir.format(name=cfg.name))
+    jobs = []
+    for env in cfg.envs:
+        for level in cfg.levels:
+            for algo in cfg.algos:
+                oc = run_config(cfg, algo, env, level)  # validates every config before anything starts
+                for seed in cfg.seeds:
+                    jobs.append((oc, seed, str(out / algo / f"{env}-{level}" / f"seed{seed}")))
+    threads = max(1, int(cfg.cpus_per_task))
+    print(f"sweep {cfg.name}: {len(jobs)} runs -> {out}")
+    if cfg.backend == "serial":
+        results = [run_one(oc, s, d, threads) for oc, s, d in jobs]
+    else:
+        import ray
+
+        if cfg.ray_address == "local":
+            ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False)  # always a new local instance
+        else:
+            ray.init(address=cfg.ray_address)
+        task = ray.remote(num_cpus=cfg.cpus_per_task)(run_one)
+        refs = [task.remote(oc, s, d, threads) for oc, s, d in jobs]
+        results, pending = [], list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            r = ray.get(done[0])
+            results.append(r)
+            print(f"  [{len(results)}/{len(refs)}] {r['algo']} {r['env']}-{r['level']} seed {r['seed']}: "
+                  f"score {r['final_score']:.1f}", flush=True)
+        ray.shutdown()
+    write_summary(results, out)
+    return results
+
+
+def collect_results(out: Path) -> list[dict]:
+    """Results of the runs finished so far under a sweep directory (for partial or interrupted sweeps)."""
+    return [json.loads(p.read_text()) for p in sorted(Path(out).glob("*/*/seed*/results.json"))]
+
+
+def write_summary(results: list[dict], out: Path) -> str:
+    """results.json, results.md/.csv (final score mean +- std over seeds) and curve plots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    order = ["bc", "td3bc", "bc_mse", "prdc", "a2pr"]
+    algos = sorted({r["algo"] for r in results}, key=lambda a: (order.index(a) if a in order else len(order), a))
+    datasets = sorted({(r["env"], r["level"]) for r in results})
+    cell = {}
+    for r in results:
+        cell.setdefault((r["env"], r["level"], r["algo"]), []).append(r)
+    lines = ["| dataset | " + " | ".join(algos) + " |", "|---|" + "---|" * len(algos)]
+    csv = ["dataset,algo,mean,std,n,steps"]
+    for env, level in datasets:
+        row = []
+        for a in algos:
+            rs = cell.get((env, level, a), [])
+            if not rs:
+                row.append("-")
+                continue
+            v = np.array([r["final_score"] for r in rs])
+            n_max = len({r["seed"] for r in results})
+            row.append(f"{v.mean():.1f} ± {v.std():.1f}" + (f" (n={len(v)})" if len(v) < n_max else ""))
+            csv.append(f"{env}-{level},{a},{v.mean():.2f},{v.std():.2f},{len(v)},{rs[0]['steps']}")
+        lines.append(f"| {env}-{level} | " + " | ".join(row) + " |")
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for a in algos:
+            rs = cell.get((env, level, a), [])
+            if not rs:
+                continue
+            n = min(len(r["evals"]) for r in rs)
+            x = [e["step"] for e in rs[0]["evals"][:n]]
+            y = np.array([[e["score_mean"] for e in r["evals"][:n]] for r in rs])
+            ax.plot(x, y.mean(0), label=a)
+            ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), alpha=0.15)
+        ds = [r for r in results if (r["env"], r["level"]) == (env, level)]
+        seeds = len({r["seed"] for r in ds})
+        ax.set_title(f"{env}-{level} ({ds[0]['reference']}, up to {seeds} seeds)", fontsize=9)
+        ax.set_xlabel("gradient steps")
+        ax.set_ylabel("normalised score")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"curves_{env}-{level}.png", dpi=100)
+        plt.close(fig)
+    table = "\n".join(lines) + "\n"
+    (out / "results.md").write_text(table)
+    (out / "results.csv").write_text("\n".join(csv) + "\n")
+    print(table)
+    return table

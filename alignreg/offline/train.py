@@ -1,0 +1,169 @@
+"""The offline training loop: data -> TD3 learner with one actor penalty -> evals, logs, checkpoints.
+
+Outputs in ``trainer.out_dir``: ``config.yaml``, ``metrics.jsonl`` (training metrics averaged over
+``log_every`` iterations), ``evals.jsonl`` (return and normalised score), ``checkpoint.pt`` (atomic,
+resumable: learner + penalty state, optimizers, RNG states), ``results.json`` and ``curve.png``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from alignreg.config import save_config, to_dict
+from alignreg.offline.batch import OfflineSetup
+from alignreg.offline.config import OfflineConfig, OfflineDataConfig
+from alignreg.offline.datasets import OfflineData, qlearning_dataset, read_d4rl_hdf5, read_minari
+
+
+def generated_path(d: OfflineDataConfig) -> Path:
+    if d.path:
+        return Path(d.path).expanduser()
+    return Path(d.cache_dir).expanduser() / f"{d.env}-{d.level}-v5-s{d.seed}-n{d.size}.hdf5"
+
+
+def load_transitions(d: OfflineDataConfig, log=print) -> tuple[dict, str]:
+    """Transitions for ``d`` and the reference set for normalised scores."""
+    if d.source == "minari":
+        return read_minari(d.minari_id), "d4rl" if d.reference == "auto" else d.reference
+    if d.source == "generated":
+        path = generated_path(d)
+        if not path.is_file():
+            from alignreg.offline.generate import generate_dataset
+
+            log(f"generating {d.env}-{d.level} ({d.size} steps/policy, seed {d.seed}) -> {path}")
+            generate_dataset(d.env, d.level, d.size, d.seed, path)
+        ref = "alignreg-v5"
+    else:
+        path, ref = Path(d.path).expanduser(), "d4rl"
+    return qlearning_dataset(read_d4rl_hdf5(path)), ref if d.reference == "auto" else d.reference
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """On resume, drop lines written after the checkpoint (they will be written again)."""
+    if path.is_file():
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+def plot_curve(evals: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    x = [e["step"] for e in evals]
+    y, s = np.array([e["score_mean"] for e in evals]), np.array([e["score_std"] for e in evals])
+    ax.plot(x, y)
+    ax.fill_between(x, y - s, y + s, alpha=0.2)
+    ax.set_xlabel("gradient steps")
+    ax.set_ylabel("normalised score")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def build_learner(cfg: OfflineConfig, state_dim: int, action_dim: int):
+    from alignreg.offline.td3 import TD3Learner
+    from alignreg.regularizers import build_regularizers
+
+    L = cfg.learner
+    terms = build_regularizers(cfg.regularizers, path="regularizers", hooks=("actor_penalty",))
+    return TD3Learner(state_dim, action_dim, actor_hidden=L.actor_hidden, critic_hidden=L.critic_hidden,
+                      actor_lr=L.actor_lr, critic_lr=L.critic_lr, discount=L.discount, tau=L.tau,
+                      policy_noise=L.policy_noise, noise_clip=L.noise_clip, policy_freq=L.policy_freq,
+                      alpha=L.alpha, algo=L.algo, penalties=terms)
+
+
+def train(cfg: OfflineConfig, out_dir: str | Path, log=print) -> dict:
+    T = cfg.trainer
+    torch.set_num_threads(T.threads)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    transitions, ref = load_transitions(cfg.data, log)
+    data = OfflineData(transitions, normalize=cfg.data.normalize_states)
+    torch.manual_seed(T.seed)
+    learner = build_learner(cfg, data.state_dim, data.action_dim)
+    learner.setup(OfflineSetup(data.states_np, data.actions.numpy(), data.state_dim, data.action_dim, 1.0, T.seed))
+    gen = torch.Generator().manual_seed(T.seed)
+    evals: list[dict] = []
+    ckpt = out / "checkpoint.pt"
+    if T.resume and ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        learner.load_state_dict(state["learner"])
+        gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        evals = state["evals"]
+        for f in ("metrics.jsonl", "evals.jsonl"):
+            _truncate_jsonl(out / f, learner.it)
+        log(f"resumed from {ckpt} at step {learner.it}")
+    else:
+        for f in ("metrics.jsonl", "evals.jsonl"):
+            (out / f).unlink(missing_ok=True)
+    from alignreg.offline.generate import make_env
+
+    env = make_env(cfg.data.env)
+
+    def do_eval(step: int) -> None:
+        r = evaluate(learner.actor, env, cfg.eval.episodes, cfg.eval.seed + 1000 * len(evals), data.mean,
+                     data.std, cfg.data.env, ref)
+        r = {"step": step, **r}
+        evals.append(r)
+        with open(out / "evals.jsonl", "a") as f:
+            f.write(json.dumps(r) + "\n")
+
+    from alignreg.offline.evaluate import evaluate
+    from tqdm import tqdm
+
+    acc: dict[str, list[float]] = defaultdict(list)
+    t0, start = time.time(), learner.it
+    bar = tqdm(range(learner.it, T.steps), initial=learner.it, total=T.steps, disable=not T.progress,
+               desc=cfg.name or "offline", dynamic_ncols=True)
+    for _ in bar:
+        m = learner.train_step(data.sample(cfg.learner.batch_size, gen))
+        step = learner.it
+        for k, v in m.items():
+            acc[k].append(v)
+        if step % T.log_every == 0:
+            rec = {"step": step, **{k: float(np.mean(v)) for k, v in acc.items()},
+                   "steps_per_s": (step - start) / max(time.time() - t0, 1e-9)}
+            acc.clear()
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+        if cfg.eval.every and step % cfg.eval.every == 0 and step < T.steps:
+            do_eval(step)
+            bar.set_postfix(score=f"{evals[-1]['score_mean']:.1f}")
+        if T.checkpoint_every and step % T.checkpoint_every == 0 and step < T.steps:
+            _atomic_save({"learner": learner.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                          "evals": evals, "config": to_dict(cfg)}, ckpt)
+    bar.close()
+    wall = time.time() - t0
+    if not evals or evals[-1]["step"] != learner.it:
+        do_eval(learner.it)
+    _atomic_save({"learner": learner.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                  "evals": evals, "config": to_dict(cfg)}, ckpt)
+    algo = "bc" if cfg.learner.algo == "bc" else cfg.regularizers[0].name
+    results = {"name": cfg.name, "env": cfg.data.env, "level": cfg.data.level, "source": cfg.data.source,
+               "algo": algo, "seed": T.seed, "steps": learner.it, "reference": ref,
+               "final_score": evals[-1]["score_mean"], "final_return": evals[-1]["return_mean"],
+               "best_score": max(e["score_mean"] for e in evals),
+               "steps_per_s": (learner.it - start) / max(wall, 1e-9), "evals": evals}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    plot_curve(evals, out / "curve.png", f"{cfg.name or algo}: {cfg.data.env}-{cfg.data.level} ({ref})")
+    log(f"final normalised score ({ref}) {results['final_score']:.1f}, return {results['final_return']:.1f}; "
+        f"results in {out / 'results.json'}")
+    return results

@@ -1,0 +1,174 @@
+"""PRDC / TD3+BC / A2PR gradient-step throughput on one 1M-transition dataset, side by side.
+
+    .venv/bin/python benchmarks/bench_prdc.py [--data FILE.hdf5] [--size 1000000] [--steps 300]
+
+* ``prdc (alignreg)``   PRDC with alignreg's certified candidate search (nn_search.py)
+* ``prdc (official)``   the same learner, but the neighbour comes from a scipy KD-tree query over all
+                        points every actor step (PRDC's official approach, ``workers=-1``)
+* ``td3+bc``            the same learner with the bc_mse penalty (no search)
+* ``a2pr``              official network sizes (actor 3x256, critics 4x256, V 4x256, VAE 2x750)
+
+Before timing, both PRDC searches are run on the same queries (states of real batches, actions of the
+actor being trained) and their k-th-neighbour distances are asserted identical (indices may differ
+only on exact ties). Data: a D4RL-format file (``--data``; qlearning_dataset rows, tiled with tiny
+jitter up to ``--size`` when smaller) or, without one, a synthetic trajectory-like cloud.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import numpy as np
+import torch
+
+from alignreg.config import RegularizerConfig
+from alignreg.offline.batch import OfflineSetup
+from alignreg.offline.datasets import OfflineData, qlearning_dataset, read_d4rl_hdf5
+from alignreg.offline.td3 import TD3Learner
+from alignreg.regularizers import build_regularizers
+from alignreg.regularizers.prdc import PRDC
+
+
+class OfficialPRDC(PRDC):
+    """PRDC whose neighbour is a full KD-tree query per actor step (the official code's approach)."""
+
+    def actor_penalty(self, batch):
+        pi = batch.policy_actions
+        key_s = (self.params.beta * batch.states).detach().numpy()
+        idx = self.index.official_query(key_s, pi.detach().numpy())
+        a_nn = torch.from_numpy(self.index.points[idx, -pi.shape[1]:]).to(pi.dtype)
+        return torch.nn.functional.mse_loss(pi, a_nn), {}
+
+
+def load(args) -> dict:
+    rng = np.random.default_rng(0)
+    if args.data:
+        t = qlearning_dataset(read_d4rl_hdf5(args.data))
+        reps = -(-args.size // len(t["rewards"]))
+        out = {}
+        for k, v in t.items():
+            tiled = np.concatenate([v] * reps)[: args.size]
+            if k in ("observations", "next_observations"):
+                tiled = tiled + rng.normal(0, 1e-3, tiled.shape).astype(np.float32) * (np.arange(len(tiled)) >= len(v))[:, None]
+            out[k] = tiled
+        return out
+    S, A, n = 11, 3, args.size
+    s = np.cumsum(rng.normal(0, 0.05, (n, S)), 0).astype(np.float32)
+    s -= np.repeat(s[::1000], 1000, 0)[:n]  # 1000-step "episodes" starting near the origin
+    a = np.tanh(s[:, :A] + rng.normal(0, 0.3, (n, A))).astype(np.float32)
+    return {"observations": s, "actions": a, "next_observations": np.roll(s, -1, 0),
+            "rewards": rng.normal(size=n).astype(np.float32), "terminals": np.zeros(n, bool)}
+
+
+def learner(kind: str, data: OfflineData, seed: int = 0, candidates: int = 32) -> TD3Learner:
+    torch.manual_seed(seed)
+    hid, chid = [256, 256], [256, 256]
+    if kind == "td3bc":
+        regs = [RegularizerConfig(name="bc_mse")]
+    elif kind == "a2pr":
+        regs, hid, chid = [RegularizerConfig(name="a2pr", coef=0.4)], [256] * 3, [256] * 4
+    else:
+        regs = [RegularizerConfig(name="prdc", params={"beta": 2.0, "k": 1, "num_candidates": candidates})]
+    terms = build_regularizers(regs, hooks=("actor_penalty",))
+    if kind == "prdc_official":
+        terms.terms[0].term.__class__ = OfficialPRDC
+    L = TD3Learner(data.state_dim, data.action_dim, actor_hidden=hid, critic_hidden=chid, penalties=terms)
+    return L
+
+
+def timed(L: TD3Learner, data: OfflineData, warmup: int, steps: int) -> float:
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(warmup):
+        L.train_step(data.sample(256, gen))
+    t = time.perf_counter()
+    for _ in range(steps):
+        L.train_step(data.sample(256, gen))
+    return steps / (time.perf_counter() - t)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--data", default="")
+    p.add_argument("--size", type=int, default=1_000_000)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--verify-batches", type=int, default=20)
+    p.add_argument("--candidates", type=int, default=32, help="PRDC num_candidates (search only)")
+    p.add_argument("--train-first", type=int, default=0,
+                   help="train PRDC this many steps first; both PRDC variants are then timed from that state")
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    data = OfflineData(load(args))
+    print(f"data: {data.size} transitions, S={data.state_dim}, A={data.action_dim}")
+    setup = OfflineSetup(data.states_np, data.actions.numpy(), data.state_dim, data.action_dim, 1.0, 0)
+
+    res: dict = {"size": data.size, "state_dim": data.state_dim, "action_dim": data.action_dim,
+                 "threads": args.threads, "cpu": platform.processor() or platform.machine(), "steps": args.steps}
+    fast = learner("prdc", data, candidates=args.candidates)
+    t = time.perf_counter()
+    fast.setup(setup)
+    res["prdc_index_build_s"] = time.perf_counter() - t
+    index = fast.penalties.terms[0].term.index
+    t = time.perf_counter()
+    index.joint_tree()
+    res["kdtree_build_s"] = time.perf_counter() - t
+
+    # identical neighbours on real training queries (fresh and partly trained actor)
+    gen = torch.Generator().manual_seed(2)
+    max_err, certified, ties = 0.0, [], 0
+    for i in range(args.verify_batches):
+        b = data.sample(256, gen)
+        with torch.no_grad():
+            pi = fast.actor(b.states)
+        idx, d2 = index.query(b.indices, pi)
+        certified.append(index.last_certified)
+        off = index.official_query(2.0 * b.states.numpy(), pi.numpy())
+        q = np.hstack([2.0 * b.states.numpy(), pi.numpy()]).astype(np.float64)
+        d_off = ((index.points[off].astype(np.float64) - q) ** 2).sum(1)
+        d_fast = ((index.points[idx.numpy()].astype(np.float64) - q) ** 2).sum(1)
+        max_err = max(max_err, float(np.abs(d_off - d_fast).max()))
+        ties += int((off != idx.numpy()).sum())
+        for _ in range(25):  # move the actor between verification batches
+            fast.train_step(data.sample(256, gen))
+    assert max_err < 1e-6, f"neighbour distances differ by {max_err}"
+    res.update(verify_batches=args.verify_batches, verify_max_sqdist_diff=max_err, verify_index_ties=ties,
+               verify_certified_frac=float(np.mean(certified)))
+    print(f"identical neighbours on {args.verify_batches} batches (max |d2 diff| {max_err:.1e}, {ties} tie indices)")
+
+    fast = learner("prdc", data, candidates=args.candidates)
+    fast.penalties.terms[0].term.index = index
+    if args.train_first:
+        timed(fast, data, 0, args.train_first)
+    start = fast.state_dict()
+    res["train_first"], res["candidates"] = args.train_first, args.candidates
+    res["prdc_alignreg_steps_s"] = timed(fast, data, args.warmup, args.steps)
+    res["prdc_certified_frac_last"] = index.last_certified
+    off = learner("prdc_official", data)
+    off.penalties.terms[0].term.index = index  # same points, same KD-tree
+    off.load_state_dict(start)  # same starting state as the timed alignreg run
+    res["prdc_official_steps_s"] = timed(off, data, max(args.warmup // 10, 5), max(args.steps // 5, 20))
+    res["td3bc_steps_s"] = timed(learner("td3bc", data), data, args.warmup, args.steps)
+    a2 = learner("a2pr", data)
+    a2.setup(setup)
+    res["a2pr_official_sizes_steps_s"] = timed(a2, data, args.warmup // 2, max(args.steps // 2, 20))
+    res["speedup_vs_official"] = res["prdc_alignreg_steps_s"] / res["prdc_official_steps_s"]
+    res["prdc_step_time_vs_td3bc"] = res["td3bc_steps_s"] / res["prdc_alignreg_steps_s"]
+    rows = [("PRDC, alignreg search", res["prdc_alignreg_steps_s"]), ("PRDC, official KD-tree query", res["prdc_official_steps_s"]),
+            ("TD3+BC (same learner)", res["td3bc_steps_s"]), ("A2PR, official sizes", res["a2pr_official_sizes_steps_s"])]
+    print("| method | steps/s | ms/step |\n|---|---|---|")
+    for name, v in rows:
+        print(f"| {name} | {v:.1f} | {1000 / v:.2f} |")
+    print(f"speed-up vs official: {res['speedup_vs_official']:.1f}x; PRDC step time / TD3+BC step time: "
+          f"{res['prdc_step_time_vs_td3bc']:.2f}; index build {res['prdc_index_build_s']:.1f} s, "
+          f"KD-tree build {res['kdtree_build_s']:.1f} s")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

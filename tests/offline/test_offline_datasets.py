@@ -1,0 +1,138 @@
+"""D4RL-format loading: qlearning_dataset semantics, validation errors, normalised scores."""
+import h5py
+import numpy as np
+import pytest
+
+from alignreg.offline.datasets import DatasetError, OfflineData, from_arrays, qlearning_dataset, read_d4rl_hdf5
+from alignreg.offline.scores import D4RL_REF, normalized_score
+
+
+def d4rl_reference_loop(ds, terminate_on_end=False, max_episode_steps=1000):
+    """D4RL's qlearning_dataset loop, transcribed literally (per-row Python)."""
+    N = ds["rewards"].shape[0]
+    obs_, next_obs_, action_, reward_, done_ = [], [], [], [], []
+    use_timeouts = "timeouts" in ds
+    episode_step = 0
+    for i in range(N - 1):
+        obs = ds["observations"][i].astype(np.float32)
+        new_obs = ds["observations"][i + 1].astype(np.float32)
+        action = ds["actions"][i].astype(np.float32)
+        reward = ds["rewards"][i].astype(np.float32)
+        done_bool = bool(ds["terminals"][i])
+        final_timestep = ds["timeouts"][i] if use_timeouts else (episode_step == max_episode_steps - 1)
+        if (not terminate_on_end) and final_timestep:
+            episode_step = 0
+            continue
+        if done_bool or final_timestep:
+            episode_step = 0
+        obs_.append(obs); next_obs_.append(new_obs); action_.append(action); reward_.append(reward); done_.append(done_bool)
+        episode_step += 1
+    return {"observations": np.array(obs_), "actions": np.array(action_), "next_observations": np.array(next_obs_),
+            "rewards": np.array(reward_), "terminals": np.array(done_)}
+
+
+def make_raw(rng, n=3000, S=5, A=2, max_steps=1000, with_timeouts=True):
+    """Episodes ending by termination (random lengths) or by the time limit, like a D4RL file."""
+    obs = rng.normal(size=(n, S)); act = rng.uniform(-1, 1, (n, A)); rew = rng.normal(size=n)
+    term = np.zeros(n, bool); tout = np.zeros(n, bool)
+    t = 0
+    for i in range(n):
+        t += 1
+        if rng.random() < 0.002:
+            term[i], t = True, 0
+        elif t == max_steps:
+            tout[i], t = True, 0
+    raw = {"observations": obs, "actions": act, "rewards": rew, "terminals": term,
+           "next_observations": np.roll(obs, -1, 0)}
+    if with_timeouts:
+        raw["timeouts"] = tout
+    return raw
+
+
+def write(path, raw):
+    with h5py.File(path, "w") as f:
+        for k, v in raw.items():
+            f.create_dataset(k, data=v)
+
+
+@pytest.mark.parametrize("with_timeouts", [True, False])
+@pytest.mark.parametrize("terminate_on_end", [False, True])
+def test_qlearning_dataset_matches_d4rl(tmp_path, with_timeouts, terminate_on_end):
+    raw = make_raw(np.random.default_rng(0), n=5000, max_steps=700, with_timeouts=with_timeouts)
+    # make the counter path meet episodes of exactly max_episode_steps: force a 700-step run with no terminal
+    write(tmp_path / "d.hdf5", raw)
+    got = qlearning_dataset(read_d4rl_hdf5(tmp_path / "d.hdf5"), terminate_on_end, max_episode_steps=700)
+    ref = d4rl_reference_loop(raw, terminate_on_end, max_episode_steps=700)
+    assert set(got) == set(ref)
+    for k in ref:
+        assert got[k].dtype == ref[k].dtype, k
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+    if not terminate_on_end:
+        assert len(got["rewards"]) < len(raw["rewards"]) - 1  # timeouts were dropped
+
+
+def test_rewards_column_vector_and_timeout_rows_dropped(tmp_path):
+    raw = make_raw(np.random.default_rng(1), n=2500, max_steps=400)
+    raw["rewards"] = raw["rewards"][:, None]
+    raw["terminals"] = raw["terminals"][:, None]
+    write(tmp_path / "d.hdf5", raw)
+    got = qlearning_dataset(read_d4rl_hdf5(tmp_path / "d.hdf5"))
+    kept = np.nonzero(~raw["timeouts"][:-1])[0]
+    np.testing.assert_array_equal(got["next_observations"], raw["observations"][kept + 1].astype(np.float32))
+    np.testing.assert_array_equal(got["rewards"], raw["rewards"][kept, 0].astype(np.float32))
+
+
+@pytest.mark.parametrize("mutate, msg", [
+    (lambda r: r.pop("actions"), "missing dataset 'actions'"),
+    (lambda r: r.__setitem__("rewards", np.zeros(7)), "rewards must have shape"),
+    (lambda r: r["observations"].__setitem__((17, 2), np.nan), "observations contains NaN or inf (first at row 17)"),
+    (lambda r: r["rewards"].__setitem__(5, np.inf), "rewards contains NaN or inf (first at row 5)"),
+    (lambda r: r.__setitem__("actions", np.zeros((100, 2, 2))), "must be 2-D"),
+    (lambda r: r.__setitem__("next_observations", np.zeros((3, 5))), "next_observations shape"),
+])
+def test_corrupt_files_give_clear_errors(tmp_path, mutate, msg):
+    raw = make_raw(np.random.default_rng(2), n=100)
+    mutate(raw)
+    write(tmp_path / "bad.hdf5", raw)
+    with pytest.raises(DatasetError) as e:
+        read_d4rl_hdf5(tmp_path / "bad.hdf5")
+    assert msg in str(e.value) and "bad.hdf5" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_not_hdf5_and_missing_file(tmp_path):
+    (tmp_path / "x.hdf5").write_text("not hdf5")
+    with pytest.raises(DatasetError, match="not a readable HDF5 file"):
+        read_d4rl_hdf5(tmp_path / "x.hdf5")
+    with pytest.raises(DatasetError, match="does not exist"):
+        read_d4rl_hdf5(tmp_path / "nope.hdf5")
+
+
+def test_from_arrays_and_normalisation():
+    rng = np.random.default_rng(3)
+    obs = rng.normal(3.0, 2.0, (500, 4))
+    t = from_arrays(obs, rng.uniform(-1, 1, (500, 2)), rng.normal(size=500), obs + 1, np.zeros(500, bool))
+    d = OfflineData(t)
+    np.testing.assert_allclose(d.mean[0], obs.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(d.std[0], obs.std(0) + 1e-3, rtol=1e-5)
+    np.testing.assert_allclose(d.states.numpy(), (obs - obs.mean(0)) / (obs.std(0) + 1e-3), atol=1e-5)
+    with pytest.raises(DatasetError, match="actions has 3 rows"):
+        from_arrays(obs, np.zeros((3, 2)), np.zeros(500), obs, np.zeros(500))
+
+
+def test_normalized_score_d4rl_refs():
+    for env, (lo, hi) in D4RL_REF.items():
+        assert normalized_score(env, lo, "d4rl") == pytest.approx(0.0)
+        assert normalized_score(env, hi, "d4rl") == pytest.approx(100.0)
+    assert normalized_score("hopper", 1607.0, "d4rl") == pytest.approx(100 * (1607.0 + 20.272305) / (3234.3 + 20.272305))
+    assert D4RL_REF["halfcheetah"] == (-280.178953, 12135.0) and D4RL_REF["walker2d"] == (1.629008, 4592.3)
+
+
+def test_offline_imports_stay_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, alignreg.offline, alignreg.offline.cli, alignreg.offline.train, alignreg.offline.sweep, "
+            "alignreg.offline.generate, alignreg.regularizers; "
+            "print(','.join(m for m in ('gymnasium','mujoco','h5py','scipy','ray','matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == ""

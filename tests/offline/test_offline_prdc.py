@@ -1,0 +1,81 @@
+"""PRDC: exact k-th neighbour (== float64 brute force) and the actor penalty's value and gradient."""
+import numpy as np
+import pytest
+import torch
+
+from alignreg.offline.batch import ActorPenaltyBatch, OfflineSetup
+from alignreg.offline.nn_search import JointNearestNeighbour
+from alignreg.regularizers import build_regularizers
+from alignreg.config import RegularizerConfig
+
+
+def brute_force(states, actions, beta, qi, pi, k):
+    """k-th nearest (index, squared distance) in float64 over all points."""
+    P = np.hstack([beta * states.astype(np.float32), actions]).astype(np.float32).astype(np.float64)
+    q = np.hstack([(beta * states[qi].astype(np.float32)).astype(np.float32).astype(np.float64), pi])
+    d2 = ((q[:, None, :] - P[None]) ** 2).sum(-1)
+    order = np.argsort(d2, axis=1, kind="stable")[:, k - 1]
+    return order, d2[np.arange(len(qi)), order], d2
+
+
+def dataset(rng, n=4000, S=6, A=3):
+    # trajectory-like states (random walk) + clusters of exact duplicates, as in real data
+    s = np.cumsum(rng.normal(0, 0.05, (n, S)), 0).astype(np.float32)
+    s[100:120] = s[100]
+    s = (s - s.mean(0)) / (s.std(0) + 1e-3)
+    a = np.tanh(rng.normal(size=(n, A))).astype(np.float32)
+    return s.astype(np.float32), a
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("spread", [0.02, 0.5, 2.0])  # near the data (certified) ... far (fallback)
+def test_neighbour_equals_brute_force(k, spread):
+    rng = np.random.default_rng(k)
+    s, a = dataset(rng)
+    nn = JointNearestNeighbour(s, a, beta=2.0, k=k, num_candidates=16)
+    qi = rng.integers(0, len(s), 256)
+    qi[:10] = np.arange(100, 110)  # duplicated states
+    pi = np.clip(a[qi] + rng.normal(0, spread, a[qi].shape), -1, 1)
+    idx, d2 = nn.query(torch.from_numpy(qi), torch.from_numpy(pi).float())
+    pi32 = torch.from_numpy(pi).float().double().numpy()
+    ref_idx, ref_d2, all_d2 = brute_force(s, a, 2.0, qi, pi32, k)
+    np.testing.assert_allclose(d2.numpy(), ref_d2, rtol=1e-9, atol=1e-12)
+    # indices equal except where distances tie; then the returned index has the same distance
+    got_d = all_d2[np.arange(len(qi)), idx.numpy()]
+    np.testing.assert_allclose(got_d, ref_d2, rtol=1e-9, atol=1e-12)
+    assert (idx.numpy() == ref_idx).mean() > 0.9
+    if spread == 2.0:
+        assert nn.last_certified < 1.0  # the fallback path ran
+
+
+def test_query_without_indices_and_official_approach_agree():
+    rng = np.random.default_rng(5)
+    s, a = dataset(rng, n=2000)
+    nn = JointNearestNeighbour(s, a, beta=2.0, k=1)
+    qi = rng.integers(0, len(s), 64)
+    pi = torch.from_numpy(np.clip(a[qi] + rng.normal(0, 0.3, a[qi].shape), -1, 1)).float()
+    i1, d1 = nn.query(torch.from_numpy(qi), pi)
+    i2, d2 = nn.query(None, pi, torch.from_numpy(2.0 * s[qi]))
+    i3 = nn.official_query(2.0 * s[qi], pi.numpy())
+    np.testing.assert_allclose(d1.numpy(), d2.numpy(), rtol=1e-6)
+    ref = ((nn.points[i3] - np.hstack([2.0 * s[qi], pi.numpy()])) ** 2).sum(1)
+    np.testing.assert_allclose(d1.numpy(), ref, rtol=1e-5)
+
+
+def test_prdc_penalty_value_and_gradient_float64():
+    rng = np.random.default_rng(7)
+    s, a = dataset(rng, n=1500, S=4, A=2)
+    terms = build_regularizers([RegularizerConfig(name="prdc", params={"beta": 2.0, "k": 2})], hooks=("actor_penalty",))
+    term = terms.terms[0].term
+    term.setup(OfflineSetup(s, a, 4, 2, 1.0, 0))
+    qi = rng.integers(0, len(s), 128)
+    pi = torch.tensor(np.clip(a[qi] + rng.normal(0, 0.2, a[qi].shape), -1, 1), dtype=torch.float64, requires_grad=True)
+    batch = ActorPenaltyBatch(torch.from_numpy(s[qi]), torch.from_numpy(a[qi]), pi, None, torch.from_numpy(qi), 1)
+    loss, m = term.actor_penalty(batch)
+    loss.backward()
+    ref_idx, _, _ = brute_force(s, a, 2.0, qi, pi.detach().numpy(), 2)
+    a_nn = a[ref_idx].astype(np.float64)
+    p = pi.detach().numpy()
+    assert loss.item() == pytest.approx(((p - a_nn) ** 2).mean(), rel=1e-12)
+    np.testing.assert_allclose(pi.grad.numpy(), 2 * (p - a_nn) / p.size, rtol=1e-12)
+    assert 0.0 <= m["certified"] <= 1.0

@@ -1,0 +1,114 @@
+"""End-to-end on CPU: data generated on first use, short runs of every algorithm, resume, CLI errors."""
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from alignreg.config import load_config
+from alignreg.offline.cli import data_main, offline_main
+from alignreg.offline.config import OfflineConfig
+from alignreg.offline.train import train
+
+ALGOS = {
+    "bc": ({"algo": "bc"}, [{"name": "bc_mse"}]),
+    "td3bc": ({}, [{"name": "bc_mse"}]),
+    "prdc": ({}, [{"name": "prdc", "params": {"beta": 2.0, "k": 1}}]),
+    "a2pr": ({"actor_hidden": [32, 32, 32], "critic_hidden": [32, 32, 32, 32]},
+             [{"name": "a2pr", "coef": 0.4, "params": {"vae_hidden": [32, 32], "value_hidden": [32, 32]}}]),
+}
+
+
+def cfg_dict(tmp_path, algo, steps=100, **trainer):
+    learner, regs = ALGOS[algo]
+    return {"data": {"source": "generated", "env": "hopper", "level": "random", "size": 3000,
+                     "path": str(tmp_path / "hopper-random.hdf5")},
+            "learner": {"batch_size": 64, "actor_hidden": [32, 32], "critic_hidden": [32, 32], **learner},
+            "regularizers": regs, "eval": {"every": 50, "episodes": 1},
+            "trainer": {"steps": steps, "log_every": 25, "checkpoint_every": 50, "progress": False, **trainer}}
+
+
+@pytest.mark.parametrize("algo", list(ALGOS))
+def test_short_training_run(tmp_path, algo):
+    from alignreg.config import from_dict
+
+    cfg = from_dict(OfflineConfig, cfg_dict(tmp_path, algo))
+    res = train(cfg, tmp_path / "run", log=lambda *a: None)
+    out = tmp_path / "run"
+    assert (out / "hopper-random.hdf5").exists() is False and (tmp_path / "hopper-random.hdf5").is_file()
+    assert [e["step"] for e in res["evals"]] == [50, 100]
+    assert np.isfinite(res["final_score"]) and res["reference"] == "alignreg-v5"
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["step"] for l in lines] == [25, 50, 75, 100]
+    assert all(np.isfinite(v) for l in lines for v in l.values())
+    assert (out / "curve.png").stat().st_size > 1000 and (out / "checkpoint.pt").is_file()
+    assert json.loads((out / "results.json").read_text())["algo"] == ("bc" if algo == "bc" else ALGOS[algo][1][0]["name"])
+
+
+@pytest.mark.parametrize("algo", ["prdc", "a2pr"])
+def test_resume_reproduces_uninterrupted_run(tmp_path, algo):
+    from alignreg.config import from_dict
+
+    full = from_dict(OfflineConfig, cfg_dict(tmp_path, algo, steps=100))
+    train(full, tmp_path / "full", log=lambda *a: None)
+    half = from_dict(OfflineConfig, cfg_dict(tmp_path, algo, steps=50))
+    train(half, tmp_path / "part", log=lambda *a: None)
+    rest = from_dict(OfflineConfig, cfg_dict(tmp_path, algo, steps=100))
+    train(rest, tmp_path / "part", log=lambda *a: None)
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["learner"]
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)["learner"]
+    assert a["it"] == b["it"] == 100
+    for key in ("actor", "critic"):
+        for k in a[key]:
+            torch.testing.assert_close(a[key][k], b[key][k], rtol=0, atol=0)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [25, 50, 75, 100]
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(cfg_dict(tmp_path, "prdc")))
+    assert offline_main([str(p), "learner.alhpa=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: config.learner.alhpa: unknown key; valid keys:") and "\n" not in err
+    assert offline_main([str(p), "regularizers.0.name=kl_ref"]) == 2
+    assert "does not apply here; valid choices: a2pr, bc_mse, prdc" in capsys.readouterr().err
+    assert offline_main([str(p), "data.source=minari"]) == 2
+    assert "data.minari_id: required" in capsys.readouterr().err
+    assert offline_main([str(p), "data.source=d4rl_hdf5", f"data.path={tmp_path}/missing.hdf5"]) == 2
+    assert "dataset file does not exist" in capsys.readouterr().err
+    assert offline_main([str(tmp_path / "nope.yaml")]) == 2
+
+
+def test_generated_data_is_deterministic_and_d4rl_format(tmp_path):
+    assert data_main(["d4rl", "--env", "hopper", "--level", "random", "--size", "1500", "--out", str(tmp_path / "a.hdf5")]) == 0
+    assert data_main(["d4rl", "--env", "hopper", "--level", "random", "--size", "1500", "--out", str(tmp_path / "b.hdf5")]) == 0
+    with h5py.File(tmp_path / "a.hdf5") as fa, h5py.File(tmp_path / "b.hdf5") as fb:
+        assert set(fa.keys()) == {"observations", "actions", "rewards", "next_observations", "terminals", "timeouts"}
+        for k in fa.keys():
+            np.testing.assert_array_equal(fa[k][()], fb[k][()])
+        obs, nxt, term, tout = fa["observations"][()], fa["next_observations"][()], fa["terminals"][()], fa["timeouts"][()]
+        ends = term | tout
+        np.testing.assert_array_equal(obs[1:][~ends[:-1]], nxt[:-1][~ends[:-1]])  # episodes are contiguous
+        assert tout[-1] and fa.attrs["reference_set"] == "alignreg-v5"
+
+
+def test_shipped_policies_and_alignreg_references(tmp_path):
+    from alignreg.offline.generate import POLICY_DIR, generate_dataset
+    from alignreg.offline.scores import alignreg_v5_refs, normalized_score
+
+    for env in ("hopper", "halfcheetah", "walker2d"):
+        assert (POLICY_DIR / f"{env}.pt").stat().st_size < 1_000_000
+        ref = alignreg_v5_refs()[env]
+        assert ref["random"] < ref["medium_policy"] < ref["expert"]
+        assert normalized_score(env, ref["random"], "alignreg-v5") == pytest.approx(0.0)
+        assert normalized_score(env, ref["expert"], "alignreg-v5") == pytest.approx(100.0)
+    a = generate_dataset("walker2d", "medium-expert", 600, 3, tmp_path / "a.hdf5")
+    b = generate_dataset("walker2d", "medium-expert", 600, 3, tmp_path / "b.hdf5")
+    with h5py.File(a) as fa, h5py.File(b) as fb:
+        assert fa["observations"].shape == (1200, 17) and fa["actions"].shape == (1200, 6)
+        for k in fa.keys():
+            np.testing.assert_array_equal(fa[k][()], fb[k][()])
+        assert fa["timeouts"][599] and fa["timeouts"][1199]  # segment ends are final steps, as in D4RL
