@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 DEMO_CONFIG ?= configs/rl/tiny_grpo_siren.yaml
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo demo-score test test-fast clean
 
 install: $(VENV)/.installed
 
@@ -31,3 +31,9 @@ test-fast: install
 
 clean:
 	rm -rf $(VENV) runs
+
+# SCoRe on the embedded task: TRL cold start, Stage I, then Stage II (README table)
+demo-score: install
+	$(VENV)/bin/alignreg sft configs/sft/tiny_sort.yaml
+	$(VENV)/bin/alignreg rl configs/rl/tiny_score.yaml trainer.steps=100 score.stage=1 regularizers.1.coef=0.1 regularizers.1.params.attempts=first
+	$(VENV)/bin/alignreg rl configs/rl/tiny_score.yaml
