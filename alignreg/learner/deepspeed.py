@@ -44,12 +44,9 @@ import torch
 from torch import Tensor
 
 from alignreg.config import RLConfig
+from alignreg.learner.policy import DistCollectives, warmup_scheduler
 
 _HOLD = -7919  # a fake sub-module id that keeps ZeRO-3 from releasing the held head weight
-
-
-def _warmup(warm: int):
-    return lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0
 
 
 def _free_port() -> int:
@@ -137,7 +134,7 @@ class ZeroLMView:
         return getattr(self._backend.module, name)
 
 
-class DeepSpeedBackend:
+class DeepSpeedBackend(DistCollectives):
     """ZeRO-2/3 parameter owner with :class:`TorchBackend`'s interface (see module docstring).
 
     ``model`` is the plain HF model (full weights, same on every rank); give :attr:`learner_model`
@@ -156,7 +153,7 @@ class DeepSpeedBackend:
         self._names = [n for n, _ in model.named_parameters()]
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup(max(lc.warmup_steps, 0)))
+        scheduler = warmup_scheduler(optimizer, lc.warmup_steps)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=ds_config(cfg, **(ds_overrides or {})), dist_init_required=False,
@@ -168,30 +165,10 @@ class DeepSpeedBackend:
 
     # ------------------------------------------------------------------ collectives
     @property
-    def world_size(self) -> int:
-        import torch.distributed as dist
-
-        return dist.get_world_size() if dist.is_initialized() else 1
-
-    @property
     def rank(self) -> int:
         import torch.distributed as dist
 
         return dist.get_rank() if dist.is_initialized() else 0
-
-    def all_reduce_sum(self, t: Tensor) -> Tensor:
-        if self.world_size == 1:
-            return t
-        import torch.distributed as dist
-
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
-
-    def all_gather_cat(self, t: Tensor) -> Tensor:
-        from alignreg.learner.policy import TorchBackend
-
-        return TorchBackend.all_gather_cat(self, t)  # same padding-aware gather, same process group
 
     # ------------------------------------------------------------------ ZeRO-3 head weight
     def hold_head(self, bias: bool = False) -> Tensor:

@@ -48,21 +48,13 @@ def scatter_rows(flat: Tensor, valid: Tensor) -> Tensor:
     return out.masked_scatter(valid, flat)
 
 
-class TorchBackend:
-    """Single-process (or plain torch.distributed) parameter owner: AdamW, clipping, collectives."""
+def warmup_scheduler(optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear learning-rate warmup over ``warmup_steps`` optimizer steps, then constant."""
+    warm = max(warmup_steps, 0)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
 
-    def __init__(self, model: torch.nn.Module, cfg: RLConfig):
-        lc = cfg.learner
-        self.model = model
-        self.optimizer = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay
-        )
-        warm = max(lc.warmup_steps, 0)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0
-        )
-        self.grad_clip = lc.grad_clip
 
+class DistCollectives:
     # Collectives: identity in one process; plain torch.distributed (gloo on CPU, nccl on GPU) when
     # a process group is initialised (Ray learner actors set MASTER_ADDR/RANK/WORLD_SIZE).
     @property
@@ -93,6 +85,20 @@ class TorchBackend:
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded)
         return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+
+class TorchBackend(DistCollectives):
+    """Single-process (or plain torch.distributed) parameter owner: AdamW, clipping, collectives."""
+
+    def __init__(self, model: torch.nn.Module, cfg: RLConfig):
+        lc = cfg.learner
+        self.model = model
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay
+        )
+        self.scheduler = warmup_scheduler(self.optimizer, lc.warmup_steps)
+        self.grad_clip = lc.grad_clip
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
