@@ -7,12 +7,29 @@ hidden 1536, vocab 151,936) over N tokens:
   what ``kl_ref`` (estimator=full) + ``entropy`` + ``siren`` request, plus ``lp_reg``'s k3 term on the
   log-probs against the min-p proxy of the old pass; loss = PG + all terms, ``.backward()``.
 * ``a``     - plain chunked log-prob pass: ``token_stats`` with logprobs only, same PG + lp_reg loss.
+* ``a_ref`` - (a') = (a) plus the reference model's chunked log-prob pass under no_grad
+  (``token_stats(ref_hidden, ref_weight, targets, StatsSpec())``): the minimal pass that any
+  KL-to-reference term needs (the k1/k2/k3 estimators read reference log-probs). The full-vocabulary
+  KL of ``ours`` additionally needs the reference logits again in backward.
 * ``b``     - naive: full ``[N, V]`` logits with autograd (log_softmax, entropy, strict top-p nucleus
   entropy via topk, full KL against the reference logits), same loss, ``.backward()``.
 * ``old``   - Lp-Reg's old-policy pass, ``token_stats(..., StatsSpec(min_p=0.02))`` under no_grad
   (reported separately; its output is handed to the other methods as their proxy input).
 * ``only_entropy`` / ``only_top_p`` / ``only_kl_ref`` (``--breakdown``): one statistic alone, for the
   cost breakdown against ``a``.
+
+Inputs (``--logits``):
+
+* ``random`` (default, worst case): random hidden states and a random lm-head give near-uniform
+  distributions (entropy close to log V); every SIREN nucleus hits the top-k cap of 10,000, so every
+  row pays for the full ``topk(10000)``.
+* ``peaked``: LM-like distributions. Each token's hidden state is a mix of the lm-head rows of a few
+  "candidate" tokens (one dominant, a few alternatives with geometrically decreasing weight) plus
+  the random background, so the logits have a few large entries (boost ~16 +- 20%, decaying by 0.8
+  per candidate) above a N(0, 1) tail over the whole vocabulary: mean full-vocabulary entropy ~1.9
+  nats, median nucleus 0 tokens (top-1 >= 0.8), ~80-85% of rows resolved by the top-512 stage. The reference / old hidden states are
+  the policy's plus small noise, as in the random mode. The driver prints the measured mean entropy
+  and the fraction of rows whose nucleus crosses beyond 512 tokens (``diag``, on the first 512 rows).
 
 Every method runs in a FRESH subprocess, so its memory numbers are its own. In the subprocess the
 inputs are allocated first (hidden [N, H] and lm-head weight [V, H] with requires_grad, reference
@@ -31,7 +48,8 @@ The naive method runs under ``RLIMIT_AS`` (``--mem-limit-gb``) so that it fails 
 error instead of taking the machine down; a failure is recorded as OOM, never as a number.
 
 Usage (the acceptance run):
-    nice python benchmarks/bench_stats_memory.py --tokens 8192 --hidden 1536 --vocab 151936
+    nice python benchmarks/bench_stats_memory.py --tokens 8192 --hidden 1536 --vocab 151936 --dtype bfloat16 \
+        --methods ours,a,a_ref,old [--logits peaked]
     nice python benchmarks/bench_stats_memory.py --tokens 512,1024,2048 --breakdown   # scaling + breakdown
     nice python benchmarks/bench_stats_memory.py --tokens 256 --vocab 32768 --check  # quick validation
 """
@@ -54,7 +72,9 @@ MB = 2**20
 TOP_P, TOP_K, MIN_P = 0.8, 10000, 0.02
 COEF = dict(entropy=0.01, top_p=0.005, kl=0.05, lp_reg=1.0)  # any nonzero weights cost the same
 
-METHODS_MAIN = ("old", "ours", "a", "b")
+METHODS_MAIN = ("old", "ours", "a", "a_ref", "b")
+# peaked mode: candidates per token, dominant logit boost, its per-token spread (+-), decay per candidate
+PEAK_CAND, PEAK_SCALE, PEAK_SPREAD, PEAK_DECAY, PEAK_BG = 8, 16.0, 0.2, 0.8, 1.0
 BREAKDOWN = ("only_entropy", "only_top_p", "only_kl_ref")
 
 
@@ -91,11 +111,21 @@ class Sampler:
         self.peak = max(self.peak, rss_bytes())
 
 
-def make_inputs(torch, n, h, v, dtype, seed=0):
+def make_inputs(torch, n, h, v, dtype, seed=0, logits="random"):
     """Inputs without large temporaries (so setup never exceeds the measured peak)."""
     g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(n, h, generator=g, dtype=torch.float32).to(dtype)
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float32)
     weight = torch.randn(v, h, generator=g, dtype=torch.float32).mul_(h ** -0.5).to(dtype)
+    if logits == "peaked":  # a few candidate tokens per position with decreasing logit boosts
+        hidden.mul_(PEAK_BG)
+        cand = torch.randint(0, v, (n, PEAK_CAND), generator=g)
+        gap = PEAK_SCALE * torch.rand(n, 1, generator=g).sub_(0.5).mul_(2 * PEAK_SPREAD).add_(1.0)  # per-token confidence
+        coef = gap * torch.pow(PEAK_DECAY, torch.arange(PEAK_CAND, dtype=torch.float32))[None, :]
+        coef = coef * torch.rand(n, PEAK_CAND, generator=g).mul_(0.4).add_(0.8)
+        wc = weight[cand].float()  # [n, k, h]; rows have norm ~1, so w_c . w_c ~ 1
+        hidden.add_((coef[:, :, None] * wc).sum(1))
+        del wc
+    hidden = hidden.to(dtype)
     ref_w = weight.clone()
     for s in range(0, v, 8192):  # reference head = policy head + small noise, block by block
         blk = ref_w[s:s + 8192]
@@ -164,6 +194,28 @@ def run_naive(torch, x, proxy):
     return dict(logprobs=lp, entropy=ent, top_p_entropy=tpe, kl_ref_full=kl)
 
 
+def diag(torch, x, rows=512):
+    """Mean full-vocabulary entropy and nucleus statistics of the policy on the first ``rows`` tokens."""
+    from alignreg.losses.stats import nucleus_size
+
+    with torch.no_grad():
+        hs = x["hidden"][:rows].detach()
+        ents, ns, opens = [], [], []
+        for s in range(0, hs.shape[0], 64):
+            z = (hs[s:s + 64] @ x["weight"].detach().t()).float()
+            logp = torch.log_softmax(z, -1)
+            p = logp.exp()
+            ents.append(-(p * logp).sum(-1))
+            n, _ = nucleus_size(p, TOP_P, TOP_K)
+            ns.append(n)
+            n0, _ = nucleus_size(p, TOP_P, 512, first_k=512)
+            opens.append(n0 == 512)
+        e, n, o = torch.cat(ents), torch.cat(ns).float(), torch.cat(opens).float()
+    return dict(rows=int(e.numel()), mean_entropy=e.mean().item(), median_entropy=e.median().item(),
+                mean_nucleus=n.mean().item(), median_nucleus=n.median().item(),
+                frac_nucleus_at_cap=(n >= TOP_K).float().mean().item(), frac_full_topk=o.mean().item())
+
+
 def worker(a) -> dict:
     if a.method == "b" and a.mem_limit_gb > 0:
         lim = int(a.mem_limit_gb * 2**30)
@@ -173,12 +225,16 @@ def worker(a) -> dict:
 
     torch.manual_seed(0)
     dtype = dict(float32=torch.float32, bfloat16=torch.bfloat16)[a.dtype]
-    res = dict(method=a.method, tokens=a.tokens, hidden=a.hidden, vocab=a.vocab, dtype=a.dtype,
+    if a.method == "diag":
+        x = make_inputs(torch, a.tokens, a.hidden, a.vocab, dtype, logits=a.logits)
+        return dict(method="diag", tokens=a.tokens, logits=a.logits, status="ok", **diag(torch, x))
+    res = dict(method=a.method, tokens=a.tokens, hidden=a.hidden, vocab=a.vocab, dtype=a.dtype, logits=a.logits,
                budget_mib=a.budget_mib, threads=torch.get_num_threads(), load_before=os.getloadavg()[0])
     budget = int(a.budget_mib * MB)
     specs = dict(
         ours=StatsSpec(entropy=True, top_p=(TOP_P, TOP_K), kl_ref=True),
         a=StatsSpec(),
+        a_ref=StatsSpec(),
         old=StatsSpec(min_p=MIN_P),
         only_entropy=StatsSpec(entropy=True),
         only_top_p=StatsSpec(top_p=(TOP_P, TOP_K)),
@@ -186,7 +242,7 @@ def worker(a) -> dict:
     )
     spec = specs.get(a.method)
     if spec is not None:
-        res["chunk"] = min(auto_chunk_size(a.vocab, spec, budget), a.tokens)
+        res["chunk"] = min(auto_chunk_size(a.vocab, spec, budget, dtype != torch.float32), a.tokens)
 
     def one(x, proxy):
         if a.method == "old":
@@ -195,6 +251,10 @@ def worker(a) -> dict:
                 return token_stats(x["old_h"], x["weight"].detach(), x["targets"], spec, budget_bytes=budget)
         if a.method == "b":
             return run_naive(torch, x, proxy)
+        if a.method == "a_ref":  # the reference model's log-prob pass (no grad), then (a)
+            from alignreg.losses.stats import token_stats
+            with torch.no_grad():
+                token_stats(x["ref_h"], x["ref_w"], x["targets"], spec, budget_bytes=budget)
         return run_chunked(torch, x, spec, budget, proxy)
 
     def load_proxy(n):
@@ -205,10 +265,10 @@ def worker(a) -> dict:
     base = None
     try:
         if a.warmup_tokens > 0:  # small warm-up: thread pools, allocator, kernels
-            xw = make_inputs(torch, min(a.warmup_tokens, a.tokens), a.hidden, a.vocab, dtype, seed=1)
+            xw = make_inputs(torch, min(a.warmup_tokens, a.tokens), a.hidden, a.vocab, dtype, seed=1, logits=a.logits)
             one(xw, load_proxy(xw["targets"].numel()))
             del xw
-        x = make_inputs(torch, a.tokens, a.hidden, a.vocab, dtype)
+        x = make_inputs(torch, a.tokens, a.hidden, a.vocab, dtype, logits=a.logits)
         proxy = load_proxy(a.tokens)
         import gc
         gc.collect()
@@ -257,7 +317,7 @@ def spawn(args, method, tokens, budget_mib, proxy, dump=None) -> dict:
            "--tokens", str(tokens), "--hidden", str(args.hidden), "--vocab", str(args.vocab),
            "--dtype", args.dtype, "--repeats", str(args.repeats), "--budget-mib", str(budget_mib),
            "--warmup-tokens", str(args.warmup_tokens), "--mem-limit-gb", str(args.mem_limit_gb),
-           "--proxy", proxy]
+           "--proxy", proxy, "--logits", args.logits]
     if dump:
         cmd += ["--dump", dump]
     t0 = time.time()
@@ -270,6 +330,7 @@ def spawn(args, method, tokens, budget_mib, proxy, dump=None) -> dict:
                    status="oom-killed" if p.returncode == -9 else "error",
                    error=f"rc={p.returncode}: {p.stderr.strip().splitlines()[-1:] }")
     res["wall_total_s"] = time.time() - t0
+    res.setdefault("logits", args.logits)
     print(json.dumps(res), flush=True)
     return res
 
@@ -279,12 +340,16 @@ def fmt(v, nd=0):
 
 
 def table(results) -> str:
-    rows = ["| tokens | budget MiB | method | chunk | status | peak extra MB | abs peak MB | time s "
-            "| CPU s | extra / (a) | extra / (b) | time / (a) | CPU / (a) | load 1m (before/after) |",
-            "|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    rows = ["| logits | tokens | budget MiB | method | chunk | status | peak extra MB | abs peak MB | time s "
+            "| CPU s | extra / (a) | extra / (a') | extra / (b) | time / (a) | time / (a') | CPU / (a) | CPU / (a') "
+            "| load 1m (before/after) |",
+            "|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    results = [r for r in results if r.get("method") != "diag"]
     by = {(r["tokens"], r["budget_mib"], r["method"]): r for r in results}
     for r in results:
         ok = r.get("status") == "ok"
+        rr = by.get((r["tokens"], r["budget_mib"], "a_ref"))
+        rr = rr if ok and rr and rr.get("status") == "ok" else None
         ra = by.get((r["tokens"], r["budget_mib"], "a"))
         rb = next((q for q in results if q["tokens"] == r["tokens"] and q["method"] == "b"), None)
         ext = r.get("peak_extra_mb") if ok else None
@@ -295,9 +360,12 @@ def table(results) -> str:
         status = r.get("status") + ("" if ok else f" ({r.get('error', '')[:60]})")
         times = r.get("times") or []
         tcell = fmt(r.get("time_s"), 2) + (f" (n={len(times)})" if times else "")
-        rows.append(f"| {r['tokens']} | {r['budget_mib']:g} | {r['method']} | {r.get('chunk', '-')} | {status} "
+        x_r = ext / rr["peak_extra_mb"] if rr else None
+        t_r = r["time_s"] / rr["time_s"] if rr else None
+        c_r = r["cpu_s"] / rr["cpu_s"] if rr else None
+        rows.append(f"| {r.get('logits', 'random')} | {r['tokens']} | {r['budget_mib']:g} | {r['method']} | {r.get('chunk', '-')} | {status} "
                     f"| {fmt(ext)} | {fmt(r.get('abs_peak_mb'))} | {tcell} | {fmt(r.get('cpu_s'), 1)} | {fmt(x_a, 2)} "
-                    f"| {fmt(x_b, 3)} | {fmt(t_a, 2)} | {fmt(c_a, 2)} | {fmt(r.get('load_before'), 2)} / {fmt(r.get('load_after'), 2)} |")
+                    f"| {fmt(x_r, 2)} | {fmt(x_b, 3)} | {fmt(t_a, 2)} | {fmt(t_r, 2)} | {fmt(c_a, 2)} | {fmt(c_r, 2)} | {fmt(r.get('load_before'), 2)} / {fmt(r.get('load_after'), 2)} |")
     return "\n".join(rows)
 
 
@@ -325,6 +393,8 @@ def main():
     ap.add_argument("--hidden", type=int, default=1536)
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--logits", choices=("random", "peaked"), default="random",
+                    help="input mode: random (near-uniform, worst case for top-p) or peaked (LM-like)")
     ap.add_argument("--repeats", type=int, default=3, help="timed fwd+bwd runs per method (median reported)")
     ap.add_argument("--warmup-tokens", type=int, default=256, help="warm-up run size (0: none)")
     ap.add_argument("--budget-mib", default="", help="chunk budget(s) in MiB, comma-separated "
@@ -334,6 +404,7 @@ def main():
     ap.add_argument("--naive-max-tokens", type=int, default=1 << 30, help="skip (b) above this token count")
     ap.add_argument("--mem-limit-gb", type=float, default=20.0, help="RLIMIT_AS for the naive method")
     ap.add_argument("--check", action="store_true", help="compare outputs/grads with the naive reference")
+    ap.add_argument("--no-diag", action="store_true", help="skip the entropy / nucleus-size diagnostic")
     ap.add_argument("--json", default="", help="append results (JSON lines) to this file")
     # worker-only
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -362,6 +433,15 @@ def main():
     for n in [int(t) for t in a.tokens.split(",")]:
         proxy = os.path.join(tmp, f"proxy_{n}.pt")
         dumps = {}
+        if not a.no_diag:  # what the inputs look like: mean entropy, nucleus sizes (first 512 rows)
+            d = spawn(a, "diag", n, budgets[0], proxy)
+            print(f"# inputs ({a.logits}): mean entropy {d.get('mean_entropy', float('nan')):.2f} nats "
+                  f"(median {d.get('median_entropy', float('nan')):.2f}), mean nucleus {d.get('mean_nucleus', float('nan')):.0f} "
+                  f"tokens, rows needing the full top-{TOP_K}: {100 * d.get('frac_full_topk', float('nan')):.1f}% "
+                  f"(nucleus at the {TOP_K} cap: {100 * d.get('frac_nucleus_at_cap', float('nan')):.1f}%)", flush=True)
+            if a.json:
+                with open(a.json, "a") as f:
+                    f.write(json.dumps(d) + "\n")
         for bi, bmib in enumerate(budgets):
             for m in methods:
                 if m == "b" and (bi > 0 or n > a.naive_max_tokens):
