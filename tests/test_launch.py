@@ -147,9 +147,16 @@ def sbatch_env(**extra: str) -> dict:
     return env
 
 
-def job_info(job: str) -> dict[str, str]:
-    r = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True)
-    return dict(kv.split("=", 1) for kv in r.stdout.split() if "=" in kv)
+def job_info(job: str, settle_s: float = 120.0) -> dict[str, str]:
+    """``scontrol show job`` fields, once the job has left the transient COMPLETING state
+    (``sbatch --wait`` can return while slurmd still tears the job down)."""
+    deadline = time.time() + settle_s
+    while True:
+        r = subprocess.run(["scontrol", "-o", "show", "job", job], capture_output=True, text=True)
+        info = dict(kv.split("=", 1) for kv in r.stdout.split() if "=" in kv)
+        if info.get("JobState") != "COMPLETING" or time.time() > deadline:
+            return info
+        time.sleep(1.0)
 
 
 def check_job_log(log: str, run_dir: Path, steps: int) -> None:
