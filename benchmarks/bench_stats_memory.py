@@ -15,6 +15,11 @@ hidden 1536, vocab 151,936) over N tokens:
   entropy via topk, full KL against the reference logits), same loss, ``.backward()``.
 * ``old``   - Lp-Reg's old-policy pass, ``token_stats(..., StatsSpec(min_p=0.02))`` under no_grad
   (reported separately; its output is handed to the other methods as their proxy input).
+* ``*_step`` (a learner's on-policy update = its no-grad pass + the loss fwd+bwd; ratios against
+  ``a_step`` / ``a_ref_step``): ``a_step`` = min-p proxy pass + (a); ``a_ref_step`` = ``a_step`` + the
+  reference log-prob pass; ``ours_step`` = ONE no-grad pass (``token_stats_forward``: proxy, entropy,
+  nucleus, reference logits and full KL) + the backward alone (``precomputed=``), which is what the
+  learner does for the first update of a step; ``a_pre_step`` = the same reuse applied to (a).
 * ``only_entropy`` / ``only_top_p`` / ``only_kl_ref`` (``--breakdown``): one statistic alone, for the
   cost breakdown against ``a``.
 
@@ -150,11 +155,11 @@ def pg_lpreg_loss(torch, lp, adv, proxy):
     return loss + COEF["lp_reg"] * (k3 * sel).sum() / lp.numel()
 
 
-def run_chunked(torch, x, spec, budget, proxy):
+def run_chunked(torch, x, spec, budget, proxy, precomputed=None):
     from alignreg.losses.stats import token_stats
 
     kw = dict(ref=(x["ref_h"], x["ref_w"], None)) if spec.kl_ref else {}
-    out = token_stats(x["hidden"], x["weight"], x["targets"], spec, budget_bytes=budget, **kw)
+    out = token_stats(x["hidden"], x["weight"], x["targets"], spec, budget_bytes=budget, precomputed=precomputed, **kw)
     loss = pg_lpreg_loss(torch, out["logprobs"], x["adv"], proxy)
     if "entropy" in out:
         loss = loss - COEF["entropy"] * out["entropy"].mean()
@@ -164,6 +169,28 @@ def run_chunked(torch, x, spec, budget, proxy):
         loss = loss + COEF["kl"] * out["kl_ref_full"].mean()
     loss.backward()
     return out
+
+
+def run_step(torch, x, method, spec, budget):
+    """A learner's on-policy update: its no-grad pass (pi_old = pi_theta: Lp-Reg's min-p proxy, and
+    for ``*_ref`` / ours the reference model) followed by the loss fwd+bwd. ``ours_step`` and
+    ``a_pre_step`` compute the training statistics in that no-grad pass (``token_stats_forward``)
+    and run only the backward (``precomputed=``); ``a_step`` / ``a_ref_step`` run (a)'s full fwd+bwd."""
+    from alignreg.losses.stats import StatsSpec, auto_chunk_size, token_stats, token_stats_forward
+
+    low = x["hidden"].dtype != torch.float32
+    chunk = auto_chunk_size(x["weight"].shape[0], spec, budget, low)
+    h, w, y = x["hidden"].detach(), x["weight"].detach(), x["targets"]
+    ref = (x["ref_h"], x["ref_w"], None)
+    if method in ("ours_step", "a_pre_step"):
+        wide = StatsSpec(entropy=spec.entropy, top_p=spec.top_p, kl_ref=spec.kl_ref, min_p=MIN_P)
+        pre = token_stats_forward(h, w, y, wide, ref=ref if spec.kl_ref else None, chunk_size=chunk)
+        return run_chunked(torch, x, spec, budget, pre.values["min_p_logprobs"], precomputed=pre)
+    with torch.no_grad():
+        proxy = token_stats(h, w, y, StatsSpec(min_p=MIN_P), chunk_size=chunk)["min_p_logprobs"]
+        if method == "a_ref_step":
+            token_stats(x["ref_h"], x["ref_w"], y, StatsSpec(), chunk_size=chunk)
+    return run_chunked(torch, x, spec, budget, proxy)
 
 
 def run_naive(torch, x, proxy):
@@ -239,12 +266,18 @@ def worker(a) -> dict:
         only_entropy=StatsSpec(entropy=True),
         only_top_p=StatsSpec(top_p=(TOP_P, TOP_K)),
         only_kl_ref=StatsSpec(kl_ref=True),
+        ours_step=StatsSpec(entropy=True, top_p=(TOP_P, TOP_K), kl_ref=True),
+        a_step=StatsSpec(),
+        a_ref_step=StatsSpec(),
+        a_pre_step=StatsSpec(),
     )
     spec = specs.get(a.method)
     if spec is not None:
         res["chunk"] = min(auto_chunk_size(a.vocab, spec, budget, dtype != torch.float32), a.tokens)
 
     def one(x, proxy):
+        if a.method.endswith("_step"):
+            return run_step(torch, x, a.method, spec, budget)
         if a.method == "old":
             from alignreg.losses.stats import token_stats
             with torch.no_grad():
@@ -348,9 +381,10 @@ def table(results) -> str:
     by = {(r["tokens"], r["budget_mib"], r["method"]): r for r in results}
     for r in results:
         ok = r.get("status") == "ok"
-        rr = by.get((r["tokens"], r["budget_mib"], "a_ref"))
+        step = "_step" if r["method"].endswith("_step") else ""  # step rows: ratios against a_step / a_ref_step
+        rr = by.get((r["tokens"], r["budget_mib"], "a_ref" + step))
         rr = rr if ok and rr and rr.get("status") == "ok" else None
-        ra = by.get((r["tokens"], r["budget_mib"], "a"))
+        ra = by.get((r["tokens"], r["budget_mib"], "a" + step))
         rb = next((q for q in results if q["tokens"] == r["tokens"] and q["method"] == "b"), None)
         ext = r.get("peak_extra_mb") if ok else None
         x_a = ext / ra["peak_extra_mb"] if ok and ra and ra.get("status") == "ok" else None

@@ -296,3 +296,46 @@ def test_chunk_size_does_not_change_anything():
             base = vals
         for a, b_ in itertools.zip_longest(vals, base):
             torch.testing.assert_close(a, b_, rtol=1e-12, atol=1e-13)
+
+
+# ------------------------------------------------------------------------------------------------
+# precomputed forward (the learner's first update of a step reuses its no-grad pass)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("chunk", [1, 3, 0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_precomputed_forward_gives_identical_values_and_grads(seed, chunk):
+    """``token_stats(..., precomputed=token_stats_forward(...))`` skips the forward; values and
+    gradients must equal the ordinary call bit for bit, also when the no-grad pass computed a
+    superset (min-p proxy, kl_old). Slicing to a subset of rows is tested with chunk 1: with other
+    chunkings the row groups differ and matmul rounding may differ in the last bit (the learner
+    runs both passes on the same micro-batch and chunk size)."""
+    from alignreg.losses.stats import token_stats_forward
+
+    spec = StatsSpec(top_p=[(0.8, 10000), (0.9, 3), (0.6, 11)][seed], entropy=True, kl_ref=True, temperature=0.7)
+    wide = StatsSpec(top_p=spec.top_p, entropy=True, kl_ref=True, kl_old=True, min_p=0.1, temperature=0.7)
+    inp = make_inputs(seed, N=9, bias=seed != 1, scale=1.0 + seed)
+    full = token_stats_forward(inp["h"], inp["w"], inp["y"], wide, bias=inp["b"], ref=inp["ref"], old=inp["old"],
+                               chunk_size=chunk)
+    rows = torch.tensor([0, 2, 3, 5, 8]) if chunk == 1 else torch.arange(9)
+    sub = dict(inp, h=inp["h"][rows], y=inp["y"][rows], ref=(inp["ref"][0][rows],) + inp["ref"][1:])
+    plain, leaves = run_lib(sub, spec, chunk)
+    h = sub["h"].clone().requires_grad_()
+    w = sub["w"].clone().requires_grad_()
+    b = None if sub["b"] is None else sub["b"].clone().requires_grad_()
+    pre = token_stats(h, w, sub["y"], spec, bias=b, ref=sub["ref"], chunk_size=chunk, precomputed=full.rows(rows))
+    up = {k: torch.randn(len(rows), dtype=torch.float64, generator=torch.Generator().manual_seed(seed)) for k in DIFF}
+    for k in spec.names():
+        assert torch.equal(pre[k], plain[k]), k
+    for a, b_ in zip(grads(pre, (h, w, b), up), grads(plain, leaves, up)):
+        assert torch.equal(a, b_)
+
+
+def test_precomputed_must_cover_the_spec():
+    from alignreg.losses.stats import token_stats_forward
+
+    inp = make_inputs(0)
+    pre = token_stats_forward(inp["h"], inp["w"], inp["y"], StatsSpec(entropy=True))
+    with pytest.raises(ValueError, match="do not cover"):
+        token_stats(inp["h"], inp["w"], inp["y"], StatsSpec(entropy=True, top_p=(0.8, 10)), precomputed=pre)
+    with pytest.raises(ValueError, match="not for these 3 tokens"):
+        token_stats(inp["h"][:3], inp["w"], inp["y"][:3], StatsSpec(entropy=True), precomputed=pre)

@@ -65,14 +65,14 @@ class StatsSpec:
         return self.entropy or self.top_p is not None or self.kl_ref or self.kl_old
 
     def bytes_per_element(self, low_precision: bool = False) -> int:
-        """Bytes per [chunk, V] element of the workspace at the peak of one chunk's backward."""
-        n = 8  # logits / log-probs and probabilities (the log-prob gradient is formed in place)
-        if self.entropy or self.top_p is not None or self.kl_ref:
-            n += 8  # gradient accumulator and scratch
+        """Bytes per [chunk, V] element of the workspace at the peak of one chunk (forward or backward)."""
+        n = 8  # logits / log-probs and probabilities
+        if self.entropy or self.top_p is not None or self.kl_ref or self.kl_old:
+            n += 8  # gradient accumulator and scratch (forward: the reference / old policy's logits)
+        elif self.min_p is not None:
+            n += 4  # the min-p filter mask
         if self.top_p is not None:
-            n += 2  # nucleus masks (bool)
-        if self.kl_old:
-            n += 8  # the old policy's log-probs and probabilities (forward only)
+            n += 4  # nucleus mask (float, backward)
         return n + (2 if low_precision else 0)  # half-precision matmul output
 
 
@@ -112,34 +112,73 @@ class _Workspace:
         return out.div_(T) if T != 1.0 else out
 
 
+def _softmax_(u: Tensor, p: Tensor) -> Tensor:
+    """In place on a [C, V] buffer: ``u <- log_softmax(u)``, ``p <- exp(u)``; returns the per-row
+    log-sum-exp. Cheap passes (max, shifted exp, sum, shift, exp) instead of ``torch.logsumexp``
+    (several times slower on CPU). ``p`` is formed as ``exp(log p)`` exactly as backward recomputes
+    it from the saved log-sum-exp, so the nucleus threshold compares equal values in both passes."""
+    m = u.amax(-1, keepdim=True)
+    lse = torch.sub(u, m, out=p).exp_().sum(-1, keepdim=True).log_().add_(m)
+    torch.exp(u.sub_(lse), out=p)
+    return lse.squeeze(-1)
+
+
 def _log_softmax_(u: Tensor) -> Tensor:
     """In-place log-softmax of a [C, V] buffer."""
     return u.sub_(torch.logsumexp(u, dim=-1, keepdim=True))
 
 
 def nucleus_size(p: Tensor, top_p: float, top_k: int, first_k: int = 512) -> tuple[Tensor, Tensor]:
-    """SIREN's strict nucleus: n = #{j : cumsum(sorted top-k probs)_j < p} and the n-th largest prob.
-
-    The token whose cumulative probability crosses p is excluded (standard top-p includes it). If
-    the top-1 probability is already >= p, n = 0 and the threshold is +inf (empty nucleus).
-    Rows whose crossing lies within the ``first_k`` largest probabilities (most rows of a trained
-    LM) are resolved by a small top-k; only the others pay for the full top-``top_k`` selection.
-    The sorted prefix, and so the result, is the same either way.
-    """
-    k = min(top_k, p.shape[-1])
-    k0 = min(first_k, k)
-    sp = p.topk(k0, dim=-1, sorted=True).values
-    c = sp.cumsum(-1)
-    n = (c < top_p).sum(-1)
-    thr = sp.gather(-1, (n - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    open_rows = (n == k0).nonzero().squeeze(-1) if k0 < k else n.new_empty(0)
-    if open_rows.numel():  # the crossing lies beyond the first k0 tokens
-        sp2 = p[open_rows].topk(k, dim=-1, sorted=True).values
-        n2 = (sp2.cumsum(-1) < top_p).sum(-1)
-        n[open_rows] = n2
-        thr[open_rows] = sp2.gather(-1, (n2 - 1).clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    thr = torch.where(n > 0, thr, torch.full_like(thr, math.inf))
+    """SIREN's strict nucleus: n = #{j : cumsum(sorted top-k probs)_j < p} and the n-th largest prob
+    (+inf when n = 0). See :func:`nucleus_stats`."""
+    n, thr, _, _ = nucleus_stats(p, top_p, top_k, first_k)
     return n, thr
+
+
+def nucleus_stats(p: Tensor, top_p: float, top_k: int, first_k: int = 512,
+                  top1: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """SIREN's strict top-p nucleus of each row of ``p`` [C, V], from its sorted prefix.
+
+    Returns ``n`` (#{j : cumsum(sorted top-k probs)_j < p}: the token whose cumulative probability
+    crosses p is excluded, standard top-p includes it), ``thr`` (the n-th largest prob, +inf when
+    n = 0), ``S`` (the nucleus mass, 1 when n = 0) and ``H`` (the entropy of the renormalised
+    nucleus ``-sum_K q log q``, q = p / S; 0 when n = 0).
+
+    Cost: rows whose top-1 probability is already >= p (``top1``, the row max, given or computed)
+    have an empty nucleus and no sort at all; the others get a ``topk(first_k)``, and only rows whose
+    crossing lies beyond it pay for the full ``topk(top_k)``. The sorted prefix, and so every result,
+    is the same either way. Ties at the boundary do not change S or H (equal values).
+    """
+    C = p.shape[0]
+    k = min(top_k, p.shape[-1])
+    n = torch.zeros(C, dtype=torch.long, device=p.device)
+    thr = torch.full((C,), math.inf, dtype=p.dtype, device=p.device)
+    S = torch.ones(C, dtype=p.dtype, device=p.device)
+    H = torch.zeros(C, dtype=p.dtype, device=p.device)
+    if C == 0 or k == 0:
+        return n, thr, S, H
+    if top1 is None:
+        top1 = p.amax(-1)
+    rows = (top1 < top_p).nonzero().squeeze(-1)
+    for kk in ((min(first_k, k), k) if first_k < k else (k,)):
+        if rows.numel() == 0:
+            break
+        sp = p.index_select(0, rows).topk(kk, dim=-1, sorted=True).values
+        c = sp.cumsum(-1)
+        nr = (c < top_p).sum(-1)
+        done = (nr < kk) | (kk == k)
+        r, sp, c, nr = rows[done], sp[done], c[done], nr[done]
+        if r.numel():
+            last = (nr - 1).clamp(min=0).unsqueeze(-1)
+            s_r = c.gather(-1, last).squeeze(-1)
+            kept = sp * (torch.arange(kk, device=p.device) < nr.unsqueeze(-1))
+            plogp = torch.where(kept > 0, kept * kept.log(), torch.zeros((), dtype=p.dtype))
+            n[r] = nr
+            thr[r] = sp.gather(-1, last).squeeze(-1)
+            S[r] = s_r
+            H[r] = s_r.log() - plogp.sum(-1) / s_r  # -sum q log q = log S - sum p log p / S
+        rows = rows[~done]
+    return n, thr, S, H
 
 
 def nucleus_mask(p: Tensor, n: Tensor, thr: Tensor, keep: Optional[Tensor] = None, eq: Optional[Tensor] = None) -> Tensor:
@@ -158,64 +197,106 @@ def nucleus_mask(p: Tensor, n: Tensor, thr: Tensor, keep: Optional[Tensor] = Non
     return keep
 
 
+def _nucleus_keep_float(p: Tensor, n: Tensor, thr: Tensor, out: Tensor) -> Tensor:
+    """The nucleus of :func:`nucleus_mask` as a float 0/1 mask written into ``out``. Fast path: ``p >=
+    thr`` holds exactly the n kept tokens unless a row has more ties at ``thr`` than places left;
+    only such rows go through the exact (bool) :func:`nucleus_mask`."""
+    torch.ge(p, thr.unsqueeze(-1), out=out)
+    bad = (out.sum(-1) != n.to(out.dtype)).nonzero().squeeze(-1)
+    if bad.numel():
+        out[bad] = nucleus_mask(p[bad], n[bad], thr[bad]).to(out.dtype)
+    return out
+
+
 def _chunk_forward(spec: StatsSpec, ws: _Workspace, h, w, b, y, ref, old):
-    """No-grad statistics of one chunk. Returns (outputs dict, saved per-token tensors)."""
+    """No-grad statistics of one chunk. Returns (outputs dict, saved per-token tensors).
+
+    ``saved`` holds what backward needs besides the outputs: the policy's (and the reference's)
+    log-sum-exp, so backward forms log-probs with one subtraction, and the nucleus (n, thr, S)."""
     T, C = spec.temperature, h.shape[0]
     out, saved = {}, {}
+    p = ws.get("p", C)
     if spec.min_p is not None:  # the filter applies to the raw logits, before temperature
         raw = ws.logits("z", h, w, b, 1.0)
-        keep = torch.ge(raw, raw.max(-1, keepdim=True).values + math.log(spec.min_p), out=ws.get("keep", C, torch.bool))
-        zf = torch.where(keep, raw, torch.tensor(MIN_P_FILL, dtype=raw.dtype), out=ws.get("tmp", C)).div_(T)
-        out["min_p_logprobs"] = zf.gather(-1, y[:, None]).squeeze(-1) - torch.logsumexp(zf, -1)
-        logp = _log_softmax_(raw.div_(T))
+        kf = torch.ge(raw, raw.amax(-1, keepdim=True) + math.log(spec.min_p), out=ws.get("tmp", C))
+        y_kept = kf.gather(-1, y[:, None]).squeeze(-1) > 0
+        logp = raw.div_(T) if T != 1.0 else raw
     else:
-        logp = _log_softmax_(ws.logits("z", h, w, b, T))
+        logp = ws.logits("z", h, w, b, T)
+    lse = _softmax_(logp, p)
+    saved["lse"] = lse
     out["logprobs"] = logp.gather(-1, y[:, None]).squeeze(-1)
+    if spec.min_p is not None:
+        # the official fills filtered logits with -1e4 and divides by T: exp((-1e4) / T) is 0 next to
+        # the kept mass, so log Z_filtered = lse + log(sum of kept p)
+        log_kept = kf.mul_(p).sum(-1).log()
+        filled = torch.full_like(lse, MIN_P_FILL / T) - lse
+        out["min_p_logprobs"] = torch.where(y_kept, out["logprobs"], filled) - log_kept
     if not spec.full_vocab():
         return out, saved
-    p = torch.exp(logp, out=ws.get("p", C))
     tmp = ws.get("tmp", C)
+    plogp = None
+    if spec.entropy or spec.kl_ref:
+        plogp = torch.mul(p, logp, out=tmp).sum(-1)  # sum p log p = -H
     if spec.entropy:
-        out["entropy"] = -torch.mul(p, logp, out=tmp).sum(-1)
+        out["entropy"] = -plogp
     if spec.top_p is not None:
-        n, thr = nucleus_size(p, *spec.top_p)
-        keep = nucleus_mask(p, n, thr, ws.get("keep", C, torch.bool), ws.get("eq", C, torch.bool))
-        s = torch.mul(p, keep, out=tmp).sum(-1)
-        s = torch.where(n > 0, s, 1.0)  # empty nucleus: H_K = 0, avoid log 0
-        log_s = s.log()
-        # H_K = -sum_K q log q = -(1/S) sum_K p (log p - log S)
-        out["top_p_entropy"] = -torch.sub(logp, log_s[:, None], out=tmp).mul_(p).mul_(keep).sum(-1) / s
-        saved.update(n=n, thr=thr, log_s=log_s)
-    if spec.kl_ref:  # sum p (log p - log r)
-        lr = _log_softmax_(ws.logits("tmp", *ref, T))
-        out["kl_ref_full"] = lr.neg_().add_(logp).mul_(p).sum(-1)
+        n, thr, S, H = nucleus_stats(p, *spec.top_p)
+        out["top_p_entropy"] = H
+        saved.update(n=n, thr=thr, log_s=S.log())
+    if spec.kl_ref:  # sum p log p - sum p log r
+        lr = ws.logits("tmp", *ref, T)
+        saved["lse_ref"] = _softmax_(lr, ws.get("gz", C))  # gz is free in forward
+        out["kl_ref_full"] = plogp - lr.mul_(p).sum(-1)
     if spec.kl_old:  # sum o (log o - log p)
-        lo = _log_softmax_(ws.logits("tmp", *old, T))
-        po = torch.exp(lo, out=ws.get("tmp2", C))
+        lo = ws.logits("tmp", *old, T)
+        po = ws.get("gz", C)
+        _softmax_(lo, po)
         out["kl_old_full"] = lo.sub_(logp).mul_(po).sum(-1)
     return out, saved
 
 
+def _forward_all(spec, chunk, hidden, weight, bias, targets, ref_h, ref_w, ref_b, old_h, old_w, old_b):
+    names = spec.names()
+    dt = torch.promote_types(hidden.dtype, torch.float32)
+    outs = {k: hidden.new_empty(hidden.shape[0], dtype=dt) for k in names}
+    saved_parts: dict[str, list] = {}
+    ws = _Workspace(min(chunk, hidden.shape[0]), weight.shape[0], dt, hidden.device)
+    for s in range(0, hidden.shape[0], chunk):
+        e = min(s + chunk, hidden.shape[0])
+        ref = (ref_h[s:e], ref_w, ref_b) if spec.kl_ref else None
+        old = (old_h[s:e], old_w, old_b) if spec.kl_old else None
+        o, sv = _chunk_forward(spec, ws, hidden[s:e], weight, bias, targets[s:e], ref, old)
+        for k, v in o.items():
+            outs[k][s:e] = v
+        for k, v in sv.items():
+            saved_parts.setdefault(k, []).append(v)
+    saved = {k: torch.cat(v) for k, v in saved_parts.items()}
+    if hidden.shape[0] == 0:  # empty input: empty per-token tensors of every kind backward reads
+        saved = {k: hidden.new_empty(0, dtype=torch.long if k == "n" else dt) for k in _saved_keys(spec)}
+    return outs, saved
+
+
+def _saved_keys(spec: StatsSpec) -> list[str]:
+    keys = ["lse"]
+    if spec.top_p is not None:
+        keys += ["log_s", "n", "thr"]
+    if spec.kl_ref:
+        keys.append("lse_ref")
+    return sorted(keys)
+
+
 class _TokenStats(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, spec, chunk, hidden, weight, bias, targets, ref_h, ref_w, ref_b, old_h, old_w, old_b):
+    def forward(ctx, spec, chunk, pre, hidden, weight, bias, targets, ref_h, ref_w, ref_b, old_h, old_w, old_b):
         names = spec.names()
-        dt = torch.promote_types(hidden.dtype, torch.float32)
-        outs = {k: hidden.new_empty(hidden.shape[0], dtype=dt) for k in names}
-        saved_parts: dict[str, list] = {}
-        ws = _Workspace(min(chunk, hidden.shape[0]), weight.shape[0], dt, hidden.device)
-        for s in range(0, hidden.shape[0], chunk):
-            e = min(s + chunk, hidden.shape[0])
-            ref = (ref_h[s:e], ref_w, ref_b) if spec.kl_ref else None
-            old = (old_h[s:e], old_w, old_b) if spec.kl_old else None
-            o, sv = _chunk_forward(spec, ws, hidden[s:e], weight, bias, targets[s:e], ref, old)
-            for k, v in o.items():
-                outs[k][s:e] = v
-            for k, v in sv.items():
-                saved_parts.setdefault(k, []).append(v)
-        saved = {k: torch.cat(v) for k, v in saved_parts.items()}
+        if pre is None:
+            outs, saved = _forward_all(spec, chunk, hidden, weight, bias, targets, ref_h, ref_w, ref_b, old_h, old_w, old_b)
+        else:  # values computed earlier by token_stats_forward at these very inputs
+            outs = {k: pre.values[k].clone() for k in names}
+            saved = pre.saved
         ctx.spec, ctx.chunk, ctx.has_bias = spec, chunk, bias is not None
-        ctx.saved_keys = sorted(saved)
+        ctx.saved_keys = _saved_keys(spec)
         ctx.save_for_backward(
             hidden, weight, bias, targets, ref_h, ref_w, ref_b,
             outs.get("entropy"), outs.get("top_p_entropy"), outs.get("kl_ref_full"),
@@ -233,42 +314,50 @@ class _TokenStats(torch.autograd.Function):
         saved = dict(zip(ctx.saved_keys, rest))
         g = dict(zip(spec.names(), grads))
         T = spec.temperature
-        need_h, need_w, need_b = ctx.needs_input_grad[2], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        need_h, need_w, need_b = ctx.needs_input_grad[3], ctx.needs_input_grad[4], ctx.needs_input_grad[5]
         dh = torch.zeros_like(hidden) if need_h else None
         dt = torch.promote_types(weight.dtype, torch.float32)
         dw = torch.zeros(weight.shape, dtype=dt, device=weight.device) if need_w else None
         db = torch.zeros(weight.shape[0], dtype=dt, device=weight.device) if need_b else None
 
-        def gz_of(name, s, e):
+        def up(name, s, e):  # upstream gradient of a statistic, with d/dz = d/du / T folded in
             v = g.get(name)
-            return None if v is None else v[s:e].to(dt)
+            return None if v is None else v[s:e].to(dt) / T
 
         ws = _Workspace(min(chunk, hidden.shape[0]), weight.shape[0], dt, hidden.device)
         for s in range(0, hidden.shape[0], chunk):
             e = min(s + chunk, hidden.shape[0])
-            g_lp, g_h, g_tp, g_kl = (gz_of(n, s, e) for n in ("logprobs", "entropy", "top_p_entropy", "kl_ref_full"))
+            g_lp, g_h, g_tp, g_kl = (up(n, s, e) for n in ("logprobs", "entropy", "top_p_entropy", "kl_ref_full"))
             if all(x is None for x in (g_lp, g_h, g_tp, g_kl)):
                 continue
             h, C = hidden[s:e], e - s
-            logp = _log_softmax_(ws.logits("z", h, weight, bias, T))
+            logp = ws.logits("z", h, weight, bias, T).sub_(saved["lse"][s:e, None])
             p = torch.exp(logp, out=ws.get("p", C))
-            # gz accumulates d(sum_stats g * stat)/du, u = z / T
-            gz = ws.get("gz", C).zero_() if any(x is not None for x in (g_h, g_tp, g_kl)) else None
-            tmp = ws.get("tmp", C) if gz is not None else None
-            if g_h is not None:  # -p (log p + H)
-                gz.sub_(torch.add(logp, ent[s:e, None], out=tmp).mul_(p).mul_(g_h[:, None]))
-            if g_tp is not None:  # -q (log q + H_K) on the kept set, q = p / S, log q = log p - log S
-                keep = nucleus_mask(p, saved["n"][s:e], saved["thr"][s:e], ws.get("keep", C, torch.bool), ws.get("eq", C, torch.bool))
+            # d/du of sum_stats g * stat = p * (a log p + c + [-g_kl log r] + [mask-term]) + g_lp onehot:
+            #   log-prob  g (onehot - p);  entropy -g p (log p + H);  KL(p||r)  g p (log p - log r - KL)
+            #   nucleus entropy  -(g / S) p (log p - log S + H_K) on the kept set
+            a = torch.zeros(C, dtype=dt, device=h.device)
+            c = torch.zeros(C, dtype=dt, device=h.device)
+            if g_h is not None:
+                a -= g_h
+                c -= g_h * ent[s:e]
+            if g_kl is not None:
+                a += g_kl
+                c -= g_kl * klr[s:e]
+            if g_lp is not None:
+                c -= g_lp
+            gz = torch.addcmul(c[:, None], logp, a[:, None], out=ws.get("gz", C))
+            if g_kl is not None:
+                lr = ws.logits("tmp", ref_h[s:e], ref_w, ref_b, T).sub_(saved["lse_ref"][s:e, None])
+                gz.addcmul_(lr, g_kl[:, None], value=-1.0)
+            if g_tp is not None:
                 log_s = saved["log_s"][s:e]
-                torch.sub(logp, (log_s - tpe[s:e])[:, None], out=tmp).mul_(p).mul_(keep)
-                gz.sub_(tmp.mul_((g_tp * (-log_s).exp())[:, None]))
-            if g_kl is not None:  # p (log p - log r - KL)
-                lr = _log_softmax_(ws.logits("tmp", ref_h[s:e], ref_w, ref_b, T))
-                gz.add_(lr.neg_().add_(logp).sub_(klr[s:e, None]).mul_(p).mul_(g_kl[:, None]))
-            if g_lp is not None:  # g (onehot - p), formed in place in p's buffer (last use of p)
-                p.mul_(-g_lp[:, None]).scatter_add_(-1, targets[s:e, None], g_lp[:, None])
-                gz = p if gz is None else gz.add_(p)
-            gz.div_(T)
+                kf = _nucleus_keep_float(p, saved["n"][s:e], saved["thr"][s:e], ws.get("kf", C))
+                kf.mul_((-g_tp * (-log_s).exp())[:, None])
+                gz.addcmul_(torch.add(logp, (tpe[s:e] - log_s)[:, None], out=ws.get("tmp", C)), kf)
+            gz.mul_(p)
+            if g_lp is not None:
+                gz.scatter_add_(-1, targets[s:e, None], g_lp[:, None])
             if need_h:
                 if weight.dtype == gz.dtype:
                     dh[s:e] = (gz @ weight).to(dh.dtype)
@@ -281,11 +370,25 @@ class _TokenStats(torch.autograd.Function):
             if need_b:
                 db += gz.sum(0)
         return (
-            None, None, dh,
+            None, None, None, dh,
             dw.to(weight.dtype) if need_w else None,
             db.to(bias.dtype) if need_b else None,
             None, None, None, None, None, None, None,
         )
+
+
+@dataclass
+class Precomputed:
+    """Statistics computed ahead by :func:`token_stats_forward` (values + what backward reads)."""
+
+    spec: StatsSpec
+    values: dict[str, Tensor]
+    saved: dict[str, Tensor]
+
+    def rows(self, index) -> "Precomputed":
+        """The same statistics for a subset of the tokens (``index``: a slice, bool mask or ids)."""
+        return Precomputed(self.spec, {k: v[index] for k, v in self.values.items()},
+                           {k: v[index] for k, v in self.saved.items()})
 
 
 def token_stats(
@@ -299,6 +402,7 @@ def token_stats(
     old: Other = None,
     chunk_size: int = 0,
     budget_bytes: int = DEFAULT_CHUNK_BYTES,
+    precomputed: Optional[Precomputed] = None,
 ) -> dict[str, Tensor]:
     """Statistics of ``softmax((hidden @ weight.T + bias) / T)`` at each of ``N`` tokens.
 
@@ -310,15 +414,65 @@ def token_stats(
         ref: ``(hidden, weight, bias)`` of the reference model for ``kl_ref`` (no grad).
         old: ``(hidden, weight, bias)`` of the old policy for ``kl_old`` (no grad).
         chunk_size: tokens per chunk (0: from ``budget_bytes``).
+        precomputed: :func:`token_stats_forward` at these same inputs (values and the per-token
+            state backward reads); the forward pass is then skipped. Covering ``spec`` is checked,
+            equality of the inputs is the caller's contract.
     Returns a dict ``name -> [N] float32`` with the names of ``spec.names()``.
     """
+    _check_inputs(spec, ref, old)
+    chunk = _resolve_chunk(hidden, weight, spec, chunk_size, budget_bytes)
+    rh, rw, rb = (t.detach() if t is not None else None for t in (ref or (None, None, None)))
+    oh, ow, ob = (t.detach() if t is not None else None for t in (old or (None, None, None)))
+    if precomputed is not None:
+        _check_precomputed(precomputed, spec, hidden.shape[0])
+    outs = _TokenStats.apply(spec, chunk, precomputed, hidden, weight, bias, targets, rh, rw, rb, oh, ow, ob)
+    return dict(zip(spec.names(), outs))
+
+
+def _resolve_chunk(hidden, weight, spec, chunk_size, budget_bytes) -> int:
+    low = hidden.dtype in (torch.float16, torch.bfloat16)
+    return chunk_size or auto_chunk_size(weight.shape[0], spec, budget_bytes, low)
+
+
+def _check_precomputed(pre: "Precomputed", spec: StatsSpec, n: int) -> None:
+    missing = [k for k in spec.names() if k not in pre.values] + [k for k in _saved_keys(spec) if k not in pre.saved]
+    if missing or pre.spec.temperature != spec.temperature or pre.spec.top_p != spec.top_p:
+        raise ValueError(f"precomputed statistics do not cover {spec} (missing {missing}, computed with {pre.spec})")
+    bad = [k for k, v in {**pre.values, **pre.saved}.items() if v.shape[0] != n]
+    if bad:
+        raise ValueError(f"precomputed statistics {bad} are not for these {n} tokens")
+
+
+@torch.no_grad()
+def token_stats_forward(
+    hidden: Tensor,
+    weight: Tensor,
+    targets: Tensor,
+    spec: StatsSpec = StatsSpec(),
+    *,
+    bias: Optional[Tensor] = None,
+    ref: Other = None,
+    old: Other = None,
+    chunk_size: int = 0,
+    budget_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Precomputed:
+    """:func:`token_stats`'s forward alone (no graph), keeping what its backward needs.
+
+    ``token_stats(..., precomputed=token_stats_forward(...))`` at the *same* inputs then skips the
+    forward pass (no lm-head matmul) and runs only the backward. The learner uses it for the first
+    optimizer update of a step: the no-grad pass it runs anyway (old log-probs, Lp-Reg's proxy,
+    reference log-probs) computes the training statistics too, since pi_theta = pi_old until the
+    first update."""
+    _check_inputs(spec, ref, old)
+    chunk = _resolve_chunk(hidden, weight, spec, chunk_size, budget_bytes)
+    rh, rw, rb = ref or (None, None, None)
+    oh, ow, ob = old or (None, None, None)
+    outs, saved = _forward_all(spec, chunk, hidden, weight, bias, targets, rh, rw, rb, oh, ow, ob)
+    return Precomputed(spec, outs, saved)
+
+
+def _check_inputs(spec: StatsSpec, ref, old) -> None:
     if spec.kl_ref and ref is None:
         raise ValueError("kl_ref requires ref=(hidden, weight, bias) of the reference model")
     if spec.kl_old and old is None:
         raise ValueError("kl_old requires old=(hidden, weight, bias) of the old policy")
-    low = hidden.dtype in (torch.float16, torch.bfloat16)
-    chunk = chunk_size or auto_chunk_size(weight.shape[0], spec, budget_bytes, low)
-    rh, rw, rb = (t.detach() if t is not None else None for t in (ref or (None, None, None)))
-    oh, ow, ob = (t.detach() if t is not None else None for t in (old or (None, None, None)))
-    outs = _TokenStats.apply(spec, chunk, hidden, weight, bias, targets, rh, rw, rb, oh, ow, ob)
-    return dict(zip(spec.names(), outs))
