@@ -339,3 +339,26 @@ def test_precomputed_must_cover_the_spec():
         token_stats(inp["h"], inp["w"], inp["y"], StatsSpec(entropy=True, top_p=(0.8, 10)), precomputed=pre)
     with pytest.raises(ValueError, match="not for these 3 tokens"):
         token_stats(inp["h"][:3], inp["w"], inp["y"][:3], StatsSpec(entropy=True), precomputed=pre)
+
+
+@pytest.mark.parametrize("first_k", [1, 3, 6, 512])
+@pytest.mark.parametrize("top_k", [4, 8, 20])
+def test_nucleus_stages_agree_with_the_full_sort(first_k, top_k):
+    """Every path of ``nucleus_stats`` (top-1 >= p, the small sorted top-k, the unsorted full top-k
+    with and without the crossing inside it) gives the full stable sort's n, threshold, mass and H."""
+    from alignreg.losses.stats import nucleus_stats
+
+    g = torch.Generator().manual_seed(first_k + top_k)
+    u = torch.randn(64, 40, generator=g, dtype=torch.float64) * torch.linspace(0.05, 6, 64, dtype=torch.float64)[:, None]
+    p = torch.softmax(u, -1)
+    n, thr, S, H = nucleus_stats(p, 0.8, top_k, first_k=first_k)
+    sp = torch.sort(p, dim=-1, descending=True, stable=True).values[:, :top_k]
+    n_want = (sp.cumsum(-1) < 0.8).sum(-1)
+    assert torch.equal(n, n_want)
+    assert {int(x) for x in n} >= {0, top_k} and any(0 < int(x) < top_k for x in n)  # all paths taken
+    keep = torch.arange(sp.shape[-1])[None] < n_want[:, None]
+    S_want = torch.where(n_want > 0, (sp * keep).sum(-1), torch.ones(64, dtype=torch.float64))
+    torch.testing.assert_close(S, S_want, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(H, siren_top_p_entropy(u, 0.8, top_k), rtol=1e-9, atol=1e-10)
+    thr_want = torch.where(n_want > 0, sp.gather(-1, (n_want - 1).clamp(min=0)[:, None]).squeeze(-1), torch.tensor(math.inf, dtype=torch.float64))
+    assert torch.equal(thr, thr_want)

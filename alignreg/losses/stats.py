@@ -145,9 +145,11 @@ def nucleus_stats(p: Tensor, top_p: float, top_k: int, first_k: int = 512,
     nucleus ``-sum_K q log q``, q = p / S; 0 when n = 0).
 
     Cost: rows whose top-1 probability is already >= p (``top1``, the row max, given or computed)
-    have an empty nucleus and no sort at all; the others get a ``topk(first_k)``, and only rows whose
-    crossing lies beyond it pay for the full ``topk(top_k)``. The sorted prefix, and so every result,
-    is the same either way. Ties at the boundary do not change S or H (equal values).
+    have an empty nucleus and no sort at all; the others get a sorted ``topk(first_k)``, and only rows
+    whose crossing lies beyond it pay for the full ``topk(top_k)``, unsorted: when its k values sum to
+    less than p (a flat row: the nucleus is the whole top-k) no order is needed, otherwise only those
+    k values are sorted. The kept set, and so every result, is the same either way (up to float
+    summation order). Ties at the boundary do not change S or H (equal values).
     """
     C = p.shape[0]
     k = min(top_k, p.shape[-1])
@@ -160,25 +162,38 @@ def nucleus_stats(p: Tensor, top_p: float, top_k: int, first_k: int = 512,
     if top1 is None:
         top1 = p.amax(-1)
     rows = (top1 < top_p).nonzero().squeeze(-1)
-    for kk in ((min(first_k, k), k) if first_k < k else (k,)):
-        if rows.numel() == 0:
-            break
-        sp = p.index_select(0, rows).topk(kk, dim=-1, sorted=True).values
+
+    def settle(r, sp, c, nr, kk):  # rows r: sorted prefix sp [R, kk], its cumsum c, n
+        last = (nr - 1).clamp(min=0).unsqueeze(-1)
+        s_r = c.gather(-1, last).squeeze(-1)
+        kept = sp * (torch.arange(kk, device=p.device) < nr.unsqueeze(-1))
+        n[r], thr[r], S[r] = nr, sp.gather(-1, last).squeeze(-1), s_r
+        H[r] = s_r.log() - _plogp(kept).sum(-1) / s_r  # -sum q log q = log S - sum p log p / S
+
+    if rows.numel() and first_k < k:  # stage 1: a small sorted top-k resolves most rows of an LM
+        sp = p.index_select(0, rows).topk(first_k, dim=-1, sorted=True).values
         c = sp.cumsum(-1)
         nr = (c < top_p).sum(-1)
-        done = (nr < kk) | (kk == k)
-        r, sp, c, nr = rows[done], sp[done], c[done], nr[done]
-        if r.numel():
-            last = (nr - 1).clamp(min=0).unsqueeze(-1)
-            s_r = c.gather(-1, last).squeeze(-1)
-            kept = sp * (torch.arange(kk, device=p.device) < nr.unsqueeze(-1))
-            plogp = torch.where(kept > 0, kept * kept.log(), torch.zeros((), dtype=p.dtype))
-            n[r] = nr
-            thr[r] = sp.gather(-1, last).squeeze(-1)
-            S[r] = s_r
-            H[r] = s_r.log() - plogp.sum(-1) / s_r  # -sum q log q = log S - sum p log p / S
+        done = nr < first_k
+        settle(rows[done], sp[done], c[done], nr[done], first_k)
         rows = rows[~done]
+    if rows.numel():  # stage 2: the full top-k, unsorted; sorted only where the crossing is inside it
+        v = p.index_select(0, rows).topk(k, dim=-1, sorted=False).values
+        total = v.sum(-1)
+        cap = total < top_p  # every one of the k tokens is kept: no order needed
+        r = rows[cap]
+        n[r], thr[r], S[r] = k, v[cap].amin(-1), total[cap]
+        H[r] = total[cap].log() - _plogp(v[cap]).sum(-1) / total[cap]
+        if (~cap).any():
+            sp = v[~cap].sort(dim=-1, descending=True).values
+            c = sp.cumsum(-1)
+            settle(rows[~cap], sp, c, (c < top_p).sum(-1), k)
     return n, thr, S, H
+
+
+def _plogp(x: Tensor) -> Tensor:
+    """``x log x`` with ``0 log 0 = 0``."""
+    return torch.where(x > 0, x * x.log(), torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def nucleus_mask(p: Tensor, n: Tensor, thr: Tensor, keep: Optional[Tensor] = None, eq: Optional[Tensor] = None) -> Tensor:
