@@ -348,6 +348,7 @@ class LearnerConfig:
     ppo_epochs: int = 1  # passes over the batch per training step
     chunk_size: int = 0  # tokens per lm-head chunk in the statistics pass (0 = automatic from a memory budget)
     log_entropy: bool = True  # log the full-vocabulary policy entropy (computed in the no-grad pass)
+    reuse_forward: bool = True  # first update of a step: take the loss statistics from the no-grad pass (pi = pi_old) and run only their backward (exact; checked per micro-batch by a hidden-state fingerprint)
 
     def validate(self, path: str) -> None:
         _check(self.lr > 0, f"{path}.lr must be > 0")

@@ -25,11 +25,11 @@ ALL_TERMS = [
 ]
 
 
-def _cfg(micro: int, terms=ALL_TERMS, **alg) -> RLConfig:
+def _cfg(micro: int, terms=ALL_TERMS, learner=None, **alg) -> RLConfig:
     return from_dict(RLConfig, {
         "rollout": {"group_size": 4, "prompts_per_step": 4, "max_new_tokens": 6, "temperature": 0.9},
         "algorithm": {"loss_agg_mode": "seq-mean-token-mean", **alg},
-        "learner": {"micro_batch_size": micro, "lr": 1e-2, "grad_clip": 0.0},
+        "learner": {"micro_batch_size": micro, "lr": 1e-2, "grad_clip": 0.0, **(learner or {})},
         "regularizers": terms,
     })
 
@@ -53,11 +53,11 @@ def _model(tok, seed=0):
     return build_model(RLConfig().model, len(tok), seed, tok)
 
 
-def _grads_after_step(micro: int, terms=ALL_TERMS, **alg):
+def _grads_after_step(micro: int, terms=ALL_TERMS, learner=None, **alg):
     torch.manual_seed(0)
     tok = build_tokenizer()
     model = _model(tok)
-    cfg = _cfg(micro, terms, **alg)
+    cfg = _cfg(micro, terms, learner, **alg)
     regs = build_regularizers(cfg.regularizers)
     backend = _GradCapture(model, cfg)
     learner = PolicyLearner(model, cfg, regs, ref_model=_perturbed_ref(model), backend=backend)
@@ -162,3 +162,31 @@ def test_two_data_parallel_ranks_match_single_process(tmp_path):
     single, _ = _grads_after_step(16)
     for k in single:
         torch.testing.assert_close(dp[k], single[k], rtol=1e-4, atol=1e-6)
+
+
+MICRO_TERMS = [
+    {"name": "kl_ref", "coef": 0.1, "params": {"estimator": "full"}},
+    {"name": "entropy", "coef": 0.01},
+    {"name": "siren", "coef": 0.5, "params": {"top_p": 0.9, "top_k": 8}},
+    {"name": "lp_reg", "coef": 1.0, "params": {"min_p": 0.05, "rho": 0.3}},
+]
+
+
+@pytest.mark.parametrize("terms", [ALL_TERMS, MICRO_TERMS], ids=["global-scopes+k3", "micro-scopes"])
+def test_first_update_reuses_the_no_grad_pass_exactly(terms):
+    """learner.reuse_forward: the on-policy update takes its statistics from the no-grad pass
+    (pi_theta = pi_old) and runs only their backward. Same gradients and metrics as recomputing."""
+    g_on, m_on = _grads_after_step(4, terms, {"reuse_forward": True})
+    g_off, m_off = _grads_after_step(4, terms, {"reuse_forward": False})
+    assert m_on["learner/forward_reused"] == 1.0 and "learner/forward_reused" not in m_off
+    assert g_on.keys() == g_off.keys()
+    for n in g_on:
+        torch.testing.assert_close(g_on[n], g_off[n], rtol=1e-5, atol=1e-7, msg=n)
+    for k, v in m_off.items():
+        assert m_on[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
+
+
+def test_later_updates_recompute_the_forward():
+    """After the first optimizer step the no-grad pass is stale: two mini-batches -> half reused."""
+    _, m = _grads_after_step(4, MICRO_TERMS, {"reuse_forward": True, "mini_batch_size": 8})
+    assert m["learner/forward_reused"] == 0.5

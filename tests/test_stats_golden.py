@@ -46,6 +46,7 @@ def brute_stats(h, w, b, y, spec: StatsSpec, ref=None, old=None) -> dict:
         rh, rw, rb = ref
         lr = torch.log_softmax((rh @ rw.t() + (rb if rb is not None else 0.0)) / T, -1)
         out["kl_ref_full"] = (pr * (logp - lr)).sum(-1)
+        out["ref_logprobs"] = lr.gather(-1, y[:, None]).squeeze(-1).detach()
     if spec.kl_old:
         oh, ow, ob = old
         lo = torch.log_softmax((oh @ ow.t() + (ob if ob is not None else 0.0)) / T, -1)
@@ -158,9 +159,9 @@ def test_kl_old_and_min_p_outputs_are_non_differentiable():
     (its gradient is then silently dropped in backward).
     """
     inp = make_inputs(0)
-    for spec in (StatsSpec(kl_old=True), StatsSpec(min_p=0.1), StatsSpec(kl_old=True, min_p=0.1)):
+    for spec in (StatsSpec(kl_old=True), StatsSpec(min_p=0.1), StatsSpec(kl_old=True, min_p=0.1), StatsSpec(kl_ref=True, min_p=0.1)):
         out, _ = run_lib(inp, spec, 3)
-        for k in ("kl_old_full", "min_p_logprobs"):
+        for k in ("kl_old_full", "min_p_logprobs", "ref_logprobs"):
             if k in out:
                 assert not out[k].requires_grad, f"{k} requires grad with {spec.names()}"
 

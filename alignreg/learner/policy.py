@@ -26,7 +26,7 @@ from torch import Tensor
 from alignreg.config import RLConfig
 from alignreg.losses.aggregate import aggregate
 from alignreg.losses.policy import clipped_pg_loss
-from alignreg.losses.stats import StatsSpec, auto_chunk_size, token_stats
+from alignreg.losses.stats import Precomputed, StatsSpec, auto_chunk_size, token_stats, token_stats_forward
 from alignreg.learner.batch import TrainBatch
 from alignreg.models import lm_head_and_body
 from alignreg.regularizers.base import AggNorm, LossContext, RegularizerSet, StepView
@@ -40,6 +40,14 @@ def response_hidden(body, batch: TrainBatch) -> Tensor:
     h = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
     P, R = batch.prompt_len, batch.response_len
     return h[:, P - 1 : P - 1 + R]
+
+
+def fingerprint(flat: Tensor) -> Tensor:
+    """Two float64 sums per token of its hidden state (plain and position-weighted): equal hidden
+    states give equal fingerprints; any change of a value or its position changes them."""
+    x = flat.detach().double()
+    ramp = torch.arange(1, x.shape[-1] + 1, dtype=torch.float64, device=x.device)
+    return torch.stack([x.sum(-1), (x * ramp).sum(-1)], -1)
 
 
 def scatter_rows(flat: Tensor, valid: Tensor) -> Tensor:
@@ -152,6 +160,8 @@ class PolicyLearner:
             model.gradient_checkpointing_enable()
         _, w, _ = lm_parts(model)
         self.vocab = w.shape[0]
+        self._pre: dict[tuple[int, int], tuple[Precomputed, Tensor]] = {}  # micro-batch rows -> no-grad pass stats
+        self._reuse_counts = {True: 0, False: 0}
 
     # ------------------------------------------------------------------------------------------
     def _specs(self) -> tuple[StatsSpec, StatsSpec, StatsSpec]:
@@ -180,12 +190,16 @@ class PolicyLearner:
     def _chunk(self, spec: StatsSpec) -> int:
         return self.cfg.learner.chunk_size or auto_chunk_size(self.vocab, spec)
 
-    def _stats(self, model, batch: TrainBatch, spec: StatsSpec, chunk: int, ref_h=None, old_h=None, ref_model=None):
+    def _stats(self, model, batch: TrainBatch, spec: StatsSpec, chunk: int, ref_h=None, old_h=None, ref_model=None,
+               pre: Optional[tuple[Precomputed, Tensor]] = None):
         body, w, b = lm_parts(model)
         h = response_hidden(body, batch)
         valid = batch.mask > 0
         flat = h[valid]
         kw = {}
+        if pre is not None and torch.equal(pre[1], fingerprint(flat)):  # valid only for identical hidden states
+            kw["precomputed"] = pre[0]
+        self._last_reused = "precomputed" in kw
         if spec.kl_ref:
             _, rw, rb = lm_parts(ref_model or self.ref_model)
             kw["ref"] = (ref_h[valid], rw, rb)
@@ -214,9 +228,23 @@ class PolicyLearner:
         if keep_old_h:
             _, w, b = lm_parts(self.model)
             self._old_head = (w.detach().clone(), None if b is None else b.detach().clone())
+        wide = self._reuse_spec(train, old)
+        self._pre: dict[tuple[int, int], tuple[Precomputed, Tensor]] = {}
         self.model.eval()
         for r in self._micro_batches(range(len(batch))):
             mb = batch.rows(slice(r.start, r.stop))
+            if wide is not None:
+                st, h, rh = self._wide_pass(mb, wide, chunk, r)
+                out["old_logprobs"].append(st["logprobs"])
+                for k, on in (("entropy", old.entropy), ("top_p_entropy", old.top_p is not None), ("min_p_logprobs", old.min_p is not None)):
+                    if on:
+                        out["old_" + k].append(st[k])
+                if keep_old_h:  # pragma: no cover - _reuse_spec excludes kl_old
+                    out["old_hidden"].append(h.detach())
+                if self.needs_ref:
+                    out["ref_logprobs"].append(st["ref_logprobs"])
+                    out["ref_hidden"].append(rh.detach())
+                continue
             st, h = self._stats(self.model, mb, old, chunk)
             out["old_logprobs"].append(st["logprobs"])
             if old.entropy:
@@ -234,6 +262,32 @@ class PolicyLearner:
                     out["ref_hidden"].append(rh.detach())
         self.model.train()
         return {k: torch.cat(v) for k, v in out.items()}
+
+    def _reuse_spec(self, train: StatsSpec, old: StatsSpec) -> Optional[StatsSpec]:
+        """The no-grad pass's spec when it can also serve the first update's loss (pi_theta = pi_old
+        until the first optimizer step), else None. Only with the full-vocabulary KL if a reference
+        is needed at all (then the reference logits of the same pass give its log-probs)."""
+        if not self.cfg.learner.reuse_forward or train.kl_old or (self.needs_ref and not train.kl_ref):
+            return None
+        if old.top_p is not None and train.top_p is not None and old.top_p != train.top_p:
+            return None
+        return StatsSpec(entropy=train.entropy or old.entropy, top_p=train.top_p or old.top_p, kl_ref=train.kl_ref,
+                         min_p=old.min_p, temperature=train.temperature)
+
+    def _wide_pass(self, mb: TrainBatch, spec: StatsSpec, chunk: int, r: range):
+        """One no-grad pass for pi_old's and the first update's statistics (and the reference's)."""
+        body, w, b = lm_parts(self.model)
+        h = response_hidden(body, mb)
+        valid = mb.mask > 0
+        flat = h[valid]
+        kw, rh = {}, None
+        if spec.kl_ref:
+            rbody, rw, rb = lm_parts(self.ref_model)
+            rh = response_hidden(rbody, mb)
+            kw["ref"] = (rh[valid], rw, rb)
+        pre = token_stats_forward(flat, w, mb.response_ids[valid], spec, bias=b, chunk_size=chunk, **kw)
+        self._pre[(r.start, r.stop)] = (pre, fingerprint(flat))
+        return {k: scatter_rows(v, valid) for k, v in pre.values.items()}, h, rh
 
     @torch.no_grad()
     def _prepass(self, batch: TrainBatch, rows: range, spec: StatsSpec, chunk: int) -> dict[str, Tensor]:
@@ -270,6 +324,7 @@ class PolicyLearner:
             metrics["policy/entropy"] = float((old["old_entropy"] * batch.mask).sum() / n_valid)
         metrics["policy/rollout_logprob_diff"] = float(((old["old_logprobs"] - batch.rollout_logprobs).abs() * batch.mask).sum() / n_valid)
         on_policy = self._on_policy()
+        self._reuse_counts = {True: 0, False: 0}
         sums: dict[str, float] = defaultdict(float)
         weights: dict[str, float] = defaultdict(float)
         totals: dict[str, float] = defaultdict(float)
@@ -299,11 +354,14 @@ class PolicyLearner:
                         totals[k] += v
                 totals["optim/grad_norm"] += be.step()
                 updates += 1
+                self._pre = {}  # the weights changed: the no-grad pass's statistics are stale
         for k in sums:
             metrics[k] = sums[k] / max(weights[k], 1e-12)
         for k in totals:  # mean over optimizer updates
             metrics[k] = totals[k] / updates
         metrics["optim/lr"] = be.scheduler.get_last_lr()[0] if hasattr(be, "scheduler") else cfg.learner.lr
+        if cfg.learner.reuse_forward:  # fraction of micro-batches whose loss forward came from the no-grad pass
+            metrics["learner/forward_reused"] = self._reuse_counts[True] / max(sum(self._reuse_counts.values()), 1)
         return metrics
 
     def _micro_loss(self, batch, r, mini_start, old, norm, prepared, step, spec, chunk, on_policy):
@@ -314,7 +372,9 @@ class PolicyLearner:
             self.model, mb, spec, chunk,
             ref_h=old["ref_hidden"][sl] if "ref_hidden" in old else None,
             old_h=old["old_hidden"][sl] if "old_hidden" in old else None,
+            pre=self._pre.get((r.start, r.stop)),
         )
+        self._reuse_counts[self._last_reused] += 1
         logprobs = stats.pop("logprobs")
         for k in ("ref_logprobs", "old_min_p_logprobs", "old_top_p_entropy"):
             if k in old:

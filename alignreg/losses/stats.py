@@ -12,6 +12,17 @@ statistic, then contracted into ``d hidden`` and ``d weight``. Peak extra memory
 ``[chunk, V]`` buffers, independent of the sequence length, and the chunk size is picked from a byte
 budget that accounts for how many buffers the requested statistics need.
 
+Per chunk the softmax is formed from the row max and one shifted ``exp`` (``torch.logsumexp`` is
+several times slower on CPU); forward saves each row's log-sum-exp (policy and reference) and the
+nucleus (n, threshold, mass), so backward forms log-probs with one subtraction and the nucleus mask
+with one comparison. SIREN's nucleus comes from the sorted prefix of a small ``topk`` (no ``[C, V]``
+mask in forward); only rows whose nucleus reaches beyond it pay for the full ``topk(k)``.
+
+:func:`token_stats_forward` runs the forward alone (no graph) and keeps that per-token state;
+``token_stats(..., precomputed=...)`` at the same inputs then runs only the backward. The learner's
+no-grad pass (old log-probs, Lp-Reg's proxy, reference log-probs) uses it to serve the first update
+of each step too, where pi_theta = pi_old, so that update's loss costs no lm-head forward.
+
 Analytic gradients w.r.t. the temperature-scaled logits ``u = z / T`` (``p = softmax(u)``):
 
 * log-prob of token y:            ``onehot(y) - p``
@@ -20,7 +31,8 @@ Analytic gradients w.r.t. the temperature-scaled logits ``u = z / T`` (``p = sof
   (the kept set is piecewise constant, as in SIREN's official code)
 * ``KL(p || r) = sum p (log p - log r)``: ``p (log p - log r - KL)``
 
-and ``d/dz = d/du / T``. ``kl_old_full`` and ``min_p_logprobs`` are returned without gradient.
+and ``d/dz = d/du / T``. ``kl_old_full``, ``min_p_logprobs`` and ``ref_logprobs`` (the reference's
+log-prob of the sampled token, a by-product of ``kl_ref``) are returned without gradient.
 """
 from __future__ import annotations
 
@@ -42,7 +54,7 @@ class StatsSpec:
 
     entropy: bool = False  # full-vocabulary entropy (differentiable)
     top_p: Optional[tuple[float, int]] = None  # (p, k): strict top-p nucleus entropy within the top-k (differentiable)
-    kl_ref: bool = False  # KL(pi || ref) over the full vocabulary (differentiable); needs ``ref``
+    kl_ref: bool = False  # KL(pi || ref) over the full vocabulary (differentiable), and the reference's log-prob of the sampled token (no grad); needs ``ref``
     kl_old: bool = False  # KL(old || pi) over the full vocabulary (detached); needs ``old``
     min_p: Optional[float] = None  # kappa: log-prob of the sampled token under the min-p proxy (no grad)
     temperature: float = 1.0  # logits are divided by this before every statistic (not before min-p's filter)
@@ -54,7 +66,7 @@ class StatsSpec:
         if self.top_p is not None:
             out.append("top_p_entropy")
         if self.kl_ref:
-            out.append("kl_ref_full")
+            out += ["kl_ref_full", "ref_logprobs"]
         if self.kl_old:
             out.append("kl_old_full")
         if self.min_p is not None:
@@ -262,6 +274,7 @@ def _chunk_forward(spec: StatsSpec, ws: _Workspace, h, w, b, y, ref, old):
     if spec.kl_ref:  # sum p log p - sum p log r
         lr = ws.logits("tmp", *ref, T)
         saved["lse_ref"] = _softmax_(lr, ws.get("gz", C))  # gz is free in forward
+        out["ref_logprobs"] = lr.gather(-1, y[:, None]).squeeze(-1)
         out["kl_ref_full"] = plogp - lr.mul_(p).sum(-1)
     if spec.kl_old:  # sum o (log o - log p)
         lo = ws.logits("tmp", *old, T)
@@ -317,7 +330,7 @@ class _TokenStats(torch.autograd.Function):
             outs.get("entropy"), outs.get("top_p_entropy"), outs.get("kl_ref_full"),
             *[saved[k] for k in ctx.saved_keys],
         )
-        nondiff = [outs[k] for k in ("kl_old_full", "min_p_logprobs") if k in outs]
+        nondiff = [outs[k] for k in ("ref_logprobs", "kl_old_full", "min_p_logprobs") if k in outs]
         if nondiff:  # one call: each call replaces the previous set
             ctx.mark_non_differentiable(*nondiff)
         return tuple(outs[k] for k in names)
