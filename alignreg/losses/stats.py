@@ -83,8 +83,6 @@ class StatsSpec:
             n += 8  # gradient accumulator and scratch (forward: the reference / old policy's logits)
         elif self.min_p is not None:
             n += 4  # the min-p filter mask
-        if self.top_p is not None:
-            n += 4  # nucleus mask (float, backward)
         return n + (2 if low_precision else 0)  # half-precision matmul output
 
 
@@ -124,14 +122,17 @@ class _Workspace:
         return out.div_(T) if T != 1.0 else out
 
 
-def _softmax_(u: Tensor, p: Tensor) -> Tensor:
+def _softmax_(u: Tensor, p: Tensor, want_p: bool = True, m: Optional[Tensor] = None) -> Tensor:
     """In place on a [C, V] buffer: ``u <- log_softmax(u)``, ``p <- exp(u)``; returns the per-row
     log-sum-exp. Cheap passes (max, shifted exp, sum, shift, exp) instead of ``torch.logsumexp``
     (several times slower on CPU). ``p`` is formed as ``exp(log p)`` exactly as backward recomputes
-    it from the saved log-sum-exp, so the nucleus threshold compares equal values in both passes."""
-    m = u.amax(-1, keepdim=True)
+    it from the saved log-sum-exp, so the nucleus threshold compares equal values in both passes.
+    ``want_p=False``: ``p`` is only scratch. ``m``: the row max ``[C, 1]`` if already known."""
+    m = u.amax(-1, keepdim=True) if m is None else m
     lse = torch.sub(u, m, out=p).exp_().sum(-1, keepdim=True).log_().add_(m)
-    torch.exp(u.sub_(lse), out=p)
+    u.sub_(lse)
+    if want_p:
+        torch.exp(u, out=p)
     return lse.squeeze(-1)
 
 
@@ -245,12 +246,15 @@ def _chunk_forward(spec: StatsSpec, ws: _Workspace, h, w, b, y, ref, old):
     p = ws.get("p", C)
     if spec.min_p is not None:  # the filter applies to the raw logits, before temperature
         raw = ws.logits("z", h, w, b, 1.0)
-        kf = torch.ge(raw, raw.amax(-1, keepdim=True) + math.log(spec.min_p), out=ws.get("tmp", C))
+        m = raw.amax(-1, keepdim=True)
+        kf = torch.ge(raw, m + math.log(spec.min_p), out=ws.get("tmp", C))
         y_kept = kf.gather(-1, y[:, None]).squeeze(-1) > 0
         logp = raw.div_(T) if T != 1.0 else raw
+        m = m / T  # division by T > 0 is monotone: max(raw / T) == max(raw) / T exactly
     else:
         logp = ws.logits("z", h, w, b, T)
-    lse = _softmax_(logp, p)
+        m = logp.amax(-1, keepdim=True)
+    lse = _softmax_(logp, p, m=m)
     saved["lse"] = lse
     out["logprobs"] = logp.gather(-1, y[:, None]).squeeze(-1)
     if spec.min_p is not None:
@@ -273,7 +277,7 @@ def _chunk_forward(spec: StatsSpec, ws: _Workspace, h, w, b, y, ref, old):
         saved.update(n=n, thr=thr, log_s=S.log())
     if spec.kl_ref:  # sum p log p - sum p log r
         lr = ws.logits("tmp", *ref, T)
-        saved["lse_ref"] = _softmax_(lr, ws.get("gz", C))  # gz is free in forward
+        saved["lse_ref"] = _softmax_(lr, ws.get("gz", C), want_p=False)  # gz is free in forward
         out["ref_logprobs"] = lr.gather(-1, y[:, None]).squeeze(-1)
         out["kl_ref_full"] = plogp - lr.mul_(p).sum(-1)
     if spec.kl_old:  # sum o (log o - log p)
@@ -378,11 +382,11 @@ class _TokenStats(torch.autograd.Function):
             if g_kl is not None:
                 lr = ws.logits("tmp", ref_h[s:e], ref_w, ref_b, T).sub_(saved["lse_ref"][s:e, None])
                 gz.addcmul_(lr, g_kl[:, None], value=-1.0)
-            if g_tp is not None:
+            if g_tp is not None:  # kf * ct * (log p + d), ct = -g / S, d = H_K - log S
                 log_s = saved["log_s"][s:e]
-                kf = _nucleus_keep_float(p, saved["n"][s:e], saved["thr"][s:e], ws.get("kf", C))
+                kf = _nucleus_keep_float(p, saved["n"][s:e], saved["thr"][s:e], ws.get("tmp", C))
                 kf.mul_((-g_tp * (-log_s).exp())[:, None])
-                gz.addcmul_(torch.add(logp, (tpe[s:e] - log_s)[:, None], out=ws.get("tmp", C)), kf)
+                gz.addcmul_(logp, kf).addcmul_(kf, (tpe[s:e] - log_s)[:, None])
             gz.mul_(p)
             if g_lp is not None:
                 gz.scatter_add_(-1, targets[s:e, None], g_lp[:, None])
