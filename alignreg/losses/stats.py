@@ -78,11 +78,11 @@ class StatsSpec:
 
     def bytes_per_element(self, low_precision: bool = False) -> int:
         """Bytes per [chunk, V] element of the workspace at the peak of one chunk (forward or backward)."""
-        n = 8  # logits / log-probs and probabilities
-        if self.entropy or self.top_p is not None or self.kl_ref or self.kl_old:
-            n += 8  # gradient accumulator and scratch (forward: the reference / old policy's logits)
-        elif self.min_p is not None:
-            n += 4  # the min-p filter mask
+        n = 8  # logits / log-probs (backward: the gradient, in place) and probabilities
+        if self.full_vocab() or self.min_p is not None:
+            n += 4  # scratch: the reference's logits, the nucleus / min-p mask
+        if self.kl_old:
+            n += 4  # the old policy's probabilities (forward only)
         return n + (2 if low_precision else 0)  # half-precision matmul output
 
 
@@ -275,16 +275,19 @@ def _chunk_forward(spec: StatsSpec, ws: _Workspace, h, w, b, y, ref, old):
         n, thr, S, H = nucleus_stats(p, *spec.top_p)
         out["top_p_entropy"] = H
         saved.update(n=n, thr=thr, log_s=S.log())
-    if spec.kl_ref:  # sum p log p - sum p log r
-        lr = ws.logits("tmp", *ref, T)
-        saved["lse_ref"] = _softmax_(lr, ws.get("gz", C), want_p=False)  # gz is free in forward
-        out["ref_logprobs"] = lr.gather(-1, y[:, None]).squeeze(-1)
-        out["kl_ref_full"] = plogp - lr.mul_(p).sum(-1)
     if spec.kl_old:  # sum o (log o - log p)
         lo = ws.logits("tmp", *old, T)
         po = ws.get("gz", C)
         _softmax_(lo, po)
         out["kl_old_full"] = lo.sub_(logp).mul_(po).sum(-1)
+    if spec.kl_ref:  # sum p log p - sum p log r, log r = u_r - lse_r and sum p = 1; log p is no longer needed
+        ur = ws.logits("tmp", *ref, T)
+        mr = ur.amax(-1, keepdim=True)
+        p_ur = torch.mul(p, ur, out=logp).sum(-1)
+        lse_r = torch.sub(ur, mr, out=logp).exp_().sum(-1).log_().add_(mr.squeeze(-1))
+        saved["lse_ref"] = lse_r
+        out["ref_logprobs"] = ur.gather(-1, y[:, None]).squeeze(-1) - lse_r
+        out["kl_ref_full"] = plogp - p_ur + lse_r
     return out, saved
 
 
@@ -368,6 +371,8 @@ class _TokenStats(torch.autograd.Function):
             # d/du of sum_stats g * stat = p * (a log p + c + [-g_kl log r] + [mask-term]) + g_lp onehot:
             #   log-prob  g (onehot - p);  entropy -g p (log p + H);  KL(p||r)  g p (log p - log r - KL)
             #   nucleus entropy  -(g / S) p (log p - log S + H_K) on the kept set
+            #   (log r = u_r - lse_r: the reference logits enter directly, lse_r goes into c)
+            # The bracket is formed in place in the log-prob buffer: 3 [C, V] float32 buffers in all.
             a = torch.zeros(C, dtype=dt, device=h.device)
             c = torch.zeros(C, dtype=dt, device=h.device)
             if g_h is not None:
@@ -375,18 +380,21 @@ class _TokenStats(torch.autograd.Function):
                 c -= g_h * ent[s:e]
             if g_kl is not None:
                 a += g_kl
-                c -= g_kl * klr[s:e]
+                c += g_kl * (saved["lse_ref"][s:e] - klr[s:e])
             if g_lp is not None:
                 c -= g_lp
-            gz = torch.addcmul(c[:, None], logp, a[:, None], out=ws.get("gz", C))
-            if g_kl is not None:
-                lr = ws.logits("tmp", ref_h[s:e], ref_w, ref_b, T).sub_(saved["lse_ref"][s:e, None])
-                gz.addcmul_(lr, g_kl[:, None], value=-1.0)
-            if g_tp is not None:  # kf * ct * (log p + d), ct = -g / S, d = H_K - log S
+            gz = logp
+            if g_tp is not None:  # + kf ct (log p + d), ct = -g / S, d = H_K - log S
                 log_s = saved["log_s"][s:e]
+                d = tpe[s:e] - log_s
                 kf = _nucleus_keep_float(p, saved["n"][s:e], saved["thr"][s:e], ws.get("tmp", C))
-                kf.mul_((-g_tp * (-log_s).exp())[:, None])
-                gz.addcmul_(logp, kf).addcmul_(kf, (tpe[s:e] - log_s)[:, None])
+                w_ = kf.mul_((-g_tp * (-log_s).exp())[:, None]).add_(a[:, None])  # a + kf ct
+                gz.add_(d[:, None]).mul_(w_).add_((c - a * d)[:, None])  # (log p + d)(a + kf ct) + c - a d
+            else:
+                gz.mul_(a[:, None]).add_(c[:, None])
+            if g_kl is not None:
+                ur = ws.logits("tmp", ref_h[s:e], ref_w, ref_b, T)
+                gz.addcmul_(ur, g_kl[:, None], value=-1.0)
             gz.mul_(p)
             if g_lp is not None:
                 gz.scatter_add_(-1, targets[s:e, None], g_lp[:, None])
