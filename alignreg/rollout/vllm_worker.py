@@ -66,6 +66,7 @@ class WorkerExtension:
             runner.reload_weights(weights_iterator=iter(named))
         else:  # vLLM without in-place reload (GPU, no repacked layers)
             runner.get_model().load_weights(iter(named))
+        _refresh_shared_packed_weights(runner.get_model())
         self._alignreg_checksum = checksum
         return checksum
 
@@ -104,6 +105,30 @@ class WorkerExtension:
             named.append((name, t))
         torch.cuda.current_stream().synchronize()
         return self._reload(named, expected=checksum)
+
+
+def _refresh_shared_packed_weights(model: torch.nn.Module) -> None:
+    """Re-run the kernel-layout post-processing of every layer whose weight is SHARED with another
+    layer (a tied lm-head: ``lm_head.weight is embed_tokens.weight``).
+
+    On the CPU backend each unquantized linear/embedding layer keeps a packed copy of its weight for
+    its GEMM kernel (``cpu_linear``), built by ``quant_method.process_weights_after_loading``. The
+    layer-wise reload rebuilds it for the layers whose parameters it loaded; the tied head owns no
+    parameter of its own (named_parameters lists the shared tensor once, under the embedding), so its
+    packed copy kept the old weights: the engine's logits did not change when only the embedding
+    did (parity probe diff 2.4). GPU builds have no ``cpu_linear``: nothing to do there."""
+    users: dict[int, list[torch.nn.Module]] = {}
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if isinstance(w, torch.Tensor) and w.numel():
+            users.setdefault(id(w), []).append(mod)
+    for mods in users.values():
+        if len(mods) < 2:
+            continue
+        for mod in mods:
+            qm = getattr(mod, "quant_method", None)
+            if hasattr(mod, "cpu_linear") and qm is not None and hasattr(qm, "process_weights_after_loading"):
+                qm.process_weights_after_loading(mod)
 
 
 def _checkpoint_tensors(model_dir: str) -> Iterable[tuple[str, torch.Tensor]]:
