@@ -16,6 +16,12 @@ g / (sqrt(v) + eps) amplifies float32 summation-order differences of near-zero g
 observed max 3e-5). The only differences are the summation order of the reductions. The same
 worker then resumes a fresh engine from the backend's checkpoint and takes a third step, which must
 match the uninterrupted torch run.
+
+With LoRA (PEFT adapters on every linear layer, ZeRO-2 and ZeRO-3; the reference is the policy with
+its adapters off, as in LoRA runs): the same comparison over the adapter weights, the frozen base
+weights must not move, ``export_weights`` must be the merged
+``W + scale B A`` under the base names (what engines load) equal to the torch run's, and the
+checkpoint must resume.
 """
 from __future__ import annotations
 
@@ -28,7 +34,8 @@ import torch.multiprocessing as mp
 
 pytest.importorskip("deepspeed")
 
-from alignreg.config import RLConfig, from_dict  # noqa: E402
+from alignreg.config import LoRAConfig, RLConfig, from_dict  # noqa: E402
+from alignreg.learner.lora import BaseModelView, apply_lora, merged_weights  # noqa: E402
 from alignreg.learner.policy import PolicyLearner, TorchBackend  # noqa: E402
 from alignreg.models import build_tokenizer  # noqa: E402
 from alignreg.regularizers import build_regularizers  # noqa: E402
@@ -38,14 +45,34 @@ TERMS = ALL_TERMS[:3]  # kl_ref full + k3 (reference model), entropy: every stat
 STEPS = 2
 
 
-def _cfg(stage: int, grad_clip: float = 0.0) -> RLConfig:
-    return from_dict(RLConfig, {
+def _cfg(stage: int, grad_clip: float = 0.0, lora: bool = False) -> RLConfig:
+    cfg = from_dict(RLConfig, {
         "rollout": {"group_size": 4, "prompts_per_step": 4, "max_new_tokens": 6, "temperature": 0.9},
         "algorithm": {"loss_agg_mode": "seq-mean-token-mean"},
         "learner": {"micro_batch_size": 3, "lr": 1e-2, "grad_clip": grad_clip, "warmup_steps": 2, "backend": "deepspeed"},
         "deepspeed": {"zero_stage": stage},
         "regularizers": TERMS,
     })
+    cfg.lora = LoRAConfig(enabled=lora, r=4, alpha=8.0)
+    return cfg
+
+
+def _policy(tok, cfg: RLConfig, seed: int = 0):
+    """(policy, reference): a perturbed copy of the model; with LoRA the policy is wrapped and the
+    reference is None: :func:`_ref` makes the base view (the policy with its adapters off)."""
+    model = _model(tok, seed=seed)
+    if not cfg.lora.enabled:
+        return model, _perturbed_ref(model)
+    torch.manual_seed(seed)  # the adapters' random A init
+    return apply_lora(model, cfg.lora), None
+
+
+def _ref(ref, backend):
+    if ref is not None:
+        return ref
+    if hasattr(backend, "learner_model"):  # DeepSpeed: the PeftModel inside the engine, the ZeRO-3 head view
+        return BaseModelView(backend.module, backend.learner_model)
+    return BaseModelView(backend.model)
 
 
 def _capture_grads(backend, store: list):
@@ -56,28 +83,28 @@ def _capture_grads(backend, store: list):
     inner = opt.step
 
     def step(*a, **k):
-        store.append({n: safe_get_full_grad(p).detach().clone() for n, p in backend.module.named_parameters()})
+        store.append({n: safe_get_full_grad(p).detach().clone() for n, p in backend.module.named_parameters() if p.requires_grad})
         return inner(*a, **k)
 
     opt.step = step
 
 
-def _ds_worker(rank: int, world: int, port: int, stage: int, out_dir: str):
+def _ds_worker(rank: int, world: int, port: int, stage: int, out_dir: str, lora: bool = False):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     from alignreg.learner.deepspeed import DeepSpeedBackend
 
     torch.manual_seed(0)
     tok = build_tokenizer()
-    model = _model(tok)
-    ref = _perturbed_ref(model)
-    cfg = _cfg(stage)
+    cfg = _cfg(stage, lora=lora)
+    model, ref = _policy(tok, cfg)
     backend = DeepSpeedBackend(model, cfg, ds_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
     if stage == 3:  # the test is only meaningful if the head weight really is partitioned
         assert backend.module.get_output_embeddings().weight.numel() == 0
     grads, norms = [], []
     _capture_grads(backend, grads)
-    learner = PolicyLearner(backend.learner_model, cfg, build_regularizers(cfg.regularizers), ref_model=ref, backend=backend)
+    learner = PolicyLearner(backend.learner_model, cfg, build_regularizers(cfg.regularizers), ref_model=_ref(ref, backend),
+                            backend=backend)
     for step in range(STEPS):
         batch = _batch(tok, seed=step)
         half = len(batch) // world
@@ -85,8 +112,8 @@ def _ds_worker(rank: int, world: int, port: int, stage: int, out_dir: str):
     weights = dict(backend.export_weights())
     state = learner.state_dict()
     # resume: a fresh engine loads the checkpoint and takes one more step
-    fresh = DeepSpeedBackend(_model(tok, seed=1), cfg, ds_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
-    resumed = PolicyLearner(fresh.learner_model, cfg, build_regularizers(cfg.regularizers), ref_model=ref, backend=fresh)
+    fresh = DeepSpeedBackend(_policy(tok, cfg, seed=1)[0], cfg, ds_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+    resumed = PolicyLearner(fresh.learner_model, cfg, build_regularizers(cfg.regularizers), ref_model=_ref(ref, fresh), backend=fresh)
     resumed.load_state_dict(state)
     batch = _batch(tok, seed=STEPS)
     half = len(batch) // world
@@ -107,23 +134,23 @@ class _Capture(TorchBackend):
         self.grads = []
 
     def apply_update(self) -> float:
-        self.grads.append({n: p.grad.detach().clone() for n, p in self.model.named_parameters()})
+        self.grads.append({n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad})
         return super().apply_update()
 
 
-def _torch_reference():
+def _torch_reference(lora: bool = False):
     torch.manual_seed(0)
     tok = build_tokenizer()
-    model = _model(tok)
-    ref = _perturbed_ref(model)
-    cfg = _cfg(2)
+    cfg = _cfg(2, lora=lora)
+    model, ref = _policy(tok, cfg)
     backend = _Capture(model, cfg)
-    learner = PolicyLearner(model, cfg, build_regularizers(cfg.regularizers), ref_model=ref, backend=backend)
+    learner = PolicyLearner(model, cfg, build_regularizers(cfg.regularizers), ref_model=_ref(ref, backend), backend=backend)
     norms = [learner.train_step(_batch(tok, seed=s), s)["optim/grad_norm"] for s in range(STEPS)]
-    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    weights = dict(merged_weights(model)) if lora else {n: p.detach().clone() for n, p in model.named_parameters()}
     state = copy.deepcopy(learner.state_dict())  # AdamW's state_dict references live tensors
     learner.train_step(_batch(tok, seed=STEPS), STEPS)
-    return backend.grads, norms, weights, state, {n: p.detach().clone() for n, p in model.named_parameters()}
+    after = dict(merged_weights(model)) if lora else {n: p.detach().clone() for n, p in model.named_parameters()}
+    return backend.grads, norms, weights, state, after
 
 
 def _free_port() -> int:
@@ -135,11 +162,21 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_zero_two_ranks_match_single_process_torch(stage, tmp_path):
-    mp.start_processes(_ds_worker, args=(2, _free_port(), stage, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+@pytest.mark.parametrize("stage,lora", [(2, False), (3, False), (2, True), (3, True)],
+                         ids=["zero2", "zero3", "zero2-lora", "zero3-lora"])
+def test_zero_two_ranks_match_single_process_torch(stage, lora, tmp_path):
+    mp.start_processes(_ds_worker, args=(2, _free_port(), stage, str(tmp_path), lora), nprocs=2, join=True, start_method="spawn")
     ds = torch.load(tmp_path / "ds.pt", weights_only=False)
-    grads, norms, weights, state, after = _torch_reference()
+    grads, norms, weights, state, after = _torch_reference(lora)
+    if lora:
+        base = dict(_policy(build_tokenizer(), _cfg(2))[0].named_parameters())  # the untrained base weights
+        assert set(ds["weights"]) == set(base), "LoRA export must use the base model's names"
+        assert all(set(g) and all("lora_" in n for n in g) for g in ds["grads"]), "only adapters have gradients"
+        for key in ("weights", "resumed"):  # merged: the base moved only through B A on adapted layers
+            moved = {n for n, w in ds[key].items() if not torch.equal(w, base[n].detach())}
+            assert moved and all(n.endswith("proj.weight") for n in moved), sorted(moved)[:4]
+        frozen = {k: v for k, v in state["model"].items() if "base_layer" in k}
+        assert frozen and all(torch.equal(ds["state"]["model"][k], v) for k, v in frozen.items())  # checkpoint holds the base
     assert len(ds["grads"]) == STEPS and len(grads) == STEPS + 1
     for s in range(STEPS):
         for name, g in grads[s].items():

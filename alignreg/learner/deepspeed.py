@@ -150,7 +150,6 @@ class DeepSpeedBackend(DistCollectives):
             model = model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        self._names = [n for n, _ in model.named_parameters()]
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay)
         scheduler = warmup_scheduler(optimizer, lc.warmup_steps)
@@ -218,21 +217,34 @@ class DeepSpeedBackend(DistCollectives):
         return list(self.module.named_parameters())
 
     @torch.no_grad()
-    def export_weights(self) -> list[tuple[str, Tensor]]:
-        """Full weights on CPU (gathered under ZeRO-3), names as ``model.named_parameters()``.
-
-        Collective under ZeRO-3: every rank must call it. Tensors are in the training dtype.
-        """
+    def _gathered(self, named: list[tuple[str, torch.nn.Parameter]], merge_lora: bool = False) -> list[tuple[str, Tensor]]:
+        """CPU copies of ``named`` (gathered under ZeRO-3; collective there). ``merge_lora``: the
+        whole PEFT model's base weights with the adapters folded in, under the base names."""
         import deepspeed
 
         self.release_head()  # nested gathers of the same parameter are an error
-        named = self._full_params()
         with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None, enabled=self.stage == 3):
+            if merge_lora:
+                from alignreg.learner.lora import merged_weights
+
+                return [(n, w.cpu()) for n, w in merged_weights(self.module)]
             return [(n, p.detach().to("cpu", copy=True)) for n, p in named]
 
+    def export_weights(self) -> list[tuple[str, Tensor]]:
+        """Full weights on CPU (gathered under ZeRO-3), names as ``model.named_parameters()``; for a
+        LoRA (PEFT) model the merged weights ``W + scale B A`` under the base model's names (what
+        the engines load).
+
+        Collective under ZeRO-3: every rank must call it. Tensors are in the training dtype.
+        """
+        from alignreg.learner.lora import is_peft
+
+        return self._gathered(self._full_params(), merge_lora=is_peft(self.module))
+
     def save_hf(self, path: str | Path) -> None:
-        """Write an HF checkpoint (``config.json`` + safetensors) of the full weights; rank 0 writes."""
-        named = dict(self.export_weights())
+        """Write an HF checkpoint (``config.json`` + safetensors) of the full weights; rank 0 writes.
+        A LoRA (PEFT) model writes its adapter only, like ``PeftModel.save_pretrained``."""
+        named = dict(self._gathered(self._full_params()))
         if self.rank == 0:
             state = {k: v for k, v in self.module.state_dict().items() if k not in named and v.numel() > 0}
             state.update(named)
@@ -245,7 +257,10 @@ class DeepSpeedBackend(DistCollectives):
         self.release_head()
         model, opt_state = {}, {}
         steps = int(self.scheduler.last_epoch)
-        for i, (name, p) in enumerate(self._full_params()):
+        trainable = [(n, p) for n, p in self._full_params() if p.requires_grad]
+        frozen = [(n, p) for n, p in self._full_params() if not p.requires_grad]  # LoRA's base: no fp32 master
+        model.update(self._gathered(frozen))
+        for i, (name, p) in enumerate(trainable):  # optimizer indices as TorchBackend's (trainable only)
             model[name] = safe_get_full_fp32_param(p).detach().cpu().clone()
             if steps > 0:
                 opt_state[i] = {
@@ -257,7 +272,7 @@ class DeepSpeedBackend(DistCollectives):
             if k not in model and v.numel() > 0:
                 model[k] = v.detach().cpu().clone()
         group = {k: v for k, v in self.optimizer.param_groups[0].items() if k != "params"}
-        group["params"] = list(range(len(self._names)))
+        group["params"] = list(range(len(trainable)))
         return {"model": model, "optimizer": {"state": opt_state, "param_groups": [group]},
                 "scheduler": self.scheduler.state_dict()}
 
@@ -285,7 +300,8 @@ class DeepSpeedBackend(DistCollectives):
                 for name, p in named:
                     p.data.copy_(weights[name].to(p.dtype))
         step = None
-        for i, (name, p) in enumerate(named):  # ... and the fp32 master partitions + AdamW moments
+        trainable = [(n, p) for n, p in named if p.requires_grad]
+        for i, (name, p) in enumerate(trainable):  # ... and the fp32 master partitions + AdamW moments
             safe_set_full_fp32_param(p, weights[name].to(torch.float32))
             s = opt.get(i)
             if s is not None:
