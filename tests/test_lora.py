@@ -75,3 +75,42 @@ def test_lora_step_changes_only_adapters_and_engine_follows(tmp_path):
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=ids).logits, pm(input_ids=ids).logits, atol=1e-5)
     assert len(ltok) == len(tok)
+
+
+def test_lora_reference_is_the_base_model_without_a_copy(tmp_path):
+    """With LoRA the KL reference is the policy with its adapters off: no second copy of the
+    weights, and every loss term and update equals a run whose reference is a full base copy."""
+    from alignreg.config import from_dict
+    from alignreg.learner.lora import BaseModelView
+    from alignreg.learner.policy import make_reference
+    from alignreg.orchestration.workers import LearnerWorker
+
+    terms = [{"name": "kl_ref", "coef": 0.5, "params": {"estimator": "full"}},
+             {"name": "kl_ref", "id": "kl_k3", "coef": 0.2, "params": {"estimator": "k3"}}]
+    cfg = from_dict(RLConfig, {"task": {"name": "sort", "min_length": 3, "max_length": 4, "eval_size": 8, "train_size": 32},
+                               "learner": {"lr": 5e-2, "micro_batch_size": 5}, "regularizers": terms,
+                               "lora": {"enabled": True, "r": 4, "alpha": 8.0}, "trainer": {"run_dir": str(tmp_path)}})
+    base, tok = load_policy(cfg.model, 0)
+    engine = HFRolloutEngine(base, tok)
+    train, _ = prompt_dataset(cfg.task)
+    batches = [_batch(engine, tok, train[4 * s:4 * s + 4], seed=s) for s in range(3)]
+
+    runs = []
+    for copy_ref in (False, True):
+        model, _ = load_policy(cfg.model, 0)
+        torch.manual_seed(0)  # the same adapter init in both runs
+        worker = LearnerWorker(cfg, model=model, ref_model=make_reference(model) if copy_ref else None)
+        ref = worker.learner.ref_model
+        assert isinstance(ref, BaseModelView) != copy_ref
+        metrics = [worker.train_step(b, s) for s, b in enumerate(batches)]
+        runs.append((metrics, dict(worker.export_weights()), ref))
+    (view_m, view_w, view), (copy_m, copy_w, _) = runs
+    assert list(view.parameters()) == []  # no reference weights of its own
+    assert view_m[-1]["reg/kl_ref/loss"] > 1e-6, "the adapters moved the policy away from the reference"
+    for a, b in zip(view_m, copy_m):
+        assert set(a) == set(b) and "reg/kl_k3/loss" in a
+        for k in b:
+            if not k.startswith("time/"):
+                assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(b[k])), (k, a[k], b[k])
+    for n, w in copy_w.items():
+        torch.testing.assert_close(view_w[n], w, rtol=1e-5, atol=1e-6, msg=n)

@@ -111,6 +111,37 @@ def test_ray_engine_and_two_deepspeed_ranks(cluster, tmp_path, stage):
     _assert_no_actors_left()  # the run shut its actors down
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_DS, reason="needs deepspeed (pip install 'alignreg[deepspeed]')")
+def test_ray_lora_on_zero3_ranks_engine_follows_merged_weights(cluster, tmp_path):
+    """LoRA on two ZeRO-3 learner ranks, KL to the base (the policy with its adapters off): the engine
+    loads the merged weights each step and the parity probe passes; only adapters train; the final
+    checkpoint is the adapter and loads back to the learner's policy."""
+    cfg = _cfg(tmp_path, "orchestration=ray", "learner.backend=deepspeed", "deepspeed.zero_stage=3", "ray.learner_ranks=2",
+               "ray.num_engines=1", "sync.verify=true", "lora.enabled=true", "lora.r=4", "lora.alpha=8",
+               "regularizers=[{name: kl_ref, coef: 0.1, params: {estimator: full}}]")
+    assert train(cfg)["steps"] == 3
+    rows = _assert_trained(tmp_path)
+    for r in rows[1:]:
+        assert r["sync/probe_max_abs_diff"] <= cfg.sync.parity_tol
+    assert rows[-1]["reg/kl_ref/loss"] > 0  # the adapters moved the policy off the base
+    w3 = _final_weights(tmp_path)
+    from alignreg.learner.lora import base_name, load_any_policy
+    from transformers import AutoModelForCausalLM
+
+    init = AutoModelForCausalLM.from_pretrained(tmp_path / "init_policy")
+    w0 = init.state_dict()
+    lora = {k for k in w3 if "lora_" in k}
+    assert lora and all(torch.equal(w3[k], w0[base_name(k)]) for k in w3 if "lora_" not in k and base_name(k) in w0)
+    assert any(float(w3[k].abs().max()) > 0 for k in lora if "lora_B" in k)
+    assert (tmp_path / "final" / "adapter_config.json").is_file()
+    final, _ = load_any_policy(tmp_path / "final")
+    got = final.state_dict()
+    for k in lora:
+        torch.testing.assert_close(got[k], w3[k])
+    _assert_no_actors_left()
+
+
 def _assert_no_actors_left():
     from ray._private.state import actors  # GCS table (the state API needs the dashboard)
 

@@ -10,6 +10,9 @@ What works unchanged on the wrapped model: ``alignreg.models.lm_head_and_body`` 
 the LoRA layers, so the chunked statistics see the adapted model), ``PolicyLearner``, HF
 ``generate``.
 
+Reference model: :class:`BaseModelView`, the same model with the adapters switched off (the base
+policy LoRA starts from), so a KL-to-reference term costs no second copy of the weights.
+
 Engines: :func:`merged_weights` returns ``W + scale * B A`` under the *base* model's parameter names
 (``model.layers.0.self_attn.q_proj.weight``), computed without merging in place (merge/unmerge
 cycles accumulate rounding error in W), so an HF or vLLM engine loads them as a full weight
@@ -44,6 +47,50 @@ def apply_lora(model, cfg: LoRAConfig, base_path: Optional[str | Path] = None):
     if base_path is not None:  # where the adapter's base weights live (the run's init_policy)
         peft_model.peft_config["default"].base_model_name_or_path = str(Path(base_path).resolve())
     return peft_model
+
+
+class _AdapterFreeDecoder:
+    """Calls the PEFT model's decoder with the adapters switched off (the base model's forward)."""
+
+    def __init__(self, peft_model, decoder):
+        self._peft, self._decoder = peft_model, decoder
+
+    def __call__(self, *args, **kwargs):
+        with self._peft.disable_adapter():
+            return self._decoder(*args, **kwargs)
+
+
+class BaseModelView:
+    """The reference policy of a LoRA run without a second copy of the weights: the learner's own
+    model with its adapters switched off (``PeftModel.disable_adapter``), i.e. the frozen base.
+
+    Exposes what the learner reads from a reference (``get_decoder`` / ``get_output_embeddings``,
+    see ``alignreg.models.lm_head_and_body``); the reference passes run under ``no_grad``. Valid
+    while the lm head is not itself adapted (``lm_head`` not in ``target_modules``, checked by
+    :func:`reference_view_ok`). ``learner_model`` is what the learner uses (DeepSpeed ZeRO-3: the
+    view that gathers the head weight), ``peft_model`` the PeftModel behind it.
+    """
+
+    def __init__(self, peft_model, learner_model=None):
+        self._peft = peft_model
+        self._model = learner_model if learner_model is not None else peft_model
+
+    def get_decoder(self):
+        return _AdapterFreeDecoder(self._peft, self._model.get_decoder())
+
+    def get_output_embeddings(self):
+        return self._model.get_output_embeddings()
+
+    def eval(self):  # the learner owns the train/eval mode of the shared modules
+        return self
+
+    def parameters(self):  # owns none: nothing to move, freeze or count twice
+        return iter(())
+
+
+def reference_view_ok(cfg: LoRAConfig) -> bool:
+    """Whether :class:`BaseModelView` is the exact base policy: no adapter on the lm head."""
+    return "lm_head" not in cfg.target_modules
 
 
 def base_name(name: str) -> str:

@@ -119,7 +119,8 @@ def build_run(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = 
         # the engine copies the model before a DeepSpeed backend partitions it (ZeRO-3)
         rollout = RolloutWorker(cfg, str(init_dir), cfg.trainer.seed, model=None if cfg.rollout.engine == "vllm" else model,
                                 tokenizer=tokenizer)
-        ref = make_reference(model) if regs.needs().keys() & {"ref_logprobs", "kl_ref_full"} else None
+        needs_ref = regs.needs().keys() & {"ref_logprobs", "kl_ref_full"}
+        ref = make_reference(model) if needs_ref and not cfg.lora.enabled else None  # LoRA: the learner's base view
         learner = LearnerWorker(cfg, model=model, ref_model=ref, regs=regs)
         close = [rollout.shutdown, learner.close]
     # with Ray, ``regs`` serves reward shaping on the driver; stateful terms live in the learners

@@ -124,11 +124,14 @@ class LearnerWorker:
             model = _load_hf(model_dir, cfg)
         regs = regs if regs is not None else build_regularizers(cfg.regularizers)
         needs_ref = bool(regs.needs().keys() & {"ref_logprobs", "kl_ref_full"})
-        if needs_ref and ref_model is None:
-            ref_model = make_reference(model)  # before DeepSpeed partitions the policy
-        if cfg.lora.enabled:  # after the reference copy: the reference is the base model
-            from alignreg.learner.lora import apply_lora
+        ref_view = False  # LoRA: the reference is the policy with its adapters off (no copy)
+        if cfg.lora.enabled:
+            from alignreg.learner.lora import apply_lora, reference_view_ok
 
+            ref_view = needs_ref and ref_model is None and reference_view_ok(cfg.lora)
+        if needs_ref and ref_model is None and not ref_view:
+            ref_model = make_reference(model)  # before DeepSpeed partitions the policy
+        if cfg.lora.enabled:  # after any reference copy: the reference is the base model
             model = apply_lora(model, cfg.lora, base_path=model_dir or Path(cfg.trainer.run_dir) / "init_policy")
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if cfg.learner.backend == "deepspeed":
@@ -151,6 +154,10 @@ class LearnerWorker:
             learner_model = model
         self.backend = backend
         self.model = model
+        if ref_view:
+            from alignreg.learner.lora import BaseModelView
+
+            ref_model = BaseModelView(getattr(backend, "module", model), learner_model)
         self.learner = PolicyLearner(learner_model, cfg, regs, ref_model=ref_model if needs_ref else None, backend=backend)
 
     @property
