@@ -263,3 +263,29 @@ def test_engine_processes_sleep_when_idle(engine, policy):
     before = cpu()
     time.sleep(1.0)  # the window vLLM's default would spend spinning
     assert cpu() - before < 0.3, "engine processes kept burning CPU while idle"
+
+
+def test_score_two_attempt_episodes_from_vllm(engine, policy):
+    """SCoRe episodes from the vLLM engine: the second prompt is x1 + y1 (EOS cut) + instruction,
+    both attempts' sampling log-probs equal the policy's teacher-forced ones, greedy episodes
+    equal the HF engine's."""
+    from alignreg.config import ScoreConfig
+    from alignreg.orchestration.score import generate_episodes
+
+    model, tok = policy
+    records = [{"prompt": "sort 321=", "answer": "123"}, {"prompt": "sort 54=", "answer": "45"}]
+    score = ScoreConfig(enabled=True, instruction=" check:", second_max_new_tokens=4)
+    ep = generate_episodes(engine, tok, records, SamplingParams(n=2, max_new_tokens=5, seed=0), "exact_match", score)
+    assert len(ep) == 4 and ep.attempt == [1] * 4 + [2] * 4 and len(ep.r1) == len(ep.r2) == 4
+    instr = tok(" check:", add_special_tokens=False)["input_ids"]
+    for i in range(4):
+        x1, y1 = ep.first.prompt_ids[i], ep.first.response_ids[i]
+        assert ep.second.prompt_ids[i] == x1 + [t for t in y1 if t != tok.eos_token_id] + instr
+        assert 0 < len(ep.second.response_ids[i]) <= 4
+        for b in (ep.first, ep.second):
+            torch.testing.assert_close(torch.tensor(b.logprobs[i], dtype=torch.float64),
+                                       teacher_forced(model, b.prompt_ids[i], b.response_ids[i], 1.0), atol=1e-3, rtol=0)
+    greedy = SamplingParams(greedy=True, max_new_tokens=5)
+    v = generate_episodes(engine, tok, records, greedy, "exact_match", score)
+    h = generate_episodes(HFRolloutEngine(model, tok), tok, records, greedy, "exact_match", score)
+    assert v.second.prompt_ids == h.second.prompt_ids and v.second.response_ids == h.second.response_ids
