@@ -348,6 +348,7 @@ class LearnerConfig:
     ppo_epochs: int = 1  # passes over the batch per training step
     chunk_size: int = 0  # tokens per lm-head chunk in the statistics pass (0 = automatic from a memory budget)
     log_entropy: bool = True  # log the full-vocabulary policy entropy (computed in the no-grad pass)
+    single_pass: bool = True  # on-policy (one update per batch) and no term that needs pi_old / reference statistics of the whole batch first: skip the no-grad pass (old log-probs = the detached current ones, ratio 1; exact)
     reuse_forward: bool = True  # first update of a step: take the loss statistics from the no-grad pass (pi = pi_old) and run only their backward (exact; checked per micro-batch by a hidden-state fingerprint)
 
     def validate(self, path: str) -> None:

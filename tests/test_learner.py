@@ -186,6 +186,62 @@ def test_first_update_reuses_the_no_grad_pass_exactly(terms):
         assert m_on[k] == pytest.approx(v, rel=1e-5, abs=1e-7), k
 
 
+SINGLE_PASS_TERMS = [  # nothing that needs the no-grad pass after SIREN's anchor step: no reference, micro scopes
+    {"name": "entropy", "coef": 0.01},
+    {"name": "siren", "coef": 0.5, "params": {"top_p": 0.9, "top_k": 8}},
+]
+
+
+def _two_steps(terms, learner, **alg):
+    """Grads of the second of two steps, and both steps' metrics."""
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    model = _model(tok)
+    cfg = _cfg(4, terms, learner, **alg)
+    backend = _GradCapture(model, cfg)
+    pl = PolicyLearner(model, cfg, build_regularizers(cfg.regularizers), backend=backend)
+    metrics = [pl.train_step(_batch(tok, seed=s), step=s) for s in range(2)]
+    return backend.grads, metrics
+
+
+@pytest.mark.parametrize("terms", [[], SINGLE_PASS_TERMS], ids=["no-terms", "entropy+siren"])
+@pytest.mark.parametrize("tis_cap", [0.0, 2.0])
+def test_on_policy_single_pass_equals_the_two_pass_step(terms, tis_cap, monkeypatch):
+    """learner.single_pass: on-policy with nothing that reads the no-grad pass, the step skips it
+    (old log-probs = the loss pass's detached values). Same gradients and metrics as with it.
+    SIREN measures its anchor on the first step's no-grad pass, so only its second step is single."""
+    calls = []
+    orig = PolicyLearner._old_pass
+    monkeypatch.setattr(PolicyLearner, "_old_pass", lambda self, *a: calls.append(1) or orig(self, *a))
+    g_on, m_on = _two_steps(terms, {"single_pass": True}, tis_cap=tis_cap)
+    assert len(calls) == (1 if terms else 0) and m_on[1]["learner/single_pass"] == 1.0
+    assert ("learner/single_pass" in m_on[0]) == (not terms)
+    calls.clear()
+    g_off, m_off = _two_steps(terms, {"single_pass": False}, tis_cap=tis_cap)
+    assert len(calls) == 2 and not any("learner/single_pass" in m for m in m_off)
+    assert g_on.keys() == g_off.keys()
+    for n in g_on:
+        torch.testing.assert_close(g_on[n], g_off[n], rtol=1e-5, atol=1e-6, msg=n)
+    for on, off in zip(m_on, m_off):
+        assert off["policy/rollout_logprob_diff"] > 0.1 and "policy/entropy" in off
+        assert not terms or off["reg/siren/anchor"] == on["reg/siren/anchor"]
+        for k, v in off.items():
+            if k != "learner/forward_reused":
+                assert on[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+
+
+@pytest.mark.parametrize("terms,learner", [
+    (MICRO_TERMS, {}),  # a reference model
+    ([{"name": "siren", "coef": 0.5, "params": {"top_p": 0.9, "top_k": 8, "scope": "global"}}], {}),  # whole-batch prepass
+    ([{"name": "lp_reg", "coef": 1.0, "params": {"min_p": 0.05, "rho": 0.3}}], {}),  # pi_old min-p statistics
+    ([{"name": "grpo_guard", "coef": 1.0}], {}),  # pi_old's full distribution (kl_old)
+    ([], {"mini_batch_size": 8}),  # several updates per batch
+], ids=["reference", "global-scope", "old-min-p", "kl-old", "two-updates"])
+def test_single_pass_falls_back_when_the_no_grad_pass_is_needed(terms, learner):
+    _, m = _grads_after_step(4, terms, {"single_pass": True, **learner})
+    assert "learner/single_pass" not in m
+
+
 def test_later_updates_recompute_the_forward():
     """After the first optimizer step the no-grad pass is stale: two mini-batches -> half reused."""
     _, m = _grads_after_step(4, MICRO_TERMS, {"reuse_forward": True, "mini_batch_size": 8})

@@ -17,6 +17,7 @@ backward, optimizer step and collectives: see :class:`TorchBackend`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections import defaultdict
 from typing import Iterable, Optional
 
@@ -212,6 +213,15 @@ class PolicyLearner:
         lc = self.cfg.learner
         return lc.ppo_epochs == 1 and lc.mini_batch_size in (0, self._batch_rows)
 
+    def _single_pass(self, train: StatsSpec, old: StatsSpec) -> bool:
+        """``learner.single_pass``: nothing needs the no-grad pass. On-policy, pi_old = pi_theta,
+        so the old log-probs are the loss pass's own (detached) values; this holds unless a term
+        reads the reference, pi_old-only statistics (kl_old, min-p, old top-p), a whole-batch
+        prepass, or the whole batch at step start (``step_start_reads_batch``: SIREN's anchor step)."""
+        return (self.cfg.learner.single_pass and self._on_policy() and not self.needs_ref and not train.kl_old
+                and old.top_p is None and old.min_p is None and not self.regs.prepass_needs()
+                and not any(t.term.step_start_reads_batch() for t in self.regs))
+
     def _micro_batches(self, rows: range) -> Iterable[range]:
         mb = self.cfg.learner.micro_batch_size
         for s in range(rows.start, rows.stop, mb):
@@ -309,20 +319,30 @@ class PolicyLearner:
         cfg, be = self.cfg, self.backend
         self._batch_rows = len(batch)
         train_spec, old_spec, pre_spec = self._specs()
-        chunk = self._chunk(train_spec)
-        old = self._old_pass(batch, train_spec, old_spec)
         metrics: dict[str, float] = {}
-        view_stats = {k: v for k, v in old.items() if k not in ("old_hidden", "ref_hidden")}
         L = float(cfg.algorithm.norm_len or cfg.rollout.max_new_tokens)
-        full_view = StepView(batch.mask, batch.advantages, old["old_logprobs"], view_stats, step, L, be.all_reduce_sum, be.all_gather_cat)
-        for t in self.regs:
-            for k, v in t.term.on_step_start(full_view).items():
-                metrics[f"reg/{t.term.id}/{k}"] = v
-        valid = batch.mask > 0
-        n_valid = max(float(batch.mask.sum()), 1.0)
-        if "old_entropy" in old:
-            metrics["policy/entropy"] = float((old["old_entropy"] * batch.mask).sum() / n_valid)
-        metrics["policy/rollout_logprob_diff"] = float(((old["old_logprobs"] - batch.rollout_logprobs).abs() * batch.mask).sum() / n_valid)
+        single = self._single_pass(train_spec, old_spec)
+        if single:  # no no-grad pass: the loss pass logs the entropy and the rollout log-prob gap
+            old, view_stats = {}, {}
+            train_spec = dataclasses.replace(train_spec, entropy=train_spec.entropy or old_spec.entropy)
+            chunk = self._chunk(train_spec)
+            metrics["learner/single_pass"] = 1.0
+            view = StepView(batch.mask, batch.advantages, None, {}, step, L, be.all_reduce_sum, be.all_gather_cat)
+            for t in self.regs:  # none reads the batch this step (checked above); e.g. SIREN logs its anchor
+                for k, v in t.term.on_step_start(view).items():
+                    metrics[f"reg/{t.term.id}/{k}"] = v
+        else:
+            chunk = self._chunk(train_spec)
+            old = self._old_pass(batch, train_spec, old_spec)
+            view_stats = {k: v for k, v in old.items() if k not in ("old_hidden", "ref_hidden")}
+            full_view = StepView(batch.mask, batch.advantages, old["old_logprobs"], view_stats, step, L, be.all_reduce_sum, be.all_gather_cat)
+            for t in self.regs:
+                for k, v in t.term.on_step_start(full_view).items():
+                    metrics[f"reg/{t.term.id}/{k}"] = v
+            n_valid = max(float(batch.mask.sum()), 1.0)
+            if "old_entropy" in old:
+                metrics["policy/entropy"] = float((old["old_entropy"] * batch.mask).sum() / n_valid)
+            metrics["policy/rollout_logprob_diff"] = float(((old["old_logprobs"] - batch.rollout_logprobs).abs() * batch.mask).sum() / n_valid)
         on_policy = self._on_policy()
         self._reuse_counts = {True: 0, False: 0}
         sums: dict[str, float] = defaultdict(float)
@@ -344,7 +364,8 @@ class PolicyLearner:
                     prepared = {t.term.id: t.term.prepare_minibatch(view) for t in self.regs if t.term.prepass_needs()}
                 be.zero_grad()
                 for r in self._micro_batches(rows):
-                    loss, m, parts = self._micro_loss(batch, r, rows.start, old, norm, prepared, step, train_spec, chunk, on_policy)
+                    loss, m, parts = self._micro_loss(batch, r, rows.start, old, norm, prepared, step, train_spec, chunk, on_policy,
+                                                      single_pass_metrics=single)
                     be.backward(loss)
                     w = float(batch.mask[r.start : r.stop].sum())
                     for k, v in m.items():  # token-weighted averages
@@ -360,11 +381,11 @@ class PolicyLearner:
         for k in totals:  # mean over optimizer updates
             metrics[k] = totals[k] / updates
         metrics["optim/lr"] = be.scheduler.get_last_lr()[0] if hasattr(be, "scheduler") else cfg.learner.lr
-        if cfg.learner.reuse_forward:  # fraction of micro-batches whose loss forward came from the no-grad pass
+        if cfg.learner.reuse_forward and not single:  # fraction of micro-batches whose loss forward came from the no-grad pass
             metrics["learner/forward_reused"] = self._reuse_counts[True] / max(sum(self._reuse_counts.values()), 1)
         return metrics
 
-    def _micro_loss(self, batch, r, mini_start, old, norm, prepared, step, spec, chunk, on_policy):
+    def _micro_loss(self, batch, r, mini_start, old, norm, prepared, step, spec, chunk, on_policy, single_pass_metrics=False):
         cfg, alg = self.cfg, self.cfg.algorithm
         sl = slice(r.start, r.stop)
         mb = batch.rows(sl)
@@ -389,6 +410,11 @@ class PolicyLearner:
         )
         m: dict[str, float] = {}
         parts: dict[str, float] = {}
+        if single_pass_metrics:  # what the no-grad pass logs otherwise (token-weighted over micro-batches)
+            n = max(float(mb.mask.sum()), 1.0)
+            m["policy/rollout_logprob_diff"] = float(((old_lp - mb.rollout_logprobs).abs() * mb.mask).sum()) / n
+            if self.cfg.learner.log_entropy:
+                m["policy/entropy"] = float((stats["entropy"].detach() * mb.mask).sum()) / n
         for t in self.regs.with_hook("transform_log_ratio"):
             log_ratio, tm = t.term.transform_log_ratio(log_ratio, ctx)
             m.update({f"reg/{t.term.id}/{k}": v for k, v in tm.items()})

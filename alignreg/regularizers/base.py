@@ -109,8 +109,8 @@ class StepView:
 
     mask: Tensor  # [N, T]
     advantages: Tensor  # [N, T]
-    old_logprobs: Tensor  # [N, T]
-    stats: dict[str, Tensor]  # old_* / ref_* statistics, [N, T]
+    old_logprobs: Optional[Tensor]  # [N, T]; None in a single-pass step (no no-grad pass ran)
+    stats: dict[str, Tensor]  # old_* / ref_* statistics, [N, T] (empty in a single-pass step)
     step: int
     norm_len: Optional[float] = None  # length divisor of seq-mean-token-sum-norm (None: T)
     all_reduce_sum: Callable[[Tensor], Tensor] = lambda t: t
@@ -172,6 +172,11 @@ class Regularizer:
     def on_step_start(self, view: StepView) -> dict[str, float]:
         """Called once per training step after the no-grad pass over the whole batch."""
         return {}
+
+    def step_start_reads_batch(self) -> bool:
+        """Whether this step's :meth:`on_step_start` reads ``view.old_logprobs`` / ``view.stats``
+        (then the learner runs its no-grad pass even where ``learner.single_pass`` could skip it)."""
+        return type(self).on_step_start is not Regularizer.on_step_start
 
     def prepare_minibatch(self, view: StepView) -> Any:
         """Called before each mini-batch when ``prepass_needs`` is non-empty; ``view`` holds the

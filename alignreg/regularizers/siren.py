@@ -105,6 +105,9 @@ class Siren(Regularizer):
         denom = n_sel if self.params.agg == "token-mean" else n_seq
         return float(total / denom.clamp(min=1)), float(n_sel)
 
+    def step_start_reads_batch(self) -> bool:
+        return self.anchor is None  # only the step that measures the anchor
+
     def on_step_start(self, view: StepView) -> dict[str, float]:
         if self.anchor is None:
             self.anchor, _ = self._batch_value(view.stats["old_top_p_entropy"], view)
