@@ -1,0 +1,211 @@
+"""Samples/s of alignreg (Ray, vLLM rollout engine, torch learner) against TRL's ``GRPOTrainer``.
+
+Side by side in one invocation, each in a fresh process, on the SAME tiny Qwen2 checkpoint (built in
+code and saved once; char tokenizer, no download), the same synthetic task (``sort``: sort 4-7 digits,
+exact-match reward), the same batch (``--prompts`` prompts x ``--group`` responses per step), the same
+response length cap, temperature 1, one on-policy optimizer step per batch with the same micro-batch
+(TRL: ``per_device_train_batch_size=micro``, ``gradient_accumulation_steps=batch/micro``), learning rate,
+clip range and no KL term (TRL ``beta=0``; alignreg: no regularizer). The model is not warm-started,
+so neither policy emits EOS early: both generate the full ``--max-new`` tokens for every response and
+do the same amount of work per step (the table reports completion tokens/s too, to show it).
+
+Timed: the steady-state seconds per training step after ``--warmup`` steps (start-up, model load,
+engine start, first-step compilation excluded on both sides). alignreg: ``time/rollout_s +
+time/train_s + time/sync_s`` of each step row (rollout incl. rewards, learner step, weight sync WITH
+its verification: checksum + parity probe). TRL: the wall time between consecutive ``on_step_end``
+callbacks (generation, reward, loss, optimizer step). samples/s = responses per step / s per step.
+
+Variants: ``alignreg`` (vLLM engine actor + learner actor on a local Ray cluster), ``alignreg-local``
+(the same loop in one process with the HF engine), ``trl`` (TRL with ``transformers.generate``) and,
+with ``--trl-vllm``, TRL's colocated vLLM mode (``use_vllm=True, vllm_mode="colocate"``).
+
+Usage:  nice .venv/bin/python benchmarks/bench_vs_trl.py [--steps 8] [--warmup 2] [--json out.jsonl]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def build_checkpoint(a, out_dir: str) -> None:
+    from alignreg.config import ModelConfig
+    from alignreg.models import load_policy
+
+    cfg = ModelConfig(hidden_size=a.hidden, num_layers=a.layers, num_heads=a.hidden // 64, num_kv_heads=1,
+                      intermediate_size=3 * a.hidden)
+    model, tok = load_policy(cfg, seed=0)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+
+
+def task_records(a):
+    from alignreg.config import TaskConfig
+    from alignreg.data.synthetic import TASKS
+
+    train, _ = TASKS.get("sort")(TaskConfig(name="sort", min_length=4, max_length=7, eval_size=4))
+    return train
+
+
+# ----------------------------------------------------------------------------------------- alignreg
+def run_alignreg(a, ckpt: str, ray: bool, engine: str = "vllm") -> dict:
+    from alignreg.config import RLConfig, load_config
+    from alignreg.logging import read_metrics
+    from alignreg.orchestration.trainer import train
+
+    run_dir = tempfile.mkdtemp(prefix="bench_trl_alignreg_")
+    over = [
+        f"model.path={ckpt}", "warm_start.steps=0", "task.name=sort", "task.min_length=4", "task.max_length=7",
+        "task.eval_size=4", "eval.every=0", "eval.num_samples=2", "eval.ks=[1]", "regularizers=[]",
+        f"rollout.group_size={a.group}", f"rollout.prompts_per_step={a.prompts}", f"rollout.max_new_tokens={a.max_new}",
+        "rollout.temperature=1.0", f"learner.lr={a.lr}", f"learner.micro_batch_size={a.micro}",
+        "algorithm.eps_low=0.2", "algorithm.eps_high=0.2", f"trainer.steps={a.steps}", "trainer.save_every=0",
+        "trainer.progress=false", "trainer.tensorboard=false", f"trainer.run_dir={run_dir}", f"trainer.threads={a.threads}",
+    ]
+    over += a.set or []
+    if ray:
+        over += ["orchestration=ray", f"rollout.engine={engine}", "ray.num_cpus_per_actor=0.5"]
+    cfg = load_config(RLConfig, os.path.join(ROOT, "configs/rl/tiny_grpo_siren.yaml"), over)
+    t0 = time.perf_counter()
+    train(cfg)
+    total = time.perf_counter() - t0
+    rows = [r for r in read_metrics(os.path.join(run_dir, "metrics.jsonl")) if r["step"] >= 1]
+    steps = [r["time/rollout_s"] + r["time/train_s"] + r["time/sync_s"] for r in rows]
+    sync = [r["time/sync_s"] for r in rows]
+    lens = [r.get("rollout/response_len", float("nan")) for r in rows]
+    return dict(step_s=steps, sync_s=sync, response_len=lens, total_s=total,
+                rollout_s=[r["time/rollout_s"] for r in rows], train_s=[r["time/train_s"] for r in rows])
+
+
+# ----------------------------------------------------------------------------------------- TRL
+def run_trl(a, ckpt: str, use_vllm: bool) -> dict:
+    import datasets
+    import torch
+    import transformers
+    from trl import GRPOConfig, GRPOTrainer
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    recs = task_records(a)
+    ds = datasets.Dataset.from_list([{"prompt": r["prompt"], "answer": r["answer"]} for r in recs])
+
+    def exact(completions, answer, **_):
+        return [1.0 if c.strip() == y else 0.0 for c, y in zip(completions, answer)]
+
+    out = tempfile.mkdtemp(prefix="bench_trl_trl_")
+    batch = a.prompts * a.group
+    args = GRPOConfig(
+        output_dir=out, use_cpu=True, bf16=False, seed=0, report_to="none", save_strategy="no", logging_steps=10**6,
+        max_steps=a.steps, learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=1.0, per_device_train_batch_size=a.micro, gradient_accumulation_steps=batch // a.micro,
+        num_generations=a.group, generation_batch_size=batch, max_completion_length=a.max_new, temperature=1.0,
+        num_iterations=1, beta=0.0, epsilon=0.2, epsilon_high=0.2, loss_type="dapo", disable_dropout=True,
+        dataloader_num_workers=0, use_vllm=use_vllm, vllm_mode="colocate",
+        **({"vllm_gpu_memory_utilization": 0.3, "vllm_enable_sleep_mode": False} if use_vllm else {}),
+    )
+    tok = transformers.AutoTokenizer.from_pretrained(ckpt)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    ends, lens = [], []
+
+    class Clock(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            ends.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "completions/mean_length" in logs:
+                lens.append(logs["completions/mean_length"])
+
+    trainer = GRPOTrainer(model=ckpt, reward_funcs=exact, args=args, train_dataset=ds, processing_class=tok,
+                          callbacks=[Clock()])
+    t0 = time.perf_counter()
+    trainer.train()
+    total = time.perf_counter() - t0
+    steps = [t1 - t0_ for t0_, t1 in zip([t0] + ends[:-1], ends)]
+    return dict(step_s=steps, sync_s=[], response_len=lens, total_s=total)
+
+
+# ----------------------------------------------------------------------------------------- driver
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--variants", default="alignreg,alignreg-local,trl")
+    ap.add_argument("--trl-vllm", action="store_true", help="also run TRL with its colocated vLLM engine")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--max-new", type=int, default=16)
+    ap.add_argument("--micro", type=int, default=64)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = torch default)")
+    ap.add_argument("--set", action="append", help="extra alignreg config override key=value (repeatable)")
+    ap.add_argument("--json", default="")
+    ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", default="", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        fn = {"alignreg": lambda: run_alignreg(a, a.ckpt, ray=True),
+              "alignreg-local": lambda: run_alignreg(a, a.ckpt, ray=False),
+              "alignreg-ray-hf": lambda: run_alignreg(a, a.ckpt, ray=True, engine="hf"),
+              "trl": lambda: run_trl(a, a.ckpt, use_vllm=False),
+              "trl-vllm": lambda: run_trl(a, a.ckpt, use_vllm=True)}[a.worker]
+        print("RESULT " + json.dumps(fn()), flush=True)
+        return
+    ckpt = tempfile.mkdtemp(prefix="bench_trl_ckpt_")
+    build_checkpoint(a, ckpt)
+    variants = a.variants.split(",") + (["trl-vllm"] if a.trl_vllm else [])
+    batch = a.prompts * a.group
+    print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} cpus={os.cpu_count()} load={os.getloadavg()} "
+          f"model h={a.hidden} L={a.layers}; batch {a.prompts}x{a.group}, max_new {a.max_new}, micro {a.micro}", flush=True)
+    rows = []
+    argv = [sys.executable, os.path.abspath(__file__), "--ckpt", ckpt] + [
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
+        if k in ("steps", "prompts", "group", "max_new", "micro", "hidden", "layers", "lr", "threads")] + [
+        f"--set={kv}" for kv in a.set or []]
+    for v in variants:
+        t0 = time.perf_counter()
+        p = subprocess.run(argv + ["--worker", v], capture_output=True, text=True, cwd=ROOT,
+                           env={**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"})
+        line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+        if not line:
+            print(f"{v}: failed rc={p.returncode}\n" + "\n".join(p.stderr.strip().splitlines()[-15:]), flush=True)
+            continue
+        r = json.loads(line[-1][7:])
+        steady = r["step_s"][a.warmup:]
+        s = statistics.median(steady)
+        lens = r["response_len"]  # per step (alignreg) or one run-level mean (TRL logs once)
+        lens = (lens[a.warmup:] if len(lens) == len(r["step_s"]) else lens) or [a.max_new]
+        row = dict(variant=v, steps=len(r["step_s"]), step_s_median=s, step_s_mean=statistics.fmean(steady),
+                   samples_per_s=batch / s, tokens_per_s=batch * statistics.fmean(lens) / s,
+                   sync_s_median=statistics.median(r["sync_s"][a.warmup:]) if r["sync_s"] else 0.0,
+                   rollout_s_median=statistics.median(r["rollout_s"][a.warmup:]) if r.get("rollout_s") else float("nan"),
+                   train_s_median=statistics.median(r["train_s"][a.warmup:]) if r.get("train_s") else float("nan"),
+                   response_len=r["response_len"], step_s=r["step_s"], rollout_s=r.get("rollout_s"),
+                   train_s=r.get("train_s"), sync_s=r["sync_s"], process_s=time.perf_counter() - t0,
+                   load=os.getloadavg()[0])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if a.json:
+            with open(a.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    base = {r["variant"]: r for r in rows}.get("trl")
+    print("\n| variant | s / step (median) | samples/s | samples/s vs TRL | tokens/s | tokens/s vs TRL | rollout s | train s | sync s | process wall s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        rel = f"**{r['samples_per_s'] / base['samples_per_s']:.2f}x**" if base else "-"
+        trel = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        print(f"| {r['variant']} | {r['step_s_median']:.3f} | {r['samples_per_s']:.1f} | {rel} | {r['tokens_per_s']:.0f} | {trel} "
+              f"| {r['rollout_s_median']:.3f} | {r['train_s_median']:.3f} | {r['sync_s_median']:.3f} | {r['process_s']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

