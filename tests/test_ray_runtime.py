@@ -156,17 +156,26 @@ def _assert_no_actors_left():
 
 @pytest.mark.slow
 def test_local_and_ray_runs_match(cluster, tmp_path):
-    """HF engine, torch backend, 1 learner rank, same seed: the same metrics and weights.
+    """HF engine, torch backend, 1 learner rank, same seed, SIREN + KL to the reference (full and
+    k3): the same metrics and weights. The Ray run keeps the reference in its own actor
+    (``ray.colocate_ref: false``), the local run in the learner's process.
 
     Tolerance: rtol 1e-4 / atol 1e-5 on metrics and 1e-5 on weights. Both runs sample with the same
     per-step seeds from identical weights (the Ray actors load the saved initial policy, the local
     run keeps it in memory); what may differ is float32 rounding between processes."""
-    extra = ["rollout.engine=hf", "learner.backend=torch"]
+    from ray._private.state import actors
+
+    extra = ["rollout.engine=hf", "learner.backend=torch",
+             "regularizers=[{name: siren, coef: 0.005}, {name: kl_ref, coef: 0.5, params: {estimator: full}}, "
+             "{name: kl_ref, id: kl_k3, coef: 0.2, params: {estimator: k3}}]"]
     train(load_config(RLConfig, DEMO, FAST + extra + [f"trainer.run_dir={tmp_path / 'local'}"]))
+    before = {k for k, a in actors().items() if a["ActorClassName"] == "ReferenceActor"}
     train(load_config(RLConfig, DEMO, FAST + extra + [f"trainer.run_dir={tmp_path / 'ray'}", "orchestration=ray",
-                                                      "ray.learner_ranks=1", "sync.verify=true"]))
+                                                      "ray.learner_ranks=1", "sync.verify=true", "ray.colocate_ref=false"]))
+    assert len({k for k, a in actors().items() if a["ActorClassName"] == "ReferenceActor"} - before) == 1
     local, remote = _rows(tmp_path / "local"), _rows(tmp_path / "ray")
     assert len(local) == len(remote) == 4
+    assert local[-1]["reg/kl_ref/loss"] > 0 and local[-1]["reg/kl_k3/loss"] > 0
     for a, b in zip(local, remote):
         for k, v in a.items():
             if k.startswith("time/"):

@@ -4,7 +4,8 @@
   actor starts (one-line :class:`ConfigError` naming what is missing), and builds one placement
   group per role from ``cfg.ray``: engines (``num_engines`` bundles of ``num_cpus_per_actor`` CPUs
   and ``num_gpus_per_engine`` GPUs = the engine's tensor-parallel GPUs) and learners
-  (``learner_ranks`` bundles). ``resources`` adds custom Ray resources per role, e.g.
+  (``learner_ranks`` bundles), plus one ``reference`` bundle when ``ray.colocate_ref: false`` and a
+  term needs the reference model. ``resources`` adds custom Ray resources per role, e.g.
   ``{"engine": {"node_b": 0.01}}`` pins engines to the node started with
   ``--resources='{"node_b": 1}'``.
 * :class:`RayRolloutGroup`: N :class:`RolloutWorker` actors. ``generate``/``generate_scored`` split
@@ -21,6 +22,11 @@
   ``mini_batch_size / ranks`` rows per optimizer step, so a step equals the single-process step) and
   returns rank 0's metrics. Learner actors are not restarted: a dead rank fails the run, and
   ``trainer.resume: auto`` continues from the last checkpoint.
+* Reference model: by default each learner rank holds a frozen copy (LoRA: the policy with its
+  adapters off, no copy). With ``ray.colocate_ref: false`` one :class:`ReferenceActor` holds it and
+  the ranks see a :class:`RemoteReference`: their no-grad pass sends each micro-batch there and gets
+  the reference's final hidden states back (the fixed lm head is fetched once), so the learners'
+  memory holds no second model at the cost of one round trip per micro-batch.
 """
 from __future__ import annotations
 
@@ -70,14 +76,20 @@ def check_resources(bundles: dict[str, list[dict[str, float]]], total: dict[str,
                                   f"an actor cannot span nodes - lower ray.num_*_per_* or add a bigger node")
 
 
+def separate_reference(cfg: RLConfig) -> bool:
+    """``ray.colocate_ref: false`` and some term needs the reference model."""
+    if cfg.ray.colocate_ref:
+        return False
+    from alignreg.regularizers import build_regularizers
+
+    return bool(build_regularizers(cfg.regularizers).needs().keys() & {"ref_logprobs", "kl_ref_full"})
+
+
 class RayCluster:
-    """Ray connection + resource check + one placement group per role (engine, learner)."""
+    """Ray connection + resource check + one placement group per role (engine, learner, reference)."""
 
     def __init__(self, cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = None):
         rc = cfg.ray
-        if cfg.ray.colocate_ref is False:
-            raise ConfigError("ray.colocate_ref: false (a separate reference-model actor) is not implemented; "
-                              "valid choices: true (the reference model lives in each learner actor)")
         extra = resources or {}
         self.bundles = {
             "engine": [self._bundle(rc.num_cpus_per_actor, rc.num_gpus_per_engine, extra.get("engine", {}))
@@ -85,6 +97,8 @@ class RayCluster:
             "learner": [self._bundle(rc.num_cpus_per_actor, rc.num_gpus_per_learner, extra.get("learner", {}))
                         for _ in range(rc.learner_ranks)],
         }
+        if separate_reference(cfg):  # one reference actor, sized like a learner rank
+            self.bundles["reference"] = [self._bundle(rc.num_cpus_per_actor, rc.num_gpus_per_learner, extra.get("reference", {}))]
         self.started = not ray.is_initialized()
         if self.started:
             env = {"PYTHONPATH": os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p),
@@ -150,10 +164,82 @@ class LearnerActor(LearnerWorker):
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-    def setup(self, cfg: RLConfig, model_dir: str, rank: int, world: int, addr: str, port: int) -> None:
+    def setup(self, cfg: RLConfig, model_dir: str, rank: int, world: int, addr: str, port: int, reference=None) -> None:
         # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU, so the local device is always 0
         os.environ.update(MASTER_ADDR=addr, MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0")
-        LearnerWorker.__init__(self, cfg, model_dir=model_dir)
+        ref = RemoteReference(reference) if reference is not None else None
+        LearnerWorker.__init__(self, cfg, model_dir=model_dir, ref_model=ref)
+
+
+class ReferenceActor:
+    """The frozen reference policy in its own actor (``ray.colocate_ref: false``): the learner ranks
+    send it their micro-batches and get back its final hidden states; its lm head (fixed) is
+    fetched once. Saves one full model copy per learner rank."""
+
+    def __init__(self, cfg: RLConfig, model_dir: str):
+        from alignreg.learner.policy import make_reference
+        from alignreg.models import lm_head_and_body
+        from alignreg.orchestration.workers import _load_hf, _threads
+
+        _threads(cfg)
+        self.model = make_reference(_load_hf(model_dir, cfg))
+        if torch.cuda.is_available():
+            self.model = self.model.to("cuda:0")
+        self.device = next(self.model.parameters()).device
+        self.body, self.weight, self.bias = lm_head_and_body(self.model)
+
+    def head(self) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        return self.weight.detach().cpu(), None if self.bias is None else self.bias.detach().cpu()
+
+    @torch.no_grad()
+    def hidden(self, input_ids: torch.Tensor, attention_mask=None, position_ids=None) -> torch.Tensor:
+        def dev(t):
+            return None if t is None else t.to(self.device)
+
+        return self.body(dev(input_ids), attention_mask=dev(attention_mask), position_ids=dev(position_ids)).cpu()
+
+
+class _RemoteHead:
+    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+        self.weight, self.bias = weight, bias
+
+
+class _RemoteBody:
+    def __init__(self, actor):
+        self.actor = actor
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask=None, position_ids=None, use_cache=False):
+        def cpu(t):
+            return None if t is None else t.detach().cpu()
+
+        h = ray.get(self.actor.hidden.remote(cpu(input_ids), cpu(attention_mask), cpu(position_ids)))
+        from types import SimpleNamespace
+
+        return SimpleNamespace(last_hidden_state=h.to(input_ids.device))
+
+
+class RemoteReference:
+    """What a learner rank holds as its reference model when it lives in a :class:`ReferenceActor`:
+    ``get_decoder()`` calls the actor (no grad), ``get_output_embeddings()`` is the head fetched
+    once (moved to the learner's device). Owns no parameters of the learner's."""
+
+    def __init__(self, actor):
+        self.actor = actor
+        w, b = ray.get(actor.head.remote())
+        dev = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        self._head = _RemoteHead(w.to(dev), None if b is None else b.to(dev))
+
+    def get_decoder(self):
+        return _RemoteBody(self.actor)
+
+    def get_output_embeddings(self):
+        return self._head
+
+    def eval(self):
+        return self
+
+    def parameters(self):
+        return iter(())
 
 
 @dataclass
@@ -187,10 +273,13 @@ class RayLearnerGroup:
         self.world, self.mini = world, mini
         rank_cfg = copy.deepcopy(cfg)
         rank_cfg.learner.mini_batch_size = mini // world
+        self.reference = None
+        if "reference" in cluster.bundles:  # ray.colocate_ref: false
+            self.reference = ray.remote(ReferenceActor).options(**cluster.options("reference", 0, max_restarts=0)).remote(cfg, model_dir)
         actor_cls = ray.remote(LearnerActor)
         self.actors = [actor_cls.options(**cluster.options("learner", r, max_restarts=0)).remote() for r in range(world)]
         addr, port = ray.get(self.actors[0].rendezvous.remote())
-        ray.get([a.setup.remote(rank_cfg, model_dir, r, world, addr, port) for r, a in enumerate(self.actors)])
+        ray.get([a.setup.remote(rank_cfg, model_dir, r, world, addr, port, self.reference) for r, a in enumerate(self.actors)])
         self.node = ray.get(self.actors[0].node_id.remote())
         self.via_shm = False
 
@@ -239,6 +328,9 @@ class RayLearnerGroup:
                 pass
             ray.kill(a)
         self.actors = []
+        if self.reference is not None:
+            ray.kill(self.reference)
+            self.reference = None
 
 
 # ------------------------------------------------------------------------------------------ engines
