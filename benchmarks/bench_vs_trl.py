@@ -16,7 +16,8 @@ its verification: checksum + parity probe). TRL: the wall time between consecuti
 callbacks (generation, reward, loss, optimizer step). samples/s = responses per step / s per step.
 
 Variants: ``alignreg`` (vLLM engine actor + learner actor on a local Ray cluster), ``alignreg-local``
-(the same loop in one process with the HF engine), ``trl`` (TRL with ``transformers.generate``) and,
+(the same loop in one process with the HF engine), ``alignreg-local-two-pass`` (as ``alignreg-local``
+with ``learner.single_pass=false``: the learner's separate no-grad pass before each update), ``trl`` (TRL with ``transformers.generate``) and,
 with ``--trl-vllm``, TRL's colocated vLLM mode (``use_vllm=True, vllm_mode="colocate"``).
 
 Usage:  nice .venv/bin/python benchmarks/bench_vs_trl.py [--steps 8] [--warmup 2] [--json out.jsonl]
@@ -55,7 +56,7 @@ def task_records(a):
 
 
 # ----------------------------------------------------------------------------------------- alignreg
-def run_alignreg(a, ckpt: str, ray: bool, engine: str = "vllm") -> dict:
+def run_alignreg(a, ckpt: str, ray: bool, engine: str = "vllm", extra: tuple[str, ...] = ()) -> dict:
     from alignreg.config import RLConfig, load_config
     from alignreg.logging import read_metrics
     from alignreg.orchestration.trainer import train
@@ -69,7 +70,7 @@ def run_alignreg(a, ckpt: str, ray: bool, engine: str = "vllm") -> dict:
         "algorithm.eps_low=0.2", "algorithm.eps_high=0.2", f"trainer.steps={a.steps}", "trainer.save_every=0",
         "trainer.progress=false", "trainer.tensorboard=false", f"trainer.run_dir={run_dir}", f"trainer.threads={a.threads}",
     ]
-    over += a.set or []
+    over += list(extra) + (a.set or [])
     if ray:
         over += ["orchestration=ray", f"rollout.engine={engine}", "ray.num_cpus_per_actor=0.5"]
     cfg = load_config(RLConfig, os.path.join(ROOT, "configs/rl/tiny_grpo_siren.yaml"), over)
@@ -156,6 +157,7 @@ def main():
         fn = {"alignreg": lambda: run_alignreg(a, a.ckpt, ray=True),
               "alignreg-local": lambda: run_alignreg(a, a.ckpt, ray=False),
               "alignreg-ray-hf": lambda: run_alignreg(a, a.ckpt, ray=True, engine="hf"),
+              "alignreg-local-two-pass": lambda: run_alignreg(a, a.ckpt, ray=False, extra=("learner.single_pass=false",)),
               "trl": lambda: run_trl(a, a.ckpt, use_vllm=False),
               "trl-vllm": lambda: run_trl(a, a.ckpt, use_vllm=True)}[a.worker]
         print("RESULT " + json.dumps(fn()), flush=True)
