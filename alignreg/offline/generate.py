@@ -180,15 +180,19 @@ def _policy_plan(env_name: str, level: str, size: int) -> list[tuple[str, int, f
 
 
 def rollout_segment(env, actor: Actor | None, steps: int, noise: float, rng: np.random.Generator,
-                    seed: int) -> dict[str, np.ndarray]:
-    """``steps`` env steps of ``actor`` (+ Gaussian noise) or uniform random actions, D4RL layout."""
+                    seed: int, progress=None) -> dict[str, np.ndarray]:
+    """``steps`` env steps of ``actor`` (+ Gaussian noise) or uniform random actions, D4RL layout.
+    ``progress(done, total)`` (optional) is called every 10 % of the steps."""
     S, A = env.observation_space.shape[0], env.action_space.shape[0]
     out = {"observations": np.zeros((steps, S), np.float32), "actions": np.zeros((steps, A), np.float32),
            "rewards": np.zeros(steps, np.float32), "next_observations": np.zeros((steps, S), np.float32),
            "terminals": np.zeros(steps, bool), "timeouts": np.zeros(steps, bool)}
     episode = 0
     obs, _ = env.reset(seed=seed)
+    every = max(steps // 10, 1)
     for t in range(steps):
+        if progress is not None and t and t % every == 0:
+            progress(t, steps)
         if actor is None:
             a = rng.uniform(-1, 1, A)
         else:
@@ -207,8 +211,9 @@ def rollout_segment(env, actor: Actor | None, steps: int, noise: float, rng: np.
     return out
 
 
-def generate_dataset(env_name: str, level: str, size: int, seed: int, out_path: str | Path) -> Path:
-    """Write a D4RL-format HDF5 file for ``<env>-<level>`` (deterministic given ``seed``)."""
+def generate_dataset(env_name: str, level: str, size: int, seed: int, out_path: str | Path, log=print) -> Path:
+    """Write a D4RL-format HDF5 file for ``<env>-<level>`` (deterministic given ``seed``); progress goes to
+    ``log`` (None: silent)."""
     import h5py
 
     from alignreg.config import ConfigError
@@ -217,10 +222,16 @@ def generate_dataset(env_name: str, level: str, size: int, seed: int, out_path: 
         raise ConfigError(f"level: unknown level {level!r}; valid choices: {', '.join(LEVELS)}")
     env = make_env(env_name)
     rng = np.random.default_rng(seed)
-    parts = []
-    for i, (policy, steps, noise) in enumerate(_policy_plan(env_name, level, size)):
+    parts, plan, t0 = [], _policy_plan(env_name, level, size), time.perf_counter()
+    for i, (policy, steps, noise) in enumerate(plan):
         actor = None if policy == "random" else load_policy(env_name, policy)
-        parts.append(rollout_segment(env, actor, steps, noise, rng, seed=seed * 1_000_003 + i * 100_000))
+
+        def progress(done, total, i=i, policy=policy):
+            log(f"  {env_name}-{level}: segment {i + 1}/{len(plan)} ({policy}) {done}/{total} env steps, "
+                f"{time.perf_counter() - t0:.0f} s")
+
+        parts.append(rollout_segment(env, actor, steps, noise, rng, seed=seed * 1_000_003 + i * 100_000,
+                                     progress=progress if log is not None else None))
     data = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     out = Path(out_path).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ def load_transitions(d: OfflineDataConfig, log=print) -> tuple[dict, str]:
             from alignreg.offline.generate import generate_dataset
 
             log(f"generating {d.env}-{d.level} ({d.size} steps/policy, seed {d.seed}) -> {path}")
-            generate_dataset(d.env, d.level, d.size, d.seed, path)
+            generate_dataset(d.env, d.level, d.size, d.seed, path, log=log)
         ref = "alignreg-v5"
     else:
         path, ref = Path(d.path).expanduser(), "d4rl"

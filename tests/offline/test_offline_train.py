@@ -105,8 +105,10 @@ def test_shipped_policies_and_alignreg_references(tmp_path):
         assert ref["random"] < ref["medium_policy"] < ref["expert"]
         assert normalized_score(env, ref["random"], "alignreg-v5") == pytest.approx(0.0)
         assert normalized_score(env, ref["expert"], "alignreg-v5") == pytest.approx(100.0)
-    a = generate_dataset("walker2d", "medium-expert", 600, 3, tmp_path / "a.hdf5")
-    b = generate_dataset("walker2d", "medium-expert", 600, 3, tmp_path / "b.hdf5")
+    lines: list[str] = []
+    a = generate_dataset("walker2d", "medium-expert", 600, 3, tmp_path / "a.hdf5", log=lines.append)
+    b = generate_dataset("walker2d", "medium-expert", 600, 3, tmp_path / "b.hdf5", log=None)
+    assert len(lines) == 18 and "segment 2/2 (expert) 540/600 env steps" in lines[-1]  # progress every 10 %
     with h5py.File(a) as fa, h5py.File(b) as fb:
         assert fa["observations"].shape == (1200, 17) and fa["actions"].shape == (1200, 6)
         for k in fa.keys():
