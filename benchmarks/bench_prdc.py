@@ -1,16 +1,18 @@
 """PRDC / TD3+BC / A2PR gradient-step throughput on one 1M-transition dataset, side by side.
 
-    .venv/bin/python benchmarks/bench_prdc.py [--data FILE.hdf5] [--size 1000000] [--steps 300]
+    .venv/bin/python benchmarks/bench_prdc.py [--data FILE.hdf5] [--size 1000000] [--steps 300] [--phases 0,1000,5000]
 
 * ``prdc (alignreg)``   PRDC with alignreg's certified candidate search (nn_search.py)
-* ``prdc (official)``   the same learner, but the neighbour comes from a scipy KD-tree query over all
-                        points every actor step (PRDC's official approach, ``workers=-1``)
+* ``prdc (official)``   the same learner, but the neighbour comes from ``scipy.spatial.KDTree(data)``
+                        queried over all points every actor step (PRDC's official code, ``workers=-1``)
 * ``td3+bc``            the same learner with the bc_mse penalty (no search)
 * ``a2pr``              official network sizes (actor 3x256, critics 4x256, V 4x256, VAE 2x750)
 
-Before timing, both PRDC searches are run on the same queries (states of real batches, actions of the
-actor being trained) and their k-th-neighbour distances are asserted identical (indices may differ
-only on exact ties). Data: a D4RL-format file (``--data``; qlearning_dataset rows, tiled with tiny
+Both PRDC variants are timed side by side from the same snapshots of one PRDC training run, after each
+``--phases`` count of its steps. Before timing, and on every timing window's queries, both searches
+answer the same queries (states of real batches, actions of the actor being trained) and their
+k-th-neighbour distances are asserted identical (indices may differ only on exact ties).
+Data: a D4RL-format file (``--data``; qlearning_dataset rows, tiled with tiny
 jitter up to ``--size`` when smaller) or, without one, a synthetic trajectory-like cloud.
 """
 from __future__ import annotations
@@ -97,8 +99,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--verify-batches", type=int, default=20)
     p.add_argument("--candidates", type=int, default=32, help="PRDC num_candidates (search only)")
-    p.add_argument("--train-first", type=int, default=0,
-                   help="train PRDC this many steps first; both PRDC variants are then timed from that state")
+    p.add_argument("--phases", default="0,1000,5000",
+                   help="time both PRDC variants after this many steps of one PRDC training run (comma list)")
     p.add_argument("--out", default="")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -116,6 +118,9 @@ def main() -> None:
     t = time.perf_counter()
     index.joint_tree()
     res["kdtree_build_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    index.official_tree()
+    res["official_kdtree_build_s"] = time.perf_counter() - t
 
     # identical neighbours on real training queries (fresh and partly trained actor)
     gen = torch.Generator().manual_seed(2)
@@ -139,32 +144,60 @@ def main() -> None:
                verify_certified_frac=float(np.mean(certified)))
     print(f"identical neighbours on {args.verify_batches} batches (max |d2 diff| {max_err:.1e}, {ties} tie indices)")
 
-    fast = learner("prdc", data, candidates=args.candidates)
-    fast.penalties.terms[0].term.index = index
-    if args.train_first:
-        timed(fast, data, 0, args.train_first)
-    start = fast.state_dict()
-    res["train_first"], res["candidates"] = args.train_first, args.candidates
-    res["prdc_alignreg_steps_s"] = timed(fast, data, args.warmup, args.steps)
-    res["prdc_certified_frac_last"] = index.last_certified
-    off = learner("prdc_official", data)
-    off.penalties.terms[0].term.index = index  # same points, same KD-tree
-    off.load_state_dict(start)  # same starting state as the timed alignreg run
-    res["prdc_official_steps_s"] = timed(off, data, max(args.warmup // 10, 5), max(args.steps // 5, 20))
+    # timing windows at several points of one PRDC training run: both PRDC variants start each window
+    # from the same snapshot of that run (the run itself goes on from its own state)
+    run = learner("prdc", data, candidates=args.candidates)
+    run.penalties.terms[0].term.index = index
+    gen, done, res["phases"] = torch.Generator().manual_seed(3), 0, []
+    for phase in sorted(int(p) for p in args.phases.split(",")):
+        t = time.perf_counter()
+        for _ in range(phase - done):
+            run.train_step(data.sample(256, gen))
+        done, snap = phase, run.state_dict()
+        row = {"trained_steps": phase, "train_s": time.perf_counter() - t}
+        # the search alone, on the same 10 actor queries
+        qs = [data.sample(256, gen) for _ in range(10)]
+        with torch.no_grad():
+            pis = [run.actor(b.states) for b in qs]
+        t = time.perf_counter()
+        cert, mine = [], []
+        for b, pi in zip(qs, pis):
+            mine.append(index.query(b.indices, pi)[0].numpy())
+            cert.append(index.last_certified)
+        row["search_alignreg_ms"] = (time.perf_counter() - t) * 100
+        t = time.perf_counter()
+        theirs = [index.official_query(2.0 * b.states.numpy(), pi.numpy()) for b, pi in zip(qs, pis)]
+        row["search_official_ms"] = (time.perf_counter() - t) * 100
+        row["certified_frac"] = float(np.mean(cert))
+        for b, pi, i1, i2 in zip(qs, pis, mine, theirs):  # identical neighbours on these queries too
+            q = np.hstack([2.0 * b.states.numpy(), pi.numpy()]).astype(np.float64)
+            d = [((index.points[i].astype(np.float64) - q) ** 2).sum(1) for i in (i1, i2)]
+            assert np.abs(d[0] - d[1]).max() < 1e-6, f"neighbour distances differ after {phase} steps"
+        for kind, key in (("prdc", "prdc_alignreg_steps_s"), ("prdc_official", "prdc_official_steps_s")):
+            L = learner(kind, data, candidates=args.candidates)
+            L.penalties.terms[0].term.index = index  # same points and trees
+            L.load_state_dict(snap)
+            row[key] = timed(L, data, args.warmup, args.steps)
+        row["speedup_vs_official"] = row["prdc_alignreg_steps_s"] / row["prdc_official_steps_s"]
+        res["phases"].append(row)
+        print(f"after {phase} steps: PRDC {1000 / row['prdc_alignreg_steps_s']:.1f} ms/step (alignreg) vs "
+              f"{1000 / row['prdc_official_steps_s']:.1f} (official): {row['speedup_vs_official']:.2f}x; search "
+              f"{row['search_alignreg_ms']:.1f} vs {row['search_official_ms']:.1f} ms/query, "
+              f"{row['certified_frac']:.0%} certified", flush=True)
     res["td3bc_steps_s"] = timed(learner("td3bc", data), data, args.warmup, args.steps)
     a2 = learner("a2pr", data)
     a2.setup(setup)
     res["a2pr_official_sizes_steps_s"] = timed(a2, data, args.warmup // 2, max(args.steps // 2, 20))
-    res["speedup_vs_official"] = res["prdc_alignreg_steps_s"] / res["prdc_official_steps_s"]
-    res["prdc_step_time_vs_td3bc"] = res["td3bc_steps_s"] / res["prdc_alignreg_steps_s"]
-    rows = [("PRDC, alignreg search", res["prdc_alignreg_steps_s"]), ("PRDC, official KD-tree query", res["prdc_official_steps_s"]),
-            ("TD3+BC (same learner)", res["td3bc_steps_s"]), ("A2PR, official sizes", res["a2pr_official_sizes_steps_s"])]
-    print("| method | steps/s | ms/step |\n|---|---|---|")
-    for name, v in rows:
-        print(f"| {name} | {v:.1f} | {1000 / v:.2f} |")
-    print(f"speed-up vs official: {res['speedup_vs_official']:.1f}x; PRDC step time / TD3+BC step time: "
-          f"{res['prdc_step_time_vs_td3bc']:.2f}; index build {res['prdc_index_build_s']:.1f} s, "
+    print(f"TD3+BC {1000 / res['td3bc_steps_s']:.1f} ms/step; A2PR (official sizes) "
+          f"{1000 / res['a2pr_official_sizes_steps_s']:.1f} ms/step; index build {res['prdc_index_build_s']:.1f} s, "
           f"KD-tree build {res['kdtree_build_s']:.1f} s")
+    print("| PRDC trained steps | alignreg ms/step | official ms/step | speed-up | PRDC / TD3+BC step time | "
+          "search ms (alignreg / official) | certified |\n|---|---|---|---|---|---|---|")
+    for r in res["phases"]:
+        r["prdc_step_time_vs_td3bc"] = res["td3bc_steps_s"] / r["prdc_alignreg_steps_s"]
+        print(f"| {r['trained_steps']} | {1000 / r['prdc_alignreg_steps_s']:.1f} | {1000 / r['prdc_official_steps_s']:.1f} "
+              f"| {r['speedup_vs_official']:.2f}x | {r['prdc_step_time_vs_td3bc']:.2f} | "
+              f"{r['search_alignreg_ms']:.1f} / {r['search_official_ms']:.1f} | {r['certified_frac']:.0%} |")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)

@@ -15,8 +15,10 @@ joint distance).
 Deviation (speed only, identical neighbours up to ties): instead of a full scipy KD-tree query every
 actor step, :class:`alignreg.offline.nn_search.JointNearestNeighbour` answers most rows from
 precomputed state-space candidate lists with an exactness certificate and falls back to a
-radius-bounded KD-tree query otherwise (``num_candidates=32`` candidates per row; a search setting
-that never changes the result). Needs ``setup`` (the dataset) before the first actor step.
+radius-bounded KD-tree query otherwise. Search settings that never change the result:
+``num_candidates=32`` candidates per row, ``index_cache`` (lists of datasets >= 100k rows are cached by
+content hash), ``max_index_build_s=900`` (a list build estimated to take longer is skipped: tree search
+for every row). Needs ``setup`` (the dataset) before the first actor step.
 """
 from __future__ import annotations
 
@@ -34,10 +36,14 @@ class PRDCParams:
     beta: float = 2.0  # scale of the normalised state in the joint [beta*s, a] space (locomotion 2.0, antmaze 7.5)
     k: int = 1  # use the k-th nearest neighbour (official semantics: k-th only, not the k nearest)
     num_candidates: int = 32  # search only: state-space candidates per row for the exactness certificate (>= k)
+    index_cache: str = "~/.cache/alignreg/prdc_index"  # candidate lists of datasets >= 100k rows are reused ("": off)
+    max_index_build_s: float = 900.0  # estimated build time above which the lists are skipped (tree-only search)
 
     def validate(self, path: str) -> None:
         if self.beta <= 0:
             raise ConfigError(f"{path}.beta must be > 0")
+        if self.max_index_build_s < 0:
+            raise ConfigError(f"{path}.max_index_build_s must be >= 0 (0: never build candidate lists)")
         if not 1 <= self.k <= self.num_candidates:
             raise ConfigError(f"{path}.k must satisfy 1 <= k <= num_candidates ({self.num_candidates})")
 
@@ -52,10 +58,12 @@ class PRDC(Regularizer):
         self.index = None
 
     def setup(self, ctx) -> None:
-        from alignreg.offline.nn_search import JointNearestNeighbour
+        from alignreg.offline.nn_search import CACHE_MIN_ROWS, JointNearestNeighbour
 
+        big = len(ctx.states) >= CACHE_MIN_ROWS
         self.index = JointNearestNeighbour(ctx.states, ctx.actions, self.params.beta, self.params.k,
-                                           self.params.num_candidates)
+                                           self.params.num_candidates, cache_dir=self.params.index_cache or None,
+                                           log=print if big else None, max_build_s=self.params.max_index_build_s)
 
     def actor_penalty(self, batch):
         if self.index is None:

@@ -62,6 +62,44 @@ def test_query_without_indices_and_official_approach_agree():
     np.testing.assert_allclose(d1.numpy(), ref, rtol=1e-5)
 
 
+def test_candidate_lists_cached_and_rebuilt_when_unreadable(tmp_path):
+    rng = np.random.default_rng(3)
+    s, a = dataset(rng, n=1500)
+    logs: list[str] = []
+    first = JointNearestNeighbour(s, a, beta=2.0, num_candidates=16, cache_dir=str(tmp_path), cache_min_rows=0,
+                                  log=logs.append)
+    files = list(tmp_path.glob("*.npy"))
+    assert len(files) == 1 and not logs  # built (too small to report progress) and written
+    again = JointNearestNeighbour(s, a, beta=2.0, num_candidates=16, cache_dir=str(tmp_path), cache_min_rows=0,
+                                  log=logs.append)
+    assert logs == [f"prdc: candidate lists from cache {files[0]}"]
+    assert torch.equal(first.cand, again.cand) and torch.equal(first.cand_ds2, again.cand_ds2)
+    files[0].write_bytes(b"not a numpy file")
+    rebuilt = JointNearestNeighbour(s, a, beta=2.0, num_candidates=16, cache_dir=str(tmp_path), cache_min_rows=0,
+                                    log=logs.append)
+    assert "unreadable cache file" in logs[-1] and torch.equal(first.cand, rebuilt.cand)
+    assert np.load(files[0]).shape == (1500, 16)  # rewritten
+    other = JointNearestNeighbour(s * 1.5, a, beta=2.0, num_candidates=16, cache_dir=str(tmp_path), cache_min_rows=0)
+    assert len(list(tmp_path.glob("*.npy"))) == 2 and other.cand.shape == (1500, 16)  # other data: its own file
+    small = JointNearestNeighbour(s, a, beta=2.0, num_candidates=8, cache_dir=str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists() and small.cand.shape == (1500, 8)  # under cache_min_rows: not cached
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_tree_only_search_when_the_candidate_build_is_too_slow(k):
+    rng = np.random.default_rng(11)
+    s, a = dataset(rng, n=25_000)
+    logs: list[str] = []
+    nn = JointNearestNeighbour(s, a, beta=2.0, k=k, num_candidates=8, max_build_s=0.0, log=logs.append)
+    assert nn.cand is None and "would take" in logs[0] and "max_index_build_s=0" in logs[0]
+    qi = rng.integers(0, len(s), 128)
+    pi = np.clip(a[qi] + rng.normal(0, 0.3, a[qi].shape), -1, 1)
+    idx, d2 = nn.query(torch.from_numpy(qi), torch.from_numpy(pi).float())
+    _, ref_d2, _ = brute_force(s, a, 2.0, qi, torch.from_numpy(pi).float().double().numpy(), k)
+    np.testing.assert_allclose(d2.numpy(), ref_d2, rtol=1e-9, atol=1e-12)
+    assert nn.last_certified == 0.0
+
+
 def test_prdc_penalty_value_and_gradient_float64():
     rng = np.random.default_rng(7)
     s, a = dataset(rng, n=1500, S=4, A=2)
