@@ -378,6 +378,7 @@ class TrainerConfig:
     log_every: int = 1  # write metrics every N steps
     progress: bool = True  # show a progress bar
     tensorboard: bool = True  # also write TensorBoard event files
+    async_rollout: bool = False  # generate step t+1's batch while the learner trains on step t (one-step off-policy: each batch is one policy version stale, its engine log-probs are the behaviour policy's; pair with algorithm.tis_cap)
 
 
 @dataclass

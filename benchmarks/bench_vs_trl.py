@@ -17,7 +17,10 @@ callbacks (generation, reward, loss, optimizer step). samples/s = responses per 
 
 Variants: ``alignreg`` (vLLM engine actor + learner actor on a local Ray cluster), ``alignreg-local``
 (the same loop in one process with the HF engine), ``alignreg-local-two-pass`` (as ``alignreg-local``
-with ``learner.single_pass=false``: the learner's separate no-grad pass before each update), ``trl`` (TRL with ``transformers.generate``) and,
+with ``learner.single_pass=false``: the learner's separate no-grad pass before each update),
+``alignreg-async`` / ``alignreg-local-async`` (as ``alignreg`` / ``alignreg-local`` with
+``trainer.async_rollout=true``: the next batch is generated while the learner trains; one-step
+off-policy), ``trl`` (TRL with ``transformers.generate``) and,
 with ``--trl-vllm``, TRL's colocated vLLM mode (``use_vllm=True, vllm_mode="colocate"``).
 
 Usage:  nice .venv/bin/python benchmarks/bench_vs_trl.py [--steps 8] [--warmup 2] [--json out.jsonl]
@@ -158,6 +161,8 @@ def main():
               "alignreg-local": lambda: run_alignreg(a, a.ckpt, ray=False),
               "alignreg-ray-hf": lambda: run_alignreg(a, a.ckpt, ray=True, engine="hf"),
               "alignreg-local-two-pass": lambda: run_alignreg(a, a.ckpt, ray=False, extra=("learner.single_pass=false",)),
+              "alignreg-async": lambda: run_alignreg(a, a.ckpt, ray=True, extra=("trainer.async_rollout=true",)),
+              "alignreg-local-async": lambda: run_alignreg(a, a.ckpt, ray=False, extra=("trainer.async_rollout=true",)),
               "trl": lambda: run_trl(a, a.ckpt, use_vllm=False),
               "trl-vllm": lambda: run_trl(a, a.ckpt, use_vllm=True)}[a.worker]
         print("RESULT " + json.dumps(fn()), flush=True)

@@ -189,21 +189,38 @@ def test_local_and_ray_runs_match(cluster, tmp_path):
 
 # ------------------------------------------------------------------------------------------ faults
 @pytest.mark.slow
-def test_engine_killed_mid_run_is_restarted_and_resynced(cluster, tmp_path):
-    """Kill the engine actor during step 2's rollout; the step is retried and the run completes."""
+@pytest.mark.parametrize("async_rollout", [False, True])
+def test_engine_killed_mid_run_is_restarted_and_resynced(cluster, tmp_path, async_rollout):
+    """Kill the engine actor during a rollout after the first sync; the shard is retried and the run
+    completes. With async rollout the kill lands in the batch generated ahead, on the driver's rollout
+    thread, while the learner actor trains."""
     import threading
 
     from alignreg.orchestration import ray_groups
 
     cfg = _cfg(tmp_path, "orchestration=ray", "learner.backend=torch", "ray.learner_ranks=1", "ray.max_restarts=2",
-               "trainer.steps=4", "rollout.engine=hf")
+               "trainer.steps=4", "rollout.engine=hf", f"trainer.async_rollout={str(async_rollout).lower()}",
+               "rollout.temperature=0.7")  # the parity probe compares engine and learner at the rollout temperature
     killed = {}
     original = ray_groups.RayRolloutGroup.generate_scored
 
     def generate_scored(self, *a, **k):
         if not killed and self._last is not None:  # after the first weight sync: a real re-sync is needed
             killed["actor"] = self.actors[0]
-            threading.Timer(0.2, lambda: ray.kill(self.actors[0], no_restart=False)).start()
+            if not async_rollout:  # mid-generation: the call fails
+                threading.Timer(0.2, lambda: ray.kill(self.actors[0], no_restart=False)).start()
+            else:  # while idle, and Ray restarts it before the next call: no call fails, but the restarted
+                # instance holds the initial weights; the group's weight-version check must catch it
+                ray.kill(self.actors[0], no_restart=False)
+                deadline = time.monotonic() + 120
+                while True:  # until the restarted instance (weights version 0 again) answers
+                    try:
+                        ray.get(self.actors[0].at_version.remote(0, "node_id"), timeout=30)
+                        break
+                    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                            ray_groups.StaleEngineError):
+                        assert time.monotonic() < deadline, "the killed engine actor was not restarted"
+                        time.sleep(0.2)
         return original(self, *a, **k)
 
     ray_groups.RayRolloutGroup.generate_scored = generate_scored
@@ -216,6 +233,7 @@ def test_engine_killed_mid_run_is_restarted_and_resynced(cluster, tmp_path):
     assert rows[-1]["sync/engine_restarts"] >= 1
     for r in rows[1:]:
         assert r["sync/probe_max_abs_diff"] <= cfg.sync.parity_tol
+    assert [r["rollout/policy_lag"] for r in rows[1:]] == ([0.0] + [1.0] * 3 if async_rollout else [0.0] * 4)
 
 
 def _driver(run_dir, address, steps, extra=()):

@@ -64,6 +64,28 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(wa[k], wb[k]), k
 
 
+def test_async_rollout_trains_one_step_stale_batches_and_resumes_with_the_same_prompts(tmp_path):
+    sync_dir, async_dir = tmp_path / "sync", tmp_path / "async"
+    extra = ["trainer.steps=4", "trainer.save_every=2", "eval.every=0"]
+    train(_cfg(sync_dir, *extra))
+    summary = train(_cfg(async_dir, *extra, "trainer.async_rollout=true"))
+    assert summary["steps"] == 4
+    s, a = _rows(sync_dir)[1:], _rows(async_dir)[1:]
+    assert [r["rollout/policy_lag"] for r in s] == [0.0] * 4 and [r["rollout/policy_lag"] for r in a] == [0.0, 1.0, 1.0, 1.0]
+    # the first batches are identical (same prompts, same weights theta_0); so is the first update
+    assert a[0]["rollout/reward_mean"] == s[0]["rollout/reward_mean"] and a[0]["policy/pg_loss"] == s[0]["policy/pg_loss"]
+    # from step 2 on, async trains at theta_t on a batch that theta_{t-1} generated: the engine's
+    # (behaviour) log-probs lag the learner's, which synchronous batches never do
+    assert max(r["policy/rollout_logprob_diff"] for r in s) < 1e-4
+    assert min(r["policy/rollout_logprob_diff"] for r in a[1:]) > 10 * max(r["policy/rollout_logprob_diff"] for r in s)
+    for r in a:
+        assert all(torch.isfinite(torch.tensor(v)) for k, v in r.items() if isinstance(v, float)), r
+    # the checkpoint written at step 2 while batch 3 was already drawn saves the prompt stream before it
+    ck_s = load_checkpoint(sync_dir / "checkpoints" / "step_00000002")
+    ck_a = load_checkpoint(async_dir / "checkpoints" / "step_00000002")
+    assert ck_a["prompts"] == ck_s["prompts"]
+
+
 def _cli(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "-m", "alignreg", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 

@@ -333,9 +333,31 @@ class RayLearnerGroup:
 
 
 # ------------------------------------------------------------------------------------------ engines
+class StaleEngineError(RuntimeError):
+    """The engine actor does not hold the weights its group last synced: Ray restarted it (from the
+    initial checkpoint) while it was idle, so no call failed. Handled like a death: re-sync, retry."""
+
+
+_ENGINE_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, StaleEngineError)
+
+
 class EngineActor(RolloutWorker):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.version = 0  # weight syncs applied to this instance; a restart by Ray runs __init__ again
+
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
+
+    def at_version(self, version: int, method: str, *args):
+        """``method(*args)`` if this instance holds weights ``version``, else StaleEngineError."""
+        if version != self.version:
+            raise StaleEngineError(f"engine holds weights version {self.version}, the group synced {version}")
+        return getattr(self, method)(*args)
+
+    def load_at_version(self, version: int, method: str, *args) -> None:
+        getattr(self, method)(*args)
+        self.version = version
 
 
 @ray.remote
@@ -367,7 +389,8 @@ class RayRolloutGroup:
                        .remote(cfg, model_dir, cfg.trainer.seed + i) for i in range(cfg.ray.num_engines)]
         self.nodes = ray.get([a.node_id.remote() for a in self.actors])
         self._last: Optional[RemoteWeights] = None
-        self._probe = None
+        self.version = 0  # weight syncs so far; every engine call checks the engine holds this version
+        self._probe, self._probe_lp = None, None
         if learner is not None and cfg.sync.verify and vocab_size:
             from alignreg.orchestration.weight_sync import make_probe
 
@@ -383,8 +406,8 @@ class RayRolloutGroup:
         """Call engine ``i``; if its actor died: wait for Ray's restart, re-sync, call again."""
         while True:
             try:
-                return ray.get(getattr(self.actors[i], method).remote(*args), timeout=self.cfg.sync.timeout_s)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                return ray.get(self.actors[i].at_version.remote(self.version, method, *args), timeout=self.cfg.sync.timeout_s)
+            except _ENGINE_LOST:
                 self._on_death(i)
 
     def _on_death(self, i: int) -> None:
@@ -422,12 +445,12 @@ class RayRolloutGroup:
                 args = (prompts[a:b], self._shard_sampling(sampling, i))
                 if scoring:
                     args += (scoring[0][a:b], scoring[1])
-                refs[i] = (getattr(self.actors[i], method).remote(*args), args)
+                refs[i] = (self.actors[i].at_version.remote(self.version, method, *args), args)
         out = []
         for i, (ref, args) in refs.items():
             try:
                 res = ray.get(ref, timeout=self.cfg.sync.timeout_s)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            except _ENGINE_LOST:
                 self._on_death(i)
                 res = self._call(i, method, *args)  # the same shard, the same seed
             out.append((spans[i][0], res))
@@ -456,18 +479,26 @@ class RayRolloutGroup:
     # -------------------------------------------------------------- weights
     def _load_one(self, i: int, weights: RemoteWeights) -> None:
         if weights.shm_spec is not None and self.nodes[i] == weights.node:
-            ray.get(self.actors[i].load_weights_from_spec.remote(weights.shm_spec), timeout=self.cfg.sync.timeout_s)
+            call = ("load_weights_from_spec", weights.shm_spec)
         else:
-            ref = weights.ref if weights.ref is not None else ray.put(list(weights))
-            ray.get(self.actors[i].load_weights.remote(ref), timeout=self.cfg.sync.timeout_s)
+            call = ("load_weights", weights.ref if weights.ref is not None else ray.put(list(weights)))
+        ray.get(self.actors[i].load_at_version.remote(self.version, *call), timeout=self.cfg.sync.timeout_s)
 
     def _verify(self, i: int, weights: RemoteWeights) -> dict[str, float]:
         if self._probe is None:
             return {}
         from alignreg.orchestration.weight_sync import verify_sync
 
-        return verify_sync(_EngineProbe(self, i), self.learner.probe_logprobs, self._probe, self.cfg.sync,
+        return verify_sync(_EngineProbe(self, i), self._learner_probe, self._probe, self.cfg.sync,
                            expected_checksum=self._expected_checksum(weights), temperature=self.cfg.rollout.temperature)
+
+    def _learner_probe(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
+        """The learner's probe log-probs (at the rollout temperature, as the engine's) at the weights of
+        the last sync, computed once per sync: a re-sync after an engine restart may run while the
+        learner has moved on (async rollout generates during the learner step)."""
+        if self._probe_lp is None:
+            self._probe_lp = self.learner.probe_logprobs(prompt_ids, response_ids, self.cfg.rollout.temperature)
+        return self._probe_lp
 
     def _expected_checksum(self, weights: RemoteWeights) -> float:
         if weights.shm_spec is not None:
@@ -481,12 +512,13 @@ class RayRolloutGroup:
         weights = named_tensors if isinstance(named_tensors, RemoteWeights) else RemoteWeights(ref=ray.put(list(named_tensors)))
         if weights.shm_spec is not None and weights.ref is None and not all(n == weights.node for n in self.nodes):
             weights = RemoteWeights(ref=ray.put(list(weights)), node=weights.node)
-        self._last = weights
+        self._last, self._probe_lp = weights, None
+        self.version += 1
         metrics: dict[str, float] = {}
         for i in range(len(self.actors)):
             try:
                 self._load_one(i, weights)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            except _ENGINE_LOST:
                 self._on_death(i)  # restart + re-sync with these weights
             m = self._verify(i, weights)
             for k, v in m.items():

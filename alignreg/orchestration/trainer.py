@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -254,8 +255,11 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
-def save_run(run: Run, step: int) -> Path:
-    state = {"learner": run.learner.state_dict(), "prompts": run.prompts.state_dict(), "rng": rng_state(), "step": step}
+def save_run(run: Run, step: int, prompts_state: Optional[dict] = None) -> Path:
+    """Checkpoint after ``step`` updates; ``prompts_state``: the prompt stream as of before the batch of
+    step ``step`` was drawn (async rollout has drawn it already), default its current state."""
+    prompts = run.prompts.state_dict() if prompts_state is None else prompts_state
+    state = {"learner": run.learner.state_dict(), "prompts": prompts, "rng": rng_state(), "step": step}
     return save_checkpoint(run.cfg.trainer.run_dir, step, state, keep=run.cfg.trainer.keep_checkpoints)
 
 
@@ -288,28 +292,50 @@ def _loop(run: Run, run_dir: Path) -> dict[str, Any]:
         summary["initial_eval"] = first
     step = run.start_step
     bar = tqdm(total=tc.steps, initial=step, disable=not tc.progress, desc="rl", dynamic_ncols=True)
-    with _Preemption() as pre:
-        while step < tc.steps:
-            t0 = time.perf_counter()
-            records = run.prompts.next_batch()
-            batch, metrics = rollout_step(run, records, step)
-            t1 = time.perf_counter()
-            metrics.update(run.learner.train_step(batch, step))
-            t2 = time.perf_counter()
-            metrics.update(run.rollout.load_weights(run.learner.export_weights()) or {})  # Ray: verified, sync/*
-            step += 1
-            metrics.update({"time/rollout_s": t1 - t0, "time/train_s": t2 - t1, "time/sync_s": time.perf_counter() - t2})
-            if (tc.log_every and step % tc.log_every == 0) or step == tc.steps:
-                if cfg.eval.every and step % cfg.eval.every == 0 or step == tc.steps:
-                    metrics.update(evaluate_run(run, step))
-                logger.log(step, metrics)
-            bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in ("rollout/reward_mean", "eval/greedy_acc") if k in metrics})
-            bar.update(1)
-            if (tc.save_every and step % tc.save_every == 0) or step == tc.steps or pre.requested:
-                save_run(run, step)
-            if pre.requested:
-                bar.write(f"SIGTERM: checkpoint written at step {step}; resume with trainer.resume=auto")
-                break
+    # trainer.async_rollout: the batch of step t+1 is generated (by the weights of step t) on a driver thread
+    # while the learner trains on step t; the engines are idle again before their weights change
+    pool = ThreadPoolExecutor(1, thread_name_prefix="rollout") if tc.async_rollout else None
+    pending = None  # (future of rollout_step for `step`, prompt-stream state before its records were drawn)
+    try:
+        with _Preemption() as pre:
+            while step < tc.steps:
+                t0 = time.perf_counter()
+                if pending is None:  # synchronous, or the first step (of a run or after a resume)
+                    records = run.prompts.next_batch()
+                    batch, metrics = rollout_step(run, records, step)
+                    lag = 0.0
+                else:
+                    (batch, metrics), lag = pending[0].result(), 1.0
+                pending = None
+                if pool is not None and step + 1 < tc.steps:
+                    before = run.prompts.state_dict()
+                    pending = (pool.submit(rollout_step, run, run.prompts.next_batch(), step + 1), before)
+                t1 = time.perf_counter()
+                metrics.update(run.learner.train_step(batch, step))
+                t2 = time.perf_counter()
+                if pending is not None:
+                    pending[0].result()  # the next batch is complete before the engines' weights change
+                t3 = time.perf_counter()
+                metrics.update(run.rollout.load_weights(run.learner.export_weights()) or {})  # Ray: verified, sync/*
+                step += 1
+                metrics.update({"time/rollout_s": (t1 - t0) + (t3 - t2), "time/train_s": t2 - t1,
+                                "time/sync_s": time.perf_counter() - t3, "rollout/policy_lag": lag})
+                if (tc.log_every and step % tc.log_every == 0) or step == tc.steps:
+                    if cfg.eval.every and step % cfg.eval.every == 0 or step == tc.steps:
+                        metrics.update(evaluate_run(run, step))
+                    logger.log(step, metrics)
+                bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in ("rollout/reward_mean", "eval/greedy_acc") if k in metrics})
+                bar.update(1)
+                if (tc.save_every and step % tc.save_every == 0) or step == tc.steps or pre.requested:
+                    # async: the batch generated ahead is not saved; a resume draws the same prompts again
+                    # and generates them with the checkpoint's weights
+                    save_run(run, step, pending[1] if pending is not None else None)
+                if pre.requested:
+                    bar.write(f"SIGTERM: checkpoint written at step {step}; resume with trainer.resume=auto")
+                    break
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
     bar.close()
     logger.close()
     final_eval = {k: v for k, v in _last_eval(logger.path).items()}
