@@ -7,17 +7,19 @@ with their squared state distances in float64: only the action part changes betw
 query time the squared joint distances to the K candidates,
 ``d_j = beta^2 |s_i - s_j|^2 + |pi - a_j|^2``, are computed exactly in float64 (K gathers per action
 column, no tree); let ``c_k`` be the k-th smallest. Every non-candidate ``j`` has
-``d_j >= beta^2 |s_i - s_j|^2 >= R_i = max_{C_i} beta^2 |s_i - s_j|^2``, so if ``c_k <= R_i`` then
+``d_j >= beta^2 |s_i - s_j|^2 >= R_i`` (the (K+1)-th nearest squared state distance), so if ``c_k <= R_i`` then
 ``c_k`` *is* the k-th nearest distance over all N points (a certificate, not a heuristic). Rows without
 the certificate fall back to a KD-tree query over the joint points (sliding-midpoint tree) with radius
 bounded by ``sqrt(c_k)`` (any k candidates bound the k-th neighbour; for k=1 the row's own dataset pair
 is a candidate, so the bound is at most ``|pi(s_i) - a_i|``). Both paths are exact; equal distances may
 resolve to different indices.
 
-Building the lists is a K-nearest query of every row: about a minute for 1M hopper rows (11-D states)
-on 2 cores, over an hour for 1M halfcheetah rows (17-D). Lists of datasets with >= ``CACHE_MIN_ROWS``
-rows are cached on disk by content hash; when the estimated build time exceeds ``max_build_s`` no lists
-are built and every row takes the bounded tree search (k=1: bounded by its own dataset pair).
+Building the lists is a (K+1)-nearest query of every row: about a minute for 1M hopper rows (11-D
+states) on 2 cores, over an hour for 1M halfcheetah rows (17-D). When the estimated build time exceeds
+``max_build_s`` the lists are built in the top principal axes of the state (a projection only shortens
+distances, so the bound stays valid; see :func:`state_candidates`); if even 4 axes do not fit, every
+row takes the bounded tree search (k=1: bounded by its own dataset pair). Lists of datasets with
+>= ``CACHE_MIN_ROWS`` rows are cached on disk by content hash.
 """
 from __future__ import annotations
 
@@ -32,69 +34,110 @@ from torch import Tensor
 
 
 CACHE_MIN_ROWS = 100_000  # smaller datasets build their candidate lists in seconds: not cached
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
+_SAFETY = 1.0 - 1e-9  # the lower bound R_i is shrunk by this factor against float64 rounding
+
+
+def _pca(scaled: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and principal axes (columns, by decreasing variance) of the scaled states."""
+    s64 = scaled[:: max(len(scaled) // 200_000, 1)].astype(np.float64)
+    mu = s64.mean(0)
+    _, vecs = np.linalg.eigh(np.cov((s64 - mu).T).reshape(s64.shape[1], s64.shape[1]))
+    return mu, np.ascontiguousarray(vecs[:, ::-1])
+
+
+def _project(scaled: np.ndarray, mu: np.ndarray, axes: np.ndarray, m: int) -> np.ndarray:
+    if m == scaled.shape[1]:
+        return scaled  # no projection: the scaled states themselves
+    return np.ascontiguousarray((scaled.astype(np.float64) - mu) @ axes[:, :m])
 
 
 def state_candidates(scaled: np.ndarray, K: int, workers: int = -1, cache_dir: str | None = None,
-                     log=None, max_build_s: float = float("inf")) -> np.ndarray | None:
-    """``[N, K]`` int32: each row's K nearest rows in (scaled) state space, itself included, nearest first.
+                     log=None, max_build_s: float = float("inf"), dims: int | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """Candidate lists for the certificate: ``(cand [N, K] int32, R [N] float64, m)``.
 
-    With ``cache_dir`` the lists are stored as ``<sha256 of the points>-k<K>.npy`` (written atomically)
-    and reused by later runs on the same data (e.g. other seeds): on 1M rows the build takes minutes
-    (hopper, 11-D states) to more than an hour (halfcheetah, 17-D, 2 cores). Before building, the time is
-    estimated from 2,000 rows; above ``max_build_s`` nothing is built and None is returned.
+    ``cand[i]`` are row i's K nearest rows in the state space projected onto its top ``m`` principal
+    axes (``m`` = the state dimension: no projection; then they are its K nearest states), and
+    ``R[i]`` is the squared projected distance of its (K+1)-th, shrunk by 1e-9 against rounding. A
+    projection never lengthens a distance, so every non-candidate ``j`` has
+    ``|s_i - s_j|^2 >= R[i]``: the certificate stays exact for any ``m``, only weaker for small ``m``.
+    ``m`` is the largest dimension whose build, estimated from 2,000 rows, fits ``max_build_s``
+    (a KD-tree in 17 dimensions is close to brute force: 1M halfcheetah rows take ~80 min on 2 cores
+    unprojected, ~5-10 min in 8 dimensions); None if not even 4 dimensions fit. ``dims`` fixes ``m``.
+
+    With ``cache_dir`` the result is stored as ``<sha256 of the points>-k<K>.npz`` (written
+    atomically) and reused by later runs on the same data (other seeds, algorithms).
     """
     from scipy.spatial import cKDTree
 
+    N, S = scaled.shape
     path = None
     if cache_dir:
         digest = hashlib.sha256(np.ascontiguousarray(scaled, np.float32).tobytes()).hexdigest()[:32]
-        path = Path(cache_dir).expanduser() / f"v{_CACHE_VERSION}-{digest}-k{K}.npy"
+        path = Path(cache_dir).expanduser() / f"v{_CACHE_VERSION}-{digest}-k{K}.npz"
         if path.is_file():
             try:
-                cand = np.load(path)
-                if cand.shape == (len(scaled), K) and cand.dtype == np.int32 and (cand[:, 0] >= 0).all():
+                with np.load(path) as z:
+                    cand, R, m = z["cand"], z["radius2"], int(z["m"])
+                if cand.shape == (N, K) and cand.dtype == np.int32 and R.shape == (N,) and (cand[:, 0] >= 0).all():
                     if log:
                         log(f"prdc: candidate lists from cache {path}")
-                    return cand
-            except (OSError, ValueError):
+                    return cand, R, m
+            except (OSError, ValueError, KeyError):
                 pass
             if log:
                 log(f"prdc: ignoring unreadable cache file {path}; rebuilding it")
+    if K >= N:  # every row is a candidate of every row
+        d = ((scaled[:, None, :].astype(np.float64) - scaled[None].astype(np.float64)) ** 2).sum(-1)
+        return np.argsort(d, axis=1, kind="stable").astype(np.int32), np.full(N, np.inf), S
     t0 = time.perf_counter()
-    tree = cKDTree(scaled, balanced_tree=False)  # sliding midpoint: ~30 % faster queries here than median splits
-    if len(scaled) > 20_000:
-        sample = np.random.default_rng(0).choice(len(scaled), 2000, replace=False)
+    mu = axes = None
+    for m in [S] + list(range(S - 2, 3, -2)) if dims is None else [min(dims, S)]:  # full dimension first
+        if m < S and mu is None:
+            mu, axes = _pca(scaled)
+        pts = _project(scaled, mu, axes, m)
+        tree = cKDTree(pts, balanced_tree=False)  # sliding midpoint: ~30 % faster queries here than median splits
+        if N <= 20_000 or dims is not None:
+            break
+        sample = np.random.default_rng(0).choice(N, 2000, replace=False)
         t = time.perf_counter()
-        tree.query(scaled[sample], k=K, workers=workers)
-        estimate = (time.perf_counter() - t) * len(scaled) / 2000
-        if estimate > max_build_s:
+        tree.query(pts[sample], k=K + 1, workers=workers)
+        estimate = (time.perf_counter() - t) * N / 2000
+        if estimate <= max_build_s:
             if log:
-                log(f"prdc: building the candidate lists would take ~{estimate / 60:.0f} min here (estimated from "
-                    f"2000 rows; limit max_index_build_s={max_build_s:g}); using the bounded KD-tree search for "
-                    "every row instead (exact, slower per step). Raise the limit to build them once (cached).")
-            return None
+                how = "" if m == S else f" in the top {m} of {S} principal axes of the state (the bound stays exact)"
+                log(f"prdc: building candidate lists for {N} rows{how} (~{estimate:.0f} s estimated)")
+            break
         if log:
-            log(f"prdc: building candidate lists for {len(scaled)} rows (~{estimate:.0f} s estimated)")
-    cand = np.empty((len(scaled), K), np.int32)
-    chunk = max(len(scaled) // 10, 50_000)
-    for lo in range(0, len(scaled), chunk):
-        hi = min(lo + chunk, len(scaled))
-        cand[lo:hi] = np.asarray(tree.query(scaled[lo:hi], k=K, workers=workers)[1]).reshape(hi - lo, K)
-        if log and len(scaled) > chunk:
-            log(f"prdc: candidate lists {hi}/{len(scaled)} rows, {time.perf_counter() - t0:.0f} s")
+            log(f"prdc: candidate lists in {m} dimensions would take ~{estimate / 60:.0f} min here "
+                f"(max_index_build_s={max_build_s:g})")
+    else:
+        if log:
+            log("prdc: no candidate lists within max_index_build_s; using the bounded KD-tree search for every row "
+                "(exact, slower per step). Raise the limit to build them once (cached).")
+        return None
+    cand, R = np.empty((N, K), np.int32), np.empty(N, np.float64)
+    chunk = max(N // 10, 50_000)
+    for lo in range(0, N, chunk):
+        hi = min(lo + chunk, N)
+        d, c = tree.query(pts[lo:hi], k=K + 1, workers=workers)
+        cand[lo:hi], R[lo:hi] = c[:, :K], d[:, K] ** 2 * _SAFETY
+        if log and N > chunk:
+            log(f"prdc: candidate lists {hi}/{N} rows, {time.perf_counter() - t0:.0f} s")
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npy")
-        np.save(tmp, cand)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, cand=cand, radius2=R, m=np.int64(m))
         os.replace(tmp, path)
-    return cand
+    return cand, R, m
 
 
 class JointNearestNeighbour:
     def __init__(self, states: np.ndarray, actions: np.ndarray, beta: float, k: int = 1,
                  num_candidates: int = 32, workers: int = -1, cache_dir: str | None = None,
-                 cache_min_rows: int = CACHE_MIN_ROWS, log=None, max_build_s: float = float("inf")):
+                 cache_min_rows: int = CACHE_MIN_ROWS, log=None, max_build_s: float = float("inf"),
+                 list_dims: int | None = None):
         if k < 1 or num_candidates < k:
             raise ValueError(f"need 1 <= k <= num_candidates, got k={k}, num_candidates={num_candidates}")
         self.k, self.workers = k, workers
@@ -102,10 +145,12 @@ class JointNearestNeighbour:
         self.points = np.hstack([scaled, np.asarray(actions, np.float32)])  # the official code's data array
         self.state_dim = scaled.shape[1]
         K = min(num_candidates, len(scaled))
-        cand = state_candidates(scaled, K, workers, cache_dir if len(scaled) >= cache_min_rows else None, log,
-                                max_build_s)
+        lists = state_candidates(scaled, K, workers, cache_dir if len(scaled) >= cache_min_rows else None, log,
+                                 max_build_s, list_dims)
         self.cand = self.cand_ds2 = self.radius2 = None  # None: no candidate lists, every row searches the tree
-        if cand is not None:
+        self.list_dims = 0  # dimensions the candidate lists were built in (0: none)
+        if lists is not None:
+            cand, radius2, self.list_dims = lists
             # the candidates' squared state distances, exact in float64 (fixed: only actions vary per query)
             s64 = scaled.astype(np.float64)
             ds2 = np.empty(cand.shape, np.float64)
@@ -114,7 +159,7 @@ class JointNearestNeighbour:
                 ds2[lo:hi] = ((s64[cand[lo:hi]] - s64[lo:hi, None, :]) ** 2).sum(-1)
             self.cand = torch.from_numpy(cand)
             self.cand_ds2 = torch.from_numpy(ds2)  # [N, K]
-            self.radius2 = self.cand_ds2.max(1).values  # R_i: every non-candidate is at least this far in state
+            self.radius2 = torch.from_numpy(radius2)  # R_i: every non-candidate is at least this far in state
         self.scaled = torch.from_numpy(scaled).double()
         self.actions = torch.from_numpy(np.asarray(actions, np.float32)).double()
         self.actions_t = self.actions.t().contiguous()  # [A, N]

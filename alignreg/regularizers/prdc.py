@@ -17,8 +17,9 @@ actor step, :class:`alignreg.offline.nn_search.JointNearestNeighbour` answers mo
 precomputed state-space candidate lists with an exactness certificate and falls back to a
 radius-bounded KD-tree query otherwise. Search settings that never change the result:
 ``num_candidates=32`` candidates per row, ``index_cache`` (lists of datasets >= 100k rows are cached by
-content hash), ``max_index_build_s=900`` (a list build estimated to take longer is skipped: tree search
-for every row). Needs ``setup`` (the dataset) before the first actor step.
+content hash), ``max_index_build_s=900`` (a list build estimated to take longer is done in fewer
+principal axes of the state, which keeps the certificate exact but weaker; if even 4 axes do not fit,
+every row takes the tree search). Needs ``setup`` (the dataset) before the first actor step.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ class PRDCParams:
     k: int = 1  # use the k-th nearest neighbour (official semantics: k-th only, not the k nearest)
     num_candidates: int = 32  # search only: state-space candidates per row for the exactness certificate (>= k)
     index_cache: str = "~/.cache/alignreg/prdc_index"  # candidate lists of datasets >= 100k rows are reused ("": off)
-    max_index_build_s: float = 900.0  # estimated build time above which the lists are skipped (tree-only search)
+    max_index_build_s: float = 900.0  # build-time budget of the lists: fewer principal axes of the state if needed, none if 4 do not fit
 
     def validate(self, path: str) -> None:
         if self.beta <= 0:

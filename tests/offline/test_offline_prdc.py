@@ -68,7 +68,7 @@ def test_candidate_lists_cached_and_rebuilt_when_unreadable(tmp_path):
     logs: list[str] = []
     first = JointNearestNeighbour(s, a, beta=2.0, num_candidates=16, cache_dir=str(tmp_path), cache_min_rows=0,
                                   log=logs.append)
-    files = list(tmp_path.glob("*.npy"))
+    files = list(tmp_path.glob("*.npz"))
     assert len(files) == 1 and not logs  # built (too small to report progress) and written
     again = JointNearestNeighbour(s, a, beta=2.0, num_candidates=16, cache_dir=str(tmp_path), cache_min_rows=0,
                                   log=logs.append)
@@ -78,11 +78,34 @@ def test_candidate_lists_cached_and_rebuilt_when_unreadable(tmp_path):
     rebuilt = JointNearestNeighbour(s, a, beta=2.0, num_candidates=16, cache_dir=str(tmp_path), cache_min_rows=0,
                                     log=logs.append)
     assert "unreadable cache file" in logs[-1] and torch.equal(first.cand, rebuilt.cand)
-    assert np.load(files[0]).shape == (1500, 16)  # rewritten
+    assert np.load(files[0])["cand"].shape == (1500, 16)  # rewritten
     other = JointNearestNeighbour(s * 1.5, a, beta=2.0, num_candidates=16, cache_dir=str(tmp_path), cache_min_rows=0)
-    assert len(list(tmp_path.glob("*.npy"))) == 2 and other.cand.shape == (1500, 16)  # other data: its own file
+    assert len(list(tmp_path.glob("*.npz"))) == 2 and other.cand.shape == (1500, 16)  # other data: its own file
     small = JointNearestNeighbour(s, a, beta=2.0, num_candidates=8, cache_dir=str(tmp_path / "x"))
     assert not (tmp_path / "x").exists() and small.cand.shape == (1500, 8)  # under cache_min_rows: not cached
+
+
+@pytest.mark.parametrize("dims", [2, 4, 6])  # lists in the top principal axes of the 6-D state: still exact
+def test_projected_candidate_lists_stay_exact(dims):
+    rng = np.random.default_rng(dims)
+    s, a = dataset(rng, n=3000)
+    full = JointNearestNeighbour(s, a, beta=2.0, k=1, num_candidates=32)
+    nn = JointNearestNeighbour(s, a, beta=2.0, k=1, num_candidates=32, list_dims=dims)
+    assert nn.list_dims == dims and full.list_dims == 6
+    qi = rng.integers(0, len(s), 512)
+    pi = np.clip(a[qi] + rng.normal(0, 0.1, a[qi].shape), -1, 1)
+    idx, d2 = nn.query(torch.from_numpy(qi), torch.from_numpy(pi).float())
+    _, ref_d2, _ = brute_force(s, a, 2.0, qi, torch.from_numpy(pi).float().double().numpy(), 1)
+    np.testing.assert_allclose(d2.numpy(), ref_d2, rtol=1e-9, atol=1e-12)
+    # the bound R_i never exceeds the true squared state distance of any non-candidate
+    s64 = (2.0 * s.astype(np.float32)).astype(np.float32).astype(np.float64)
+    for i in qi[:32]:
+        d = ((s64 - s64[i]) ** 2).sum(1)
+        outside = np.setdiff1d(np.arange(len(s)), nn.cand[i].numpy())
+        assert d[outside].min() >= nn.radius2[i].item()
+    cert = nn.last_certified
+    full.query(torch.from_numpy(qi), torch.from_numpy(pi).float())
+    assert 0.0 < cert <= full.last_certified + 1e-12  # fewer axes: a weaker, still valid, certificate
 
 
 @pytest.mark.parametrize("k", [1, 2])
