@@ -44,6 +44,14 @@ class OfficialPRDC(PRDC):
         return torch.nn.functional.mse_loss(pi, a_nn), {}
 
 
+def sqdist_gap(index, states: torch.Tensor, pi: torch.Tensor, idx_a: np.ndarray, idx_b: np.ndarray) -> float:
+    """Largest |d2(a) - d2(b)| over the rows: the two searches' neighbours at the same squared joint
+    distance (float64) from the query ``(2 s, pi)``; 0 means identical neighbours up to ties."""
+    q = np.hstack([2.0 * states.numpy(), pi.numpy()]).astype(np.float64)
+    d = [((index.points[i].astype(np.float64) - q) ** 2).sum(1) for i in (idx_a, idx_b)]
+    return float(np.abs(d[0] - d[1]).max())
+
+
 def load(args) -> dict:
     rng = np.random.default_rng(0)
     if args.data:
@@ -132,10 +140,7 @@ def main() -> None:
         idx, d2 = index.query(b.indices, pi)
         certified.append(index.last_certified)
         off = index.official_query(2.0 * b.states.numpy(), pi.numpy())
-        q = np.hstack([2.0 * b.states.numpy(), pi.numpy()]).astype(np.float64)
-        d_off = ((index.points[off].astype(np.float64) - q) ** 2).sum(1)
-        d_fast = ((index.points[idx.numpy()].astype(np.float64) - q) ** 2).sum(1)
-        max_err = max(max_err, float(np.abs(d_off - d_fast).max()))
+        max_err = max(max_err, sqdist_gap(index, b.states, pi, off, idx.numpy()))
         ties += int((off != idx.numpy()).sum())
         for _ in range(25):  # move the actor between verification batches
             fast.train_step(data.sample(256, gen))
@@ -170,9 +175,7 @@ def main() -> None:
         row["search_official_ms"] = (time.perf_counter() - t) * 100
         row["certified_frac"] = float(np.mean(cert))
         for b, pi, i1, i2 in zip(qs, pis, mine, theirs):  # identical neighbours on these queries too
-            q = np.hstack([2.0 * b.states.numpy(), pi.numpy()]).astype(np.float64)
-            d = [((index.points[i].astype(np.float64) - q) ** 2).sum(1) for i in (i1, i2)]
-            assert np.abs(d[0] - d[1]).max() < 1e-6, f"neighbour distances differ after {phase} steps"
+            assert sqdist_gap(index, b.states, pi, i1, i2) < 1e-6, f"neighbour distances differ after {phase} steps"
         for kind, key in (("prdc", "prdc_alignreg_steps_s"), ("prdc_official", "prdc_official_steps_s")):
             L = learner(kind, data, candidates=args.candidates)
             L.penalties.terms[0].term.index = index  # same points and trees

@@ -44,7 +44,7 @@ class PRDCParams:
         if self.beta <= 0:
             raise ConfigError(f"{path}.beta must be > 0")
         if self.max_index_build_s < 0:
-            raise ConfigError(f"{path}.max_index_build_s must be >= 0 (0: never build candidate lists)")
+            raise ConfigError(f"{path}.max_index_build_s must be >= 0 (0: no candidate lists for datasets over 20,000 rows, whose build time is estimated)")
         if not 1 <= self.k <= self.num_candidates:
             raise ConfigError(f"{path}.k must satisfy 1 <= k <= num_candidates ({self.num_candidates})")
 
