@@ -61,10 +61,12 @@ class PRDC(Regularizer):
     def setup(self, ctx) -> None:
         from alignreg.offline.nn_search import CACHE_MIN_ROWS, JointNearestNeighbour
 
-        big = len(ctx.states) >= CACHE_MIN_ROWS
+        # messages (build estimate, progress, PCA fallback) appear only above 20,000 rows, where a build
+        # is estimated; the cache is used from CACHE_MIN_ROWS rows
         self.index = JointNearestNeighbour(ctx.states, ctx.actions, self.params.beta, self.params.k,
                                            self.params.num_candidates, cache_dir=self.params.index_cache or None,
-                                           log=print if big else None, max_build_s=self.params.max_index_build_s)
+                                           cache_min_rows=CACHE_MIN_ROWS, log=print,
+                                           max_build_s=self.params.max_index_build_s)
 
     def actor_penalty(self, batch):
         if self.index is None:

@@ -140,3 +140,17 @@ def test_prdc_penalty_value_and_gradient_float64():
     assert loss.item() == pytest.approx(((p - a_nn) ** 2).mean(), rel=1e-12)
     np.testing.assert_allclose(pi.grad.numpy(), 2 * (p - a_nn) / p.size, rtol=1e-12)
     assert 0.0 <= m["certified"] <= 1.0
+
+
+def test_prdc_setup_reports_index_build_decisions_below_the_cache_size(tmp_path, capsys):
+    # 25k rows: below the cache threshold (100k) but large enough that the build time is estimated;
+    # the fall-back to the tree-only search must be visible, not silent
+    rng = np.random.default_rng(5)
+    s, a = dataset(rng, n=25_000)
+    params = {"beta": 2.0, "num_candidates": 8, "max_index_build_s": 0.0, "index_cache": str(tmp_path)}
+    term = build_regularizers([RegularizerConfig(name="prdc", params=params)], hooks=("actor_penalty",)).terms[0].term
+    term.setup(OfflineSetup(s, a, 6, 3, 1.0, 0))
+    out = capsys.readouterr().out
+    assert term.index.cand is None
+    assert "would take" in out and "no candidate lists within max_index_build_s" in out
+    assert list(tmp_path.iterdir()) == []  # nothing cached below 100k rows
