@@ -15,7 +15,7 @@ class OfflineDataConfig:
     source: Literal["generated", "d4rl_hdf5", "minari"] = "generated"  # generated: alignreg's v5 data (made if missing); d4rl_hdf5: a D4RL file; minari: a Minari dataset
     env: Env = "hopper"  # locomotion task; also the gymnasium v5 environment used for evaluation
     level: Level = "medium"  # generated: behaviour-policy level (D4RL naming)
-    path: str = ""  # d4rl_hdf5: the file; generated: cache file ("" = <cache_dir>/<env>-<level>-v5-s<seed>-n<size>.hdf5)
+    path: str = ""  # d4rl_hdf5: the file; generated: cache file ("" = <cache_dir>/<env>-<level>-v5-p<policy hash>-s<seed>-n<size>.hdf5)
     cache_dir: str = "~/.cache/alignreg/offline"  # generated: where datasets are written when path is ""
     minari_id: str = ""  # minari: dataset id, e.g. "mujoco/hopper/medium-v0"
     size: int = 100_000  # generated: env steps per behaviour policy (medium-expert holds 2 x size)

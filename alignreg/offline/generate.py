@@ -24,6 +24,7 @@ step of the file if it cuts an episode.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -155,13 +156,24 @@ def package_policies(env_name: str, run_dir: str | Path, medium_frac: float = 0.
     return {"medium": medium, "expert": expert, "replay_plan": plan}
 
 
-def load_policy(env_name: str, snapshot: str) -> Actor:
+def _policy_file(env_name: str) -> Path:
     path = POLICY_DIR / f"{env_name}.pt"
     if not path.is_file():
         from alignreg.config import ConfigError
 
         raise ConfigError(f"no shipped behaviour policies for env {env_name!r} ({path} missing)")
-    blob = torch.load(path, weights_only=True)
+    return path
+
+
+def policy_version(env_name: str) -> str:
+    """Short content hash of ``env_name``'s shipped behaviour policies. Generated files carry it (in
+    their default name and as the ``behaviour_policies`` attribute), so data made with other policies
+    (an older alignreg) is never mistaken for the current data."""
+    return hashlib.sha256(_policy_file(env_name).read_bytes()).hexdigest()[:8]
+
+
+def load_policy(env_name: str, snapshot: str) -> Actor:
+    blob = torch.load(_policy_file(env_name), weights_only=True)
     actor = Actor(blob["obs_dim"], blob["act_dim"], blob["hidden"])
     actor.load_state_dict({k: v.float() for k, v in blob["snapshots"][snapshot].items()})
     return actor.eval()
@@ -175,7 +187,7 @@ def _policy_plan(env_name: str, level: str, size: int) -> list[tuple[str, int, f
         return [(level, size, EXPL_NOISE)]
     if level == "medium-expert":
         return [("medium", size, EXPL_NOISE), ("expert", size, EXPL_NOISE)]
-    blob = torch.load(POLICY_DIR / f"{env_name}.pt", weights_only=True)
+    blob = torch.load(_policy_file(env_name), weights_only=True)
     return [(name, steps, 0.0 if name == "random" else EXPL_NOISE) for name, steps in blob["replay_plan"]]
 
 
@@ -240,7 +252,8 @@ def generate_dataset(env_name: str, level: str, size: int, seed: int, out_path: 
         for k, v in data.items():
             f.create_dataset(k, data=v)
         f.attrs.update({"generator": "alignreg", "env": env_name, "env_id": ENV_IDS[env_name], "level": level,
-                        "seed": seed, "size": size, "reference_set": "alignreg-v5"})
+                        "seed": seed, "size": size, "reference_set": "alignreg-v5",
+                        "behaviour_policies": policy_version(env_name)})
     tmp.replace(out)
     return out
 

@@ -24,7 +24,31 @@ from alignreg.offline.datasets import OfflineData, qlearning_dataset, read_d4rl_
 def generated_path(d: OfflineDataConfig) -> Path:
     if d.path:
         return Path(d.path).expanduser()
-    return Path(d.cache_dir).expanduser() / f"{d.env}-{d.level}-v5-s{d.seed}-n{d.size}.hdf5"
+    from alignreg.offline.generate import policy_version
+
+    return Path(d.cache_dir).expanduser() / f"{d.env}-{d.level}-v5-p{policy_version(d.env)}-s{d.seed}-n{d.size}.hdf5"
+
+
+def check_generated_file(path: Path, env: str) -> None:
+    """A generated file must come from the behaviour policies shipped now: its normalised scores use
+    the references measured with them."""
+    import h5py
+
+    from alignreg.config import ConfigError
+    from alignreg.offline.generate import policy_version
+
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = dict(f.attrs)
+    except OSError as e:
+        raise ConfigError(f"data.path: cannot read {path} as HDF5 ({e}); delete it to have it generated again") from e
+    if attrs.get("generator") != "alignreg":
+        return  # a file alignreg did not write: read as D4RL data
+    have, want = attrs.get("behaviour_policies", "an older alignreg's"), policy_version(env)
+    if have != want:
+        raise ConfigError(f"data.path: {path} was generated with {have} behaviour policies, but this alignreg "
+                          f"ships {want} (and measured its reference scores with them); delete the file to "
+                          f"have it generated again, or set data.path to a new file")
 
 
 def load_transitions(d: OfflineDataConfig, log=print) -> tuple[dict, str]:
@@ -38,6 +62,8 @@ def load_transitions(d: OfflineDataConfig, log=print) -> tuple[dict, str]:
 
             log(f"generating {d.env}-{d.level} ({d.size} steps/policy, seed {d.seed}) -> {path}")
             generate_dataset(d.env, d.level, d.size, d.seed, path, log=log)
+        else:
+            check_generated_file(path, d.env)
         ref = "alignreg-v5"
     else:
         path, ref = Path(d.path).expanduser(), "d4rl"

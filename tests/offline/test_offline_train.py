@@ -114,3 +114,29 @@ def test_shipped_policies_and_alignreg_references(tmp_path):
         for k in fa.keys():
             np.testing.assert_array_equal(fa[k][()], fb[k][()])
         assert fa["timeouts"][599] and fa["timeouts"][1199]  # segment ends are final steps, as in D4RL
+
+
+def test_generated_data_is_tied_to_the_shipped_policies(tmp_path):
+    from alignreg.config import ConfigError
+    from alignreg.offline.config import OfflineDataConfig
+    from alignreg.offline.generate import policy_version
+    from alignreg.offline.train import generated_path, load_transitions
+
+    ver = policy_version("hopper")
+    assert len(ver) == 8 and ver != policy_version("walker2d")
+    default = generated_path(OfflineDataConfig(env="hopper", level="medium", size=500, cache_dir=str(tmp_path)))
+    assert default.name == f"hopper-medium-v5-p{ver}-s0-n500.hdf5"
+    dc = OfflineDataConfig(env="hopper", level="random", size=300, path=str(tmp_path / "h.hdf5"))
+    data, _ = load_transitions(dc, log=lambda *a: None)  # generated on first use
+    with h5py.File(tmp_path / "h.hdf5", "r") as f:
+        assert f.attrs["behaviour_policies"] == ver
+    again, _ = load_transitions(dc)  # the same policies: reused as it is
+    np.testing.assert_array_equal(again["observations"], data["observations"])
+    with h5py.File(tmp_path / "h.hdf5", "a") as f:
+        f.attrs["behaviour_policies"] = "0123abcd"  # made by other behaviour policies
+    with pytest.raises(ConfigError, match="generated with 0123abcd behaviour policies, but this alignreg ships"):
+        load_transitions(dc)
+    with h5py.File(tmp_path / "h.hdf5", "a") as f:
+        del f.attrs["behaviour_policies"]  # written before files carried the attribute
+    with pytest.raises(ConfigError, match="an older alignreg's behaviour policies.*delete the file"):
+        load_transitions(dc)
