@@ -206,12 +206,12 @@ def test_engine_killed_mid_run_is_restarted_and_resynced(cluster, tmp_path, asyn
     def generate_scored(self, *a, **k):
         if not killed and self._last is not None:  # after the first weight sync: a real re-sync is needed
             killed["actor"] = self.actors[0]
-            if not async_rollout:  # killed as the rollout is submitted: the call fails (or meets the restarted,
-                # stale instance). A 0.2 s timer here was flaky: a fast rollout finished first, no call failed.
-                ray.kill(self.actors[0], no_restart=False)
-            else:  # while idle, and Ray restarts it before the next call: no call fails, but the restarted
-                # instance holds the initial weights; the group's weight-version check must catch it
-                ray.kill(self.actors[0], no_restart=False)
+            ray.kill(self.actors[0], no_restart=False)
+            # sync: killed as the rollout is submitted, so the call fails (or meets the restarted, stale
+            # instance); a 0.2 s timer was flaky: a fast rollout finished first and no call failed.
+            # async: wait until Ray has restarted it, so no call fails, but the restarted instance holds
+            # the initial weights; the group's weight-version check must catch it
+            if async_rollout:
                 deadline = time.monotonic() + 120
                 while True:  # until the restarted instance (weights version 0 again) answers
                     try:

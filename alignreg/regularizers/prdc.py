@@ -59,14 +59,13 @@ class PRDC(Regularizer):
         self.index = None
 
     def setup(self, ctx) -> None:
-        from alignreg.offline.nn_search import CACHE_MIN_ROWS, JointNearestNeighbour
+        from alignreg.offline.nn_search import JointNearestNeighbour
 
         # messages (build estimate, progress, PCA fallback) appear only above 20,000 rows, where a build
-        # is estimated; the cache is used from CACHE_MIN_ROWS rows
+        # is estimated; lists are cached from nn_search.CACHE_MIN_ROWS rows
         self.index = JointNearestNeighbour(ctx.states, ctx.actions, self.params.beta, self.params.k,
                                            self.params.num_candidates, cache_dir=self.params.index_cache or None,
-                                           cache_min_rows=CACHE_MIN_ROWS, log=print,
-                                           max_build_s=self.params.max_index_build_s)
+                                           log=print, max_build_s=self.params.max_index_build_s)
 
     def actor_penalty(self, batch):
         if self.index is None:
