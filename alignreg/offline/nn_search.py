@@ -15,11 +15,12 @@ is a candidate, so the bound is at most ``|pi(s_i) - a_i|``). Both paths are exa
 resolve to different indices.
 
 Building the lists is a (K+1)-nearest query of every row: about a minute for 1M hopper rows (11-D
-states) on 2 cores, 16 min to over an hour for 1M halfcheetah rows (17-D), depending on the data. When the estimated build time exceeds
-``max_build_s`` the lists are built in the top principal axes of the state (a projection only shortens
-distances, so the bound stays valid; see :func:`state_candidates`); if even 4 axes do not fit, every
-row takes the bounded tree search (k=1: bounded by its own dataset pair). Lists of datasets with
->= ``CACHE_MIN_ROWS`` rows are cached on disk by content hash.
+states) on 2 cores, 16 min to over an hour for 1M halfcheetah rows (17-D), depending on the data.
+When the estimated build time exceeds ``max_build_s`` the lists are built in the top principal axes
+of the state (a projection only shortens distances, so the bound stays valid; see
+:func:`state_candidates`); if even 4 axes do not fit, every row takes the bounded tree search (k=1:
+bounded by its own dataset pair). Lists of datasets with >= ``CACHE_MIN_ROWS`` rows are cached on disk
+by content hash.
 """
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def state_candidates(scaled: np.ndarray, K: int, workers: int = -1, cache_dir: s
     ``|s_i - s_j|^2 >= R[i]``: the certificate stays exact for any ``m``, only weaker for small ``m``.
     ``m`` is the largest dimension whose build, estimated from 2,000 rows, fits ``max_build_s``
     (a KD-tree in 17 dimensions can come close to brute force: 1M halfcheetah rows were estimated at
-    16-130 min on 2 cores unprojected, depending on the data, ~5-10 min in 8 dimensions); None if not even 4 dimensions fit. ``dims`` fixes ``m``.
+    16-130 min on 2 cores unprojected, depending on the data, ~5-10 min in 8 dimensions); None if not
+    even 4 dimensions fit. ``dims`` fixes ``m``.
 
     With ``cache_dir`` the result is stored as ``<sha256 of the points>-k<K>.npz`` (written
     atomically) and reused by later runs on the same data (other seeds, algorithms).
