@@ -113,6 +113,8 @@ def main() -> None:
                    help="time both PRDC variants and TD3+BC after this many steps of one PRDC training run (comma list)")
     p.add_argument("--out", default="")
     args = p.parse_args()
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1 (got {args.repeats})")
     torch.set_num_threads(args.threads)
     data = OfflineData(load(args))
     print(f"data: {data.size} transitions, S={data.state_dim}, A={data.action_dim}")
