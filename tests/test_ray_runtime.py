@@ -246,14 +246,14 @@ def _driver(run_dir, address, steps, extra=()):
 def test_sigterm_checkpoints_and_resume_matches_uninterrupted(cluster, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     straight, split = tmp_path / "straight", tmp_path / "split"
-    steps = 10  # SIGTERM is sent once step 1 is logged: 9 steps of slack for a slow signal on a loaded machine
+    steps = 10  # SIGTERM is sent once the first line is logged: 9 steps of slack for a slow signal on a loaded machine
     r = subprocess.run(_driver(straight, cluster, steps), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     p = subprocess.Popen(_driver(split, cluster, steps), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = split / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and metrics.read_text().strip()):
-        time.sleep(0.05)  # step 1 logged: the loop is running
+        time.sleep(0.05)  # the initial evaluation is logged: the SIGTERM handler is in, no step is done yet
     p.send_signal(signal.SIGTERM)
     out, _ = p.communicate(timeout=300)
     assert p.returncode == 0, out[-3000:]

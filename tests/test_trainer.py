@@ -64,6 +64,32 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(wa[k], wb[k]), k
 
 
+
+def test_sigterm_during_the_initial_evaluation_ends_in_a_checkpoint(tmp_path, monkeypatch):
+    """The preemption handler is in before anything is logged: a SIGTERM that arrives while the
+    initial evaluation runs (a CI failure: it used to meet the default handler, or Ray's, and kill the
+    driver) finishes the current step, checkpoints and returns."""
+    import os
+    import signal
+
+    from alignreg.orchestration import trainer
+
+    original, calls = trainer.evaluate_run, []
+
+    def evaluate_run(run, step):
+        if not calls:
+            os.kill(os.getpid(), signal.SIGTERM)
+        calls.append(step)
+        return original(run, step)
+
+    monkeypatch.setattr(trainer, "evaluate_run", evaluate_run)
+    before = signal.getsignal(signal.SIGTERM)
+    summary = train(_cfg(tmp_path, "trainer.steps=4", "warm_start.steps=0"))
+    assert summary["preempted"] and summary["steps"] == 1
+    assert latest_checkpoint(tmp_path).name == "step_00000001"
+    assert signal.getsignal(signal.SIGTERM) is before  # restored after the run
+
+
 def test_async_rollout_trains_one_step_stale_batches_and_resumes_with_the_same_prompts(tmp_path):
     sync_dir, async_dir = tmp_path / "sync", tmp_path / "async"
     extra = ["trainer.steps=4", "trainer.save_every=2", "eval.every=0"]

@@ -272,12 +272,15 @@ def train(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = None
     save_config(cfg, run_dir / "config.yaml")
     run = build_run(cfg, resources)
     try:
-        return _loop(run, run_dir)
+        # the handler goes in after Ray's start-up (ray.init installs its own SIGTERM handler, which exits) and
+        # before anything is logged: a SIGTERM from then on always ends in a checkpoint
+        with _Preemption() as pre:
+            return _loop(run, run_dir, pre)
     finally:
         run.close()  # engines, actors, placement groups, the Ray cluster we started
 
 
-def _loop(run: Run, run_dir: Path) -> dict[str, Any]:
+def _loop(run: Run, run_dir: Path, pre: _Preemption) -> dict[str, Any]:
     from tqdm import tqdm
 
     cfg = run.cfg
@@ -297,42 +300,41 @@ def _loop(run: Run, run_dir: Path) -> dict[str, Any]:
     pool = ThreadPoolExecutor(1, thread_name_prefix="rollout") if tc.async_rollout else None
     pending = None  # (future of rollout_step for `step`, prompt-stream state before its records were drawn)
     try:
-        with _Preemption() as pre:
-            while step < tc.steps:
-                t0 = time.perf_counter()
-                if pending is None:  # synchronous, or the first step (of a run or after a resume)
-                    records = run.prompts.next_batch()
-                    batch, metrics = rollout_step(run, records, step)
-                    lag = 0.0
-                else:
-                    (batch, metrics), lag = pending[0].result(), 1.0
-                pending = None
-                if pool is not None and step + 1 < tc.steps:
-                    before = run.prompts.state_dict()
-                    pending = (pool.submit(rollout_step, run, run.prompts.next_batch(), step + 1), before)
-                t1 = time.perf_counter()
-                metrics.update(run.learner.train_step(batch, step))
-                t2 = time.perf_counter()
-                if pending is not None:
-                    pending[0].result()  # the next batch is complete before the engines' weights change
-                t3 = time.perf_counter()
-                metrics.update(run.rollout.load_weights(run.learner.export_weights()) or {})  # Ray: verified, sync/*
-                step += 1
-                metrics.update({"time/rollout_s": (t1 - t0) + (t3 - t2), "time/train_s": t2 - t1,
-                                "time/sync_s": time.perf_counter() - t3, "rollout/policy_lag": lag})
-                if (tc.log_every and step % tc.log_every == 0) or step == tc.steps:
-                    if cfg.eval.every and step % cfg.eval.every == 0 or step == tc.steps:
-                        metrics.update(evaluate_run(run, step))
-                    logger.log(step, metrics)
-                bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in ("rollout/reward_mean", "eval/greedy_acc") if k in metrics})
-                bar.update(1)
-                if (tc.save_every and step % tc.save_every == 0) or step == tc.steps or pre.requested:
-                    # async: the batch generated ahead is not saved; a resume draws the same prompts again
-                    # and generates them with the checkpoint's weights
-                    save_run(run, step, pending[1] if pending is not None else None)
-                if pre.requested:
-                    bar.write(f"SIGTERM: checkpoint written at step {step}; resume with trainer.resume=auto")
-                    break
+        while step < tc.steps:
+            t0 = time.perf_counter()
+            if pending is None:  # synchronous, or the first step (of a run or after a resume)
+                records = run.prompts.next_batch()
+                batch, metrics = rollout_step(run, records, step)
+                lag = 0.0
+            else:
+                (batch, metrics), lag = pending[0].result(), 1.0
+            pending = None
+            if pool is not None and step + 1 < tc.steps:
+                before = run.prompts.state_dict()
+                pending = (pool.submit(rollout_step, run, run.prompts.next_batch(), step + 1), before)
+            t1 = time.perf_counter()
+            metrics.update(run.learner.train_step(batch, step))
+            t2 = time.perf_counter()
+            if pending is not None:
+                pending[0].result()  # the next batch is complete before the engines' weights change
+            t3 = time.perf_counter()
+            metrics.update(run.rollout.load_weights(run.learner.export_weights()) or {})  # Ray: verified, sync/*
+            step += 1
+            metrics.update({"time/rollout_s": (t1 - t0) + (t3 - t2), "time/train_s": t2 - t1,
+                            "time/sync_s": time.perf_counter() - t3, "rollout/policy_lag": lag})
+            if (tc.log_every and step % tc.log_every == 0) or step == tc.steps:
+                if cfg.eval.every and step % cfg.eval.every == 0 or step == tc.steps:
+                    metrics.update(evaluate_run(run, step))
+                logger.log(step, metrics)
+            bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in ("rollout/reward_mean", "eval/greedy_acc") if k in metrics})
+            bar.update(1)
+            if (tc.save_every and step % tc.save_every == 0) or step == tc.steps or pre.requested:
+                # async: the batch generated ahead is not saved; a resume draws the same prompts again
+                # and generates them with the checkpoint's weights
+                save_run(run, step, pending[1] if pending is not None else None)
+            if pre.requested:
+                bar.write(f"SIGTERM: checkpoint written at step {step}; resume with trainer.resume=auto")
+                break
     finally:
         if pool is not None:
             pool.shutdown(wait=True)
