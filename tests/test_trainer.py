@@ -90,6 +90,25 @@ def test_sigterm_during_the_initial_evaluation_ends_in_a_checkpoint(tmp_path, mo
     assert signal.getsignal(signal.SIGTERM) is before  # restored after the run
 
 
+def test_sigterm_during_the_last_evaluation_leaves_a_complete_run(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from alignreg.orchestration import trainer
+
+    original = trainer.evaluate_run
+
+    def evaluate_run(run, step):
+        if step == 2:  # the last step's evaluation
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(run, step)
+
+    monkeypatch.setattr(trainer, "evaluate_run", evaluate_run)
+    summary = train(_cfg(tmp_path, "trainer.steps=2", "warm_start.steps=0"))
+    assert summary["steps"] == 2 and summary["preempted"] is False
+    assert (tmp_path / "final" / "config.json").is_file()
+
+
 def test_async_rollout_trains_one_step_stale_batches_and_resumes_with_the_same_prompts(tmp_path):
     sync_dir, async_dir = tmp_path / "sync", tmp_path / "async"
     extra = ["trainer.steps=4", "trainer.save_every=2", "eval.every=0"]

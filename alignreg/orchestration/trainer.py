@@ -341,7 +341,8 @@ def _loop(run: Run, run_dir: Path, pre: _Preemption) -> dict[str, Any]:
     bar.close()
     logger.close()
     final_eval = {k: v for k, v in _last_eval(logger.path).items()}
-    summary.update({"steps": step, "final_eval": final_eval, "preempted": pre.requested})
+    # a SIGTERM after the last step (final evaluation, export) leaves a complete run: not preempted
+    summary.update({"steps": step, "final_eval": final_eval, "preempted": pre.requested and step < tc.steps})
     if step == tc.steps:
         final_dir = run_dir / "final"
         run.learner.save_hf(str(final_dir))
