@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -64,25 +66,25 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(wa[k], wb[k]), k
 
 
+def _sigterm_during_evaluation(monkeypatch, at_step: int) -> None:
+    """Send this process SIGTERM from inside the evaluation of ``at_step`` (-1: the initial one)."""
+    from alignreg.orchestration import trainer
+
+    original = trainer.evaluate_run
+
+    def evaluate_run(run, step):
+        if step == at_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(run, step)
+
+    monkeypatch.setattr(trainer, "evaluate_run", evaluate_run)
+
 
 def test_sigterm_during_the_initial_evaluation_ends_in_a_checkpoint(tmp_path, monkeypatch):
     """The preemption handler is in before anything is logged: a SIGTERM that arrives while the
     initial evaluation runs (a CI failure: it used to meet the default handler, or Ray's, and kill the
     driver) finishes the current step, checkpoints and returns."""
-    import os
-    import signal
-
-    from alignreg.orchestration import trainer
-
-    original, calls = trainer.evaluate_run, []
-
-    def evaluate_run(run, step):
-        if not calls:
-            os.kill(os.getpid(), signal.SIGTERM)
-        calls.append(step)
-        return original(run, step)
-
-    monkeypatch.setattr(trainer, "evaluate_run", evaluate_run)
+    _sigterm_during_evaluation(monkeypatch, at_step=-1)
     before = signal.getsignal(signal.SIGTERM)
     summary = train(_cfg(tmp_path, "trainer.steps=4", "warm_start.steps=0"))
     assert summary["preempted"] and summary["steps"] == 1
@@ -91,19 +93,7 @@ def test_sigterm_during_the_initial_evaluation_ends_in_a_checkpoint(tmp_path, mo
 
 
 def test_sigterm_during_the_last_evaluation_leaves_a_complete_run(tmp_path, monkeypatch):
-    import os
-    import signal
-
-    from alignreg.orchestration import trainer
-
-    original = trainer.evaluate_run
-
-    def evaluate_run(run, step):
-        if step == 2:  # the last step's evaluation
-            os.kill(os.getpid(), signal.SIGTERM)
-        return original(run, step)
-
-    monkeypatch.setattr(trainer, "evaluate_run", evaluate_run)
+    _sigterm_during_evaluation(monkeypatch, at_step=2)
     summary = train(_cfg(tmp_path, "trainer.steps=2", "warm_start.steps=0"))
     assert summary["steps"] == 2 and summary["preempted"] is False
     assert (tmp_path / "final" / "config.json").is_file()
