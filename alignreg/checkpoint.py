@@ -25,7 +25,9 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep: int = 2,
+                    files: Optional[dict[str, str]] = None) -> Path:
+    """``state`` as ``state.pt`` plus small text ``files`` (name -> content, e.g. the run's config)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
@@ -34,6 +36,8 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
         shutil.rmtree(tmp)
     tmp.mkdir()
     torch.save(state, tmp / "state.pt")
+    for name, text in (files or {}).items():
+        (tmp / name).write_text(text)
     with open(tmp / "COMPLETE", "w") as f:
         f.write(str(step))
         f.flush()

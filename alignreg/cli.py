@@ -34,10 +34,14 @@ def _rl(argv: list[str]) -> int:
     summary = train(cfg)
     first, last = summary.get("initial_eval", {}), summary.get("final_eval", {})
     print(f"run dir: {cfg.trainer.run_dir}")
+    if summary.get("preempted"):
+        print(f"stopped at step {summary['steps']} of {cfg.trainer.steps} ({summary['stop_signal']}); the values "
+              "below are from the last evaluation; the same command resumes the run")
     for k in sorted(set(first) | set(last)):
         a, b = first.get(k), last.get(k)
         print(f"  {k:24s} {'' if a is None else f'{a:.3f}':>8s} -> {'' if b is None else f'{b:.3f}':>8s}")
-    return 0
+    # SIGTERM (preemption): 0, the SLURM script requeues; Ctrl-C: 130, as for any interrupted command
+    return 130 if summary.get("stop_signal") == "Ctrl-C" else 0
 
 
 def _regularizers(argv: list[str]) -> int:

@@ -209,6 +209,48 @@ def save_config(obj: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(obj), sort_keys=False))
 
 
+_ABSENT = object()
+
+
+def config_diff(old: Any, new: Any, prefix: str = "", skip_absent: bool = False) -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old, new)`` for every leaf that differs between two ``to_dict`` trees; lists of
+    mappings of the same length (``regularizers``) are compared item by item, other lists whole.
+    ``skip_absent``: leave out keys only one side has (a config written by another alignreg version)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[tuple[str, Any, Any]] = []
+        for k in [*old, *(k for k in new if k not in old)]:
+            out += config_diff(old.get(k, _ABSENT), new.get(k, _ABSENT), f"{prefix}{k}.", skip_absent)
+        return out
+    if (isinstance(old, list) and isinstance(new, list) and len(old) == len(new)
+            and any(isinstance(v, dict) for v in old + new)):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in config_diff(a, b, f"{prefix}{i}.", skip_absent)]
+    if skip_absent and (old is _ABSENT or new is _ABSENT):
+        return []
+    return [] if old == new else [(prefix[:-1], old, new)]
+
+
+def stored_config_diff(cls: type, stored: dict, cfg: Any) -> list[tuple[str, Any, Any]]:
+    """:func:`config_diff` of a config stored with a run (read back as ``cls``: defaults of keys added
+    since are filled in) against ``cfg``; a stored config that no longer parses is compared key by key
+    where both have the key."""
+    try:
+        old, skip = to_dict(from_dict(cls, stored)), False
+    except ConfigError:
+        old, skip = stored, True
+    return config_diff(old, to_dict(cfg), skip_absent=skip)
+
+
+def describe_diff(diffs: list[tuple[str, Any, Any]], limit: int = 10) -> str:
+    """``key old -> new, ...`` (at most ``limit`` entries)."""
+    def show(v: Any) -> str:
+        if v is _ABSENT:
+            return "(absent)"
+        return yaml.safe_dump(v, default_flow_style=True, width=1_000).strip().removesuffix("\n...")
+
+    parts = [f"{k} {show(a)} -> {show(b)}" for k, a, b in diffs[:limit]]
+    return ", ".join(parts) + (f" and {len(diffs) - limit} more" if len(diffs) > limit else "")
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)

@@ -72,3 +72,23 @@ def test_import_alignreg_stays_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_stored_config_diff_shows_real_changes_only():
+    """A resume compares the run's stored config with the new one: keys added to the schema since the
+    run was written take their defaults, keys the schema no longer has are left out (no false changes)."""
+    from alignreg.config import RLConfig, describe_diff, stored_config_diff, to_dict
+
+    cfg = load_config(RLConfig, None, ["learner.lr=0.01", "regularizers=[{name: kl_ref, coef: 0.1}]"])
+    stored = to_dict(cfg)
+    assert stored_config_diff(RLConfig, stored, cfg) == []
+    del stored["learner"]["weight_decay"]  # written before the key existed: its default then and now
+    assert stored_config_diff(RLConfig, stored, cfg) == []
+    stored["learner"]["lr"] = 0.02
+    stored["regularizers"][0]["coef"] = {"kind": "linear", "start": 0.1, "end": 0.0, "steps": 10}
+    diffs = stored_config_diff(RLConfig, stored, cfg)
+    assert [d[0] for d in diffs] == ["regularizers.0.coef", "learner.lr"]  # schema order
+    assert describe_diff(diffs) == ("regularizers.0.coef {end: 0.0, kind: linear, start: 0.1, steps: 10, "
+                                    "warmup_steps: 0} -> 0.1, learner.lr 0.02 -> 0.01")
+    stored["model"]["removed_key"] = 1  # a key this schema no longer has: compared where both have keys
+    assert [d[0] for d in stored_config_diff(RLConfig, stored, cfg)] == ["regularizers.0.coef", "learner.lr"]

@@ -1,4 +1,6 @@
 """Math rewards: extraction, math-verify equivalence on real-style answers, bounded time."""
+import os
+import signal
 import time
 
 import pytest
@@ -110,6 +112,22 @@ def test_crashed_worker_counts_as_error_and_is_replaced():
         assert pool.check(["\\boxed{2}"], ["2"]) == [True]  # detected, replaced, the answer re-sent
         assert pool.counts["errors"] == 1
         assert pool.check(["\\boxed{3}"], ["4"]) == [False]  # the fresh worker still judges
+    finally:
+        pool.close()
+
+
+def test_ctrl_c_does_not_reach_the_workers():
+    """A terminal's Ctrl-C goes to the whole process group; the trainer finishes its step before it stops
+    (alignreg.stop), and that step's answers still need checking."""
+    pool = VerifierPool(num_workers=1, timeout_s=5.0)
+    try:
+        assert pool.check(["\\boxed{1}"], ["1"]) == [True]  # the worker is up
+        proc = pool._workers[0].proc
+        os.kill(proc.pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert proc.poll() is None
+        assert pool.check(["\\boxed{2}"], ["2"]) == [True] and pool._workers[0].proc is proc
+        assert pool.counts["errors"] == 0
     finally:
         pool.close()
 

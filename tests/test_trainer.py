@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from alignreg.checkpoint import latest_checkpoint, load_checkpoint
-from alignreg.config import RLConfig, load_config
+from alignreg.config import ConfigError, RLConfig, load_config, load_yaml
 from alignreg.logging import read_metrics
 from alignreg.orchestration.trainer import train
 
@@ -66,15 +66,15 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(wa[k], wb[k]), k
 
 
-def _sigterm_during_evaluation(monkeypatch, at_step: int) -> None:
-    """Send this process SIGTERM from inside the evaluation of ``at_step`` (-1: the initial one)."""
+def _sigterm_during_evaluation(monkeypatch, at_step: int, sig=signal.SIGTERM) -> None:
+    """Send this process ``sig`` from inside the evaluation of ``at_step`` (-1: the initial one)."""
     from alignreg.orchestration import trainer
 
     original = trainer.evaluate_run
 
     def evaluate_run(run, step):
         if step == at_step:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), sig)
         return original(run, step)
 
     monkeypatch.setattr(trainer, "evaluate_run", evaluate_run)
@@ -97,6 +97,58 @@ def test_sigterm_during_the_last_evaluation_leaves_a_complete_run(tmp_path, monk
     summary = train(_cfg(tmp_path, "trainer.steps=2", "warm_start.steps=0"))
     assert summary["steps"] == 2 and summary["preempted"] is False
     assert (tmp_path / "final" / "config.json").is_file()
+
+
+def test_ctrl_c_finishes_the_step_writes_a_checkpoint_and_exits_130(tmp_path, monkeypatch):
+    """The first Ctrl-C stops like SIGTERM: the step in progress ends in a checkpoint (this run saves
+    only at the end, so the interrupted run used to be lost), the CLI exits 130, the same command resumes."""
+    from alignreg.cli import main
+
+    _sigterm_during_evaluation(monkeypatch, at_step=2, sig=signal.SIGINT)
+    before = signal.getsignal(signal.SIGINT)
+    args = ["rl", str(DEMO), *FAST, f"trainer.run_dir={tmp_path}", "warm_start.steps=0", "trainer.save_every=0"]
+    assert main([*args, "trainer.steps=6"]) == 130
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["preempted"] and summary["stop_signal"] == "Ctrl-C" and summary["steps"] == 2
+    assert latest_checkpoint(tmp_path).name == "step_00000002"
+    assert signal.getsignal(signal.SIGINT) is before
+    monkeypatch.undo()
+    assert main([*args, "trainer.steps=3"]) == 0
+    assert [r["step"] for r in _rows(tmp_path)] == [0, 1, 2, 3]
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    from alignreg.stop import GracefulStop
+
+    for first, name in ((signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C")):
+        with GracefulStop() as stop:
+            os.kill(os.getpid(), first)
+            assert stop.requested and stop.name == name
+            os.kill(os.getpid(), signal.SIGTERM)  # more SIGTERMs change nothing
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+            assert stop.name == name
+
+
+def test_resume_refuses_what_it_cannot_honour_and_keeps_the_old_config(tmp_path):
+    """Resuming with another model (or data, seed) used to go on silently with the checkpoint's model while
+    config.yaml claimed the new one; resume=never in a used run dir deleted its metrics."""
+    base = ["warm_start.steps=0", "eval.every=0"]
+    train(_cfg(tmp_path, "trainer.steps=2", *base))
+    saved = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"model.hidden_size 64 -> 128\. A resume keeps .* another trainer.run_dir"):
+        train(_cfg(tmp_path, "trainer.steps=3", *base, "model.hidden_size=128"))
+    with pytest.raises(ConfigError, match=r"trainer.steps=1 is below the step of the checkpoint .* step 2\)"):
+        train(_cfg(tmp_path, "trainer.steps=1", *base))
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(_cfg(tmp_path, "trainer.steps=3", *base, "trainer.resume=never"))
+    assert (tmp_path / "config.yaml").read_text() == saved
+    assert [r["step"] for r in _rows(tmp_path)] == [0, 1, 2]
+    # a change a resume can honour applies from the resumed step on; the config of steps 1-2 is kept
+    assert train(_cfg(tmp_path, "trainer.steps=3", *base, "learner.lr=1e-4"))["steps"] == 3
+    assert (tmp_path / "config.step_00000002.yaml").read_text() == saved
+    assert load_yaml(tmp_path / "config.yaml")["learner"]["lr"] == 1e-4
+    assert [r["step"] for r in _rows(tmp_path)] == [0, 1, 2, 3]
 
 
 def test_async_rollout_trains_one_step_stale_batches_and_resumes_with_the_same_prompts(tmp_path):

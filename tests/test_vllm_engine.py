@@ -265,6 +265,24 @@ def test_engine_processes_sleep_when_idle(engine, policy):
     assert cpu() - before < 0.3, "engine processes kept burning CPU while idle"
 
 
+def test_ctrl_c_does_not_reach_the_engine_workers(engine, policy):
+    """A terminal's Ctrl-C goes to the whole process group. vLLM's workers exit on SIGINT, which failed the
+    step the trainer finishes before its checkpoint (alignreg.stop): the engine makes them ignore it."""
+    import os
+    import signal
+
+    assert engine.sigint_ignored
+    pids = engine.collective_rpc(lambda worker: __import__("os").getpid())
+    assert pids and os.getpid() not in pids
+    for pid in pids:
+        os.kill(pid, signal.SIGINT)
+    time.sleep(0.5)
+    model, tok = policy
+    out = engine.generate(encode_prompts(tok, PROMPTS[:2]), SamplingParams(max_new_tokens=4, seed=0))
+    assert len(out) == 2 and all(len(r) > 0 for r in out.response_ids)
+    assert engine.collective_rpc(lambda worker: __import__("os").getpid()) == pids  # the same workers
+
+
 def test_score_two_attempt_episodes_from_vllm(engine, policy):
     """SCoRe episodes from the vLLM engine: the second prompt is x1 + y1 (EOS cut) + instruction,
     both attempts' sampling log-probs equal the policy's teacher-forced ones, greedy episodes

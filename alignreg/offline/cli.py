@@ -34,10 +34,11 @@ def offline_main(argv: list[str]) -> int:
         if not cfg.name:
             cfg.name = Path(args.config).stem
         out = cfg.trainer.out_dir.format(name=cfg.name, seed=cfg.trainer.seed)
-        train(cfg, out)
+        res = train(cfg, out)
     except ConfigError as e:
         return _fail(e)
-    return 0
+    # SIGTERM (preemption): 0, a batch script may requeue; Ctrl-C: 130, as for any interrupted command
+    return 130 if res.get("stopped") == "Ctrl-C" else 0
 
 
 def data_main(argv: list[str]) -> int:

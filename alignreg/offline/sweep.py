@@ -67,7 +67,7 @@ def run_one(oc, seed: int, out_dir: str, threads: int) -> dict:
     if (out / "results.json").is_file():
         return json.loads((out / "results.json").read_text())
     oc.trainer.seed, oc.trainer.progress, oc.trainer.threads = seed, False, threads
-    res = train(oc, out, log=lambda *a: None)
+    res = train(oc, out, log=lambda *a: None, handle_signals=False)  # a Ray task: signals are Ray's
     res["algo"] = oc.name.split("_")[0]
     (out / "results.json").write_text(json.dumps(res, indent=1))
     return res

@@ -6,6 +6,7 @@ resumable: learner + penalty state, optimizers, RNG states), ``results.json`` an
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -15,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alignreg.config import save_config, to_dict
+from alignreg.config import ConfigError, describe_diff, save_config, stored_config_diff, to_dict
 from alignreg.offline.batch import OfflineSetup
 from alignreg.offline.config import OfflineConfig, OfflineDataConfig
 from alignreg.offline.datasets import OfflineData, qlearning_dataset, read_d4rl_hdf5, read_minari
+from alignreg.stop import GracefulStop
 
 
 def generated_path(d: OfflineDataConfig) -> Path:
@@ -34,7 +36,6 @@ def check_generated_file(path: Path, env: str) -> None:
     the references measured with them."""
     import h5py
 
-    from alignreg.config import ConfigError
     from alignreg.offline.generate import policy_version
 
     try:
@@ -114,10 +115,44 @@ def build_learner(cfg: OfflineConfig, state_dim: int, action_dim: int):
                       alpha=L.alpha, algo=L.algo, penalties=terms)
 
 
-def train(cfg: OfflineConfig, out_dir: str | Path, log=print) -> dict:
+# keys a resume may change: they do not change what is trained
+_FREE_ON_RESUME = ("name", "trainer.steps", "trainer.out_dir", "trainer.resume", "trainer.threads", "trainer.progress",
+                   "trainer.log_every", "trainer.checkpoint_every", "eval.", "data.path")
+
+
+def _check_resume(cfg: OfflineConfig, state: dict, ckpt: Path) -> None:
+    """A resume continues the run in the checkpoint: same data, algorithm, networks and seed."""
+    done = int(state["learner"]["it"])
+    if done > cfg.trainer.steps:
+        raise ConfigError(f"trainer.steps={cfg.trainer.steps} is below the iteration of {ckpt} ({done}); set "
+                          f"trainer.steps >= {done}, or start a new run in another trainer.out_dir")
+    if "config" not in state:
+        return
+    diffs = [d for d in stored_config_diff(OfflineConfig, state["config"], cfg) if not d[0].startswith(_FREE_ON_RESUME)]
+    if diffs:
+        raise ConfigError(f"{ckpt} was trained with different settings: {describe_diff(diffs)}. A resume continues "
+                          "that run; use its values (config.yaml next to it) or start a new run in another "
+                          "trainer.out_dir")
+
+
+def train(cfg: OfflineConfig, out_dir: str | Path, log=print, handle_signals: bool = True) -> dict:
+    """Train (or resume) one offline run into ``out_dir``; returns the results (also ``results.json``).
+
+    ``handle_signals``: SIGTERM or a first Ctrl-C finishes the current iteration, writes the checkpoint and
+    returns ``{"stopped": <signal>, "steps": ...}`` without a final evaluation (``alignreg.stop``); sweeps
+    running as Ray tasks pass False and leave the signals to Ray."""
     T = cfg.trainer
     torch.set_num_threads(T.threads)
     out = Path(out_dir)
+    ckpt = out / "checkpoint.pt"
+    state = None
+    if T.resume and ckpt.is_file():
+        state = torch.load(ckpt, weights_only=False)
+        _check_resume(cfg, state, ckpt)
+    elif not T.resume and (ckpt.is_file() or (out / "results.json").is_file()):
+        raise ConfigError(f"trainer.resume=false: {str(out)!r} already holds a run (checkpoint.pt / results.json); "
+                          "pick another trainer.out_dir for a new run (or delete that directory), or resume it "
+                          "with trainer.resume=true")
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     transitions, ref = load_transitions(cfg.data, log)
@@ -127,13 +162,13 @@ def train(cfg: OfflineConfig, out_dir: str | Path, log=print) -> dict:
     learner.setup(OfflineSetup(data.states_np, data.actions.numpy(), data.state_dim, data.action_dim, 1.0, T.seed))
     gen = torch.Generator().manual_seed(T.seed)
     evals: list[dict] = []
-    ckpt = out / "checkpoint.pt"
-    if T.resume and ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
+    resumed_acc: dict[str, list[float]] = {}
+    if state is not None:
         learner.load_state_dict(state["learner"])
         gen.set_state(state["gen"])
         torch.set_rng_state(state["torch_rng"])
         evals = state["evals"]
+        resumed_acc = state.get("acc", {})
         for f in ("metrics.jsonl", "evals.jsonl"):
             _truncate_jsonl(out / f, learner.it)
         log(f"resumed from {ckpt} at step {learner.it}")
@@ -155,33 +190,43 @@ def train(cfg: OfflineConfig, out_dir: str | Path, log=print) -> dict:
     from alignreg.offline.evaluate import evaluate
     from tqdm import tqdm
 
-    acc: dict[str, list[float]] = defaultdict(list)
+    acc: dict[str, list[float]] = defaultdict(list, resumed_acc)
+
+    def save() -> None:  # ``acc``: a resume between two metrics lines averages the same iterations
+        _atomic_save({"learner": learner.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                      "evals": evals, "acc": dict(acc), "config": to_dict(cfg)}, ckpt)
+
     t0, start = time.time(), learner.it
     bar = tqdm(range(learner.it, T.steps), initial=learner.it, total=T.steps, disable=not T.progress,
                desc=cfg.name or "offline", dynamic_ncols=True)
-    for _ in bar:
-        m = learner.train_step(data.sample(cfg.learner.batch_size, gen))
-        step = learner.it
-        for k, v in m.items():
-            acc[k].append(v)
-        if step % T.log_every == 0:
-            rec = {"step": step, **{k: float(np.mean(v)) for k, v in acc.items()},
-                   "steps_per_s": (step - start) / max(time.time() - t0, 1e-9)}
-            acc.clear()
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(rec) + "\n")
-        if cfg.eval.every and step % cfg.eval.every == 0 and step < T.steps:
-            do_eval(step)
-            bar.set_postfix(score=f"{evals[-1]['score_mean']:.1f}")
-        if T.checkpoint_every and step % T.checkpoint_every == 0 and step < T.steps:
-            _atomic_save({"learner": learner.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                          "evals": evals, "config": to_dict(cfg)}, ckpt)
+    with GracefulStop() if handle_signals else contextlib.nullcontext() as stop:
+        for _ in bar:
+            m = learner.train_step(data.sample(cfg.learner.batch_size, gen))
+            step = learner.it
+            for k, v in m.items():
+                acc[k].append(v)
+            if step % T.log_every == 0:
+                rec = {"step": step, **{k: float(np.mean(v)) for k, v in acc.items()},
+                       "steps_per_s": (step - start) / max(time.time() - t0, 1e-9)}
+                acc.clear()
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+            if cfg.eval.every and step % cfg.eval.every == 0 and step < T.steps:
+                do_eval(step)
+                bar.set_postfix(score=f"{evals[-1]['score_mean']:.1f}")
+            if stop is not None and stop.requested and step < T.steps:
+                save()
+                bar.close()
+                log(f"{stop.name}: checkpoint written at iteration {step} of {T.steps} ({ckpt}); run the same "
+                    "command again to resume")
+                return {"name": cfg.name, "steps": step, "stopped": stop.name, "checkpoint": str(ckpt)}
+            if T.checkpoint_every and step % T.checkpoint_every == 0 and step < T.steps:
+                save()
     bar.close()
     wall = time.time() - t0
     if not evals or evals[-1]["step"] != learner.it:
         do_eval(learner.it)
-    _atomic_save({"learner": learner.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                  "evals": evals, "config": to_dict(cfg)}, ckpt)
+    save()
     algo = "bc" if cfg.learner.algo == "bc" else cfg.regularizers[0].name
     results = {"name": cfg.name, "env": cfg.data.env, "level": cfg.data.level, "source": cfg.data.source,
                "algo": algo, "seed": T.seed, "steps": learner.it, "reference": ref,

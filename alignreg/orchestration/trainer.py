@@ -8,7 +8,8 @@ actor groups with the same methods. The loop never imports Ray.
 from __future__ import annotations
 
 import json
-import signal
+import os
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -16,13 +17,17 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+import yaml
 
 from alignreg.algorithms.advantages import compute_advantages
-from alignreg.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from alignreg.config import ConfigError, RLConfig, save_config
+from alignreg.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
+                                 set_rng_state)
+from alignreg.config import (ConfigError, RLConfig, describe_diff, load_yaml, save_config, stored_config_diff,
+                             to_dict)
 from alignreg.learner.batch import collate
 from alignreg.logging import MetricsLogger, plot_curves
 from alignreg.regularizers.base import RegularizerSet, build_regularizers
+from alignreg.stop import GracefulStop
 from alignreg.rollout.base import SamplingParams
 
 PLOT_KEYS = [
@@ -66,6 +71,11 @@ def set_seed(seed: int) -> None:
 def _resolve_resume(cfg: RLConfig) -> Optional[Path]:
     r = cfg.trainer.resume
     if r == "never":
+        used = list_checkpoints(cfg.trainer.run_dir) or (Path(cfg.trainer.run_dir) / "metrics.jsonl").exists()
+        if used:  # a new run would delete its metrics and mix its checkpoints with the old ones
+            raise ConfigError(f"trainer.resume=never: trainer.run_dir {cfg.trainer.run_dir!r} already holds a run; "
+                              "pick another trainer.run_dir for a new run (or delete that directory), or resume "
+                              "it with trainer.resume=auto")
         return None
     if r == "auto":
         return latest_checkpoint(cfg.trainer.run_dir)
@@ -73,6 +83,38 @@ def _resolve_resume(cfg: RLConfig) -> Optional[Path]:
     if not path.is_dir():
         raise ConfigError(f"trainer.resume: {r!r} is not a checkpoint directory; use auto, never or a step_* path")
     return path
+
+
+# a resume cannot change these: the weights, the reference, the prompt stream and the RNG come from the run
+_FIXED_ON_RESUME = ("model.", "lora.", "warm_start.", "task.", "math_data.", "trainer.seed")
+# nor are these a change of what is trained (extending trainer.steps is how a finished run continues)
+_IGNORED_ON_RESUME = ("trainer.run_dir", "trainer.resume", "trainer.steps", "trainer.progress", "trainer.tensorboard",
+                      "trainer.threads", "trainer.log_every", "trainer.save_every", "trainer.keep_checkpoints")
+
+
+def check_resume_config(cfg: RLConfig, ckpt: Path) -> list[tuple[str, Any, Any]]:
+    """Compare ``cfg`` with the config that wrote checkpoint ``ckpt`` (its ``config.yaml``; for checkpoints
+    without one, the run directory's). Raises ConfigError for a change a resume cannot honour (model,
+    LoRA, warm start, task / data, seed) or a ``trainer.steps`` below the checkpoint's step; returns
+    the other changes (learning rate, regularizer coefficients, SCoRe stage, ...), which apply from
+    the resumed step on."""
+    path = ckpt / "config.yaml"
+    if not path.is_file():
+        path = ckpt.parent.parent / "config.yaml"
+    done = int(ckpt.name.split("_")[-1]) if ckpt.name.startswith("step_") else 0
+    if done > cfg.trainer.steps:
+        raise ConfigError(f"trainer.steps={cfg.trainer.steps} is below the step of the checkpoint it resumes "
+                          f"({ckpt}, step {done}); set trainer.steps >= {done}, or start a new run in another "
+                          "trainer.run_dir")
+    if not path.is_file():
+        return []
+    diffs = [d for d in stored_config_diff(RLConfig, load_yaml(path), cfg) if not d[0].startswith(_IGNORED_ON_RESUME)]
+    fixed = [d for d in diffs if d[0].startswith(_FIXED_ON_RESUME)]
+    if fixed:
+        raise ConfigError(f"trainer.run_dir {cfg.trainer.run_dir!r}: the run to resume ({ckpt}) was set up "
+                          f"differently: {describe_diff(fixed)}. A resume keeps the run's model, data and seed; "
+                          f"use the run's values (its config: {path}) or start a new run in another trainer.run_dir")
+    return diffs
 
 
 def build_run(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = None) -> Run:
@@ -233,34 +275,14 @@ def evaluate_run(run: Run, step: int) -> dict[str, float]:
     return metrics
 
 
-class _Preemption:
-    """SIGTERM (SLURM preemption) sets a flag; the loop checkpoints at the end of the current step."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = None
-
-    def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._old = None
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-
-
 def save_run(run: Run, step: int, prompts_state: Optional[dict] = None) -> Path:
     """Checkpoint after ``step`` updates; ``prompts_state``: the prompt stream as of before the batch of
     step ``step`` was drawn (async rollout has drawn it already), default its current state."""
     prompts = run.prompts.state_dict() if prompts_state is None else prompts_state
     state = {"learner": run.learner.state_dict(), "prompts": prompts, "rng": rng_state(), "step": step}
-    return save_checkpoint(run.cfg.trainer.run_dir, step, state, keep=run.cfg.trainer.keep_checkpoints)
+    config = yaml.safe_dump(to_dict(run.cfg), sort_keys=False)  # what a resume compares its config with
+    return save_checkpoint(run.cfg.trainer.run_dir, step, state, keep=run.cfg.trainer.keep_checkpoints,
+                           files={"config.yaml": config})
 
 
 def train(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = None) -> dict[str, Any]:
@@ -268,19 +290,27 @@ def train(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = None
 
     ``resources``: custom Ray resources per actor role (``build_run``)."""
     run_dir = Path(cfg.trainer.run_dir)
+    ckpt = _resolve_resume(cfg)
+    changed = check_resume_config(cfg, ckpt) if ckpt is not None else []
     run_dir.mkdir(parents=True, exist_ok=True)
+    if changed:  # the config that trained the steps so far stays next to the new one
+        kept = run_dir / f"config.{ckpt.name}.yaml"
+        if (run_dir / "config.yaml").is_file() and not kept.exists():
+            os.replace(run_dir / "config.yaml", kept)
+        print(f"resuming from {ckpt} with changed settings: {describe_diff(changed)} (the config of the steps so "
+              f"far: {kept if kept.is_file() else ckpt / 'config.yaml'})", file=sys.stderr, flush=True)
     save_config(cfg, run_dir / "config.yaml")
     run = build_run(cfg, resources)
     try:
-        # the handler goes in after Ray's start-up (ray.init installs its own SIGTERM handler, which exits) and
-        # before anything is logged: a SIGTERM from then on always ends in a checkpoint
-        with _Preemption() as pre:
+        # the handlers go in after Ray's start-up (ray.init installs its own SIGTERM handler, which exits) and
+        # before anything is logged: a SIGTERM or a first Ctrl-C from then on always ends in a checkpoint
+        with GracefulStop() as pre:
             return _loop(run, run_dir, pre)
     finally:
         run.close()  # engines, actors, placement groups, the Ray cluster we started
 
 
-def _loop(run: Run, run_dir: Path, pre: _Preemption) -> dict[str, Any]:
+def _loop(run: Run, run_dir: Path, pre: GracefulStop) -> dict[str, Any]:
     from tqdm import tqdm
 
     cfg = run.cfg
@@ -333,7 +363,8 @@ def _loop(run: Run, run_dir: Path, pre: _Preemption) -> dict[str, Any]:
                 # and generates them with the checkpoint's weights
                 save_run(run, step, pending[1] if pending is not None else None)
             if pre.requested:
-                bar.write(f"SIGTERM: checkpoint written at step {step}; resume with trainer.resume=auto")
+                bar.write(f"{pre.name}: checkpoint written at step {step}; run the same command again to resume "
+                          "(trainer.resume=auto)")
                 break
     finally:
         if pool is not None:
@@ -341,8 +372,10 @@ def _loop(run: Run, run_dir: Path, pre: _Preemption) -> dict[str, Any]:
     bar.close()
     logger.close()
     final_eval = {k: v for k, v in _last_eval(logger.path).items()}
-    # a SIGTERM after the last step (final evaluation, export) leaves a complete run: not preempted
-    summary.update({"steps": step, "final_eval": final_eval, "preempted": pre.requested and step < tc.steps})
+    # a stop signal after the last step (final evaluation, export) leaves a complete run: not preempted
+    stopped = pre.requested and step < tc.steps
+    summary.update({"steps": step, "final_eval": final_eval, "preempted": stopped,
+                    "stop_signal": pre.name if stopped else None})
     if step == tc.steps:
         final_dir = run_dir / "final"
         run.learner.save_hf(str(final_dir))

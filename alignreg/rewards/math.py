@@ -113,8 +113,12 @@ def check_equivalent(pred_text: str, gold: str) -> bool:
 def _serve() -> None:
     """Worker main loop (``python -m alignreg.rewards.math``): one JSON job per stdin line."""
     import json
+    import signal
     import sys
 
+    # Ctrl-C in a terminal reaches the whole process group: the trainer finishes its step (alignreg.stop),
+    # which needs these answers checked; the pool ends a worker by closing stdin or SIGKILL
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     check_equivalent("\\boxed{\\frac{1}{2}}", "0.5")  # imports and warms sympy before the first deadline
     sys.stdout.write("ready\n")
     sys.stdout.flush()

@@ -131,6 +131,8 @@ class VLLMRolloutEngine:
         spin = cfg.idle_spin_s if cfg.idle_spin_s >= 0 else (None if torch.cuda.is_available() else CPU_IDLE_SPIN_S)
         if spin is not None:
             self.idle_spin_readers = set_idle_spin(spin) + int(self.collective_rpc("alignreg_set_idle_spin", (spin,))[0])
+        # Ctrl-C goes to the worker processes too: they must live until the driver has finished its step
+        self.sigint_ignored = all(self.collective_rpc("alignreg_ignore_sigint"))
 
     @staticmethod
     def _dtype(dtype: str, hf_cfg: dict) -> str:

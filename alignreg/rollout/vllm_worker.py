@@ -102,6 +102,19 @@ class WorkerExtension:
         """Busy-wait window of this worker's message-queue readers (see :func:`set_idle_spin`)."""
         return set_idle_spin(seconds)
 
+    def alignreg_ignore_sigint(self) -> bool:
+        """Ignore Ctrl-C in this worker process. A terminal sends SIGINT to the driver's whole process group
+        and vLLM's worker exits on it, which would fail the step the driver finishes before its checkpoint
+        (``alignreg.stop``). The worker still ends on SIGTERM and at the engine's shutdown. False where the
+        RPC does not run on the worker's main thread (then nothing changes)."""
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return False
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return True
+
     # ------------------------------------------------------------------ temperature fold
     def alignreg_set_logit_scale(self, scale: float) -> None:
         """Make the model's final logits ``base_scale * scale * logits`` (base: the model's own)."""

@@ -1,5 +1,7 @@
 """End-to-end on CPU: data generated on first use, short runs of every algorithm, resume, CLI errors."""
 import json
+import os
+import signal
 
 import h5py
 import numpy as np
@@ -65,6 +67,62 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, algo):
             torch.testing.assert_close(a[key][k], b[key][k], rtol=0, atol=0)
     steps = [json.loads(l)["step"] for l in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [25, 50, 75, 100]
+
+
+def test_sigterm_mid_interval_checkpoints_and_resume_matches_uninterrupted(tmp_path, monkeypatch):
+    """SIGTERM (or a first Ctrl-C) between two checkpoints and two metrics lines: the iteration finishes,
+    the checkpoint is written (with the partial metrics averages) and the resumed run equals an
+    uninterrupted one: weights, metrics lines and evaluations."""
+    from alignreg.config import from_dict
+    from alignreg.offline.td3 import TD3Learner
+
+    cfg = lambda: from_dict(OfflineConfig, cfg_dict(tmp_path, "td3bc", steps=100))  # noqa: E731
+    train(cfg(), tmp_path / "full", log=lambda *a: None)
+    original = TD3Learner.train_step
+
+    def train_step(self, batch):
+        if self.it == 36:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, batch)
+
+    monkeypatch.setattr(TD3Learner, "train_step", train_step)
+    before = signal.getsignal(signal.SIGTERM)
+    res = train(cfg(), tmp_path / "part", log=lambda *a: None)
+    assert res["stopped"] == "SIGTERM" and res["steps"] == 37
+    assert signal.getsignal(signal.SIGTERM) is before and not (tmp_path / "part" / "results.json").exists()
+    monkeypatch.undo()
+    assert train(cfg(), tmp_path / "part", log=lambda *a: None)["steps"] == 100
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["learner"]
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=False)["learner"]
+    for key in ("actor", "critic"):
+        for k in a[key]:
+            torch.testing.assert_close(a[key][k], b[key][k], rtol=0, atol=0)
+
+    def lines(run, name):
+        rows = [json.loads(l) for l in (tmp_path / run / name).read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "steps_per_s"} for r in rows]
+
+    assert lines("part", "metrics.jsonl") == lines("full", "metrics.jsonl")
+    assert lines("part", "evals.jsonl") == lines("full", "evals.jsonl")
+
+
+def test_resume_refuses_other_settings_and_resume_false_keeps_the_run(tmp_path):
+    from alignreg.config import ConfigError, from_dict
+
+    d = cfg_dict(tmp_path, "td3bc", steps=50)
+    train(from_dict(OfflineConfig, d), tmp_path / "run", log=lambda *a: None)
+    saved = (tmp_path / "run" / "results.json").read_text()
+    other = {**d, "learner": {**d["learner"], "alpha": 5.0}, "trainer": {**d["trainer"], "steps": 100}}
+    with pytest.raises(ConfigError, match=r"different settings: learner.alpha 2.5 -> 5.0\. A resume continues"):
+        train(from_dict(OfflineConfig, other), tmp_path / "run", log=lambda *a: None)
+    with pytest.raises(ConfigError, match="trainer.steps=20 is below the iteration"):
+        train(from_dict(OfflineConfig, {**d, "trainer": {**d["trainer"], "steps": 20}}), tmp_path / "run",
+              log=lambda *a: None)
+    with pytest.raises(ConfigError, match="already holds a run"):
+        train(from_dict(OfflineConfig, {**d, "trainer": {**d["trainer"], "resume": False}}), tmp_path / "run",
+              log=lambda *a: None)
+    assert (tmp_path / "run" / "results.json").read_text() == saved
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):
