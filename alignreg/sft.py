@@ -14,6 +14,11 @@ Prompts and completions: any task of ``alignreg rl`` (synthetic, ``jsonl``, ``gs
 ``math_mixture`` with the same ``math_data`` templates). The completion is the record's
 ``solution`` (GSM8K / MATH worked solution) or, for synthetic tasks, its ``answer``; EOS is appended
 by TRL. ``alignreg.warmstart`` is the built-in few-step variant used inside ``alignreg rl``.
+
+Checkpoints and resume: TRL checkpoints (weights, optimizer, scheduler, RNG) go to ``output_dir/trl``
+every ``save_steps``; SIGTERM or a first Ctrl-C writes one at the end of the current step and stops
+(``alignreg.stop``). Running the same command again continues from the latest one (``resume: true``);
+a resume refuses changed training settings (model, data, LoRA, optimisation, seed).
 """
 from __future__ import annotations
 
@@ -23,7 +28,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from alignreg.config import LoRAConfig, MathDataConfig, ModelConfig, TaskConfig, load_config, save_config
+from alignreg.config import (ConfigError, LoRAConfig, MathDataConfig, ModelConfig, TaskConfig, describe_diff,
+                             load_config, load_yaml, save_config, stored_config_diff)
 
 
 @dataclass
@@ -43,6 +49,9 @@ class SFTRunConfig:
     bf16: bool = False  # bf16 mixed precision (GPU)
     output_dir: str = "runs/sft"  # checkpoint directory that alignreg rl model.path points to
     logging_steps: int = 10  # log the loss every N steps
+    save_steps: int = 0  # TRL checkpoint in output_dir/trl every N steps (0 = none; SIGTERM / Ctrl-C still write one)
+    keep_checkpoints: int = 2  # most recent TRL checkpoints kept
+    resume: bool = True  # continue from the latest checkpoint in output_dir/trl when there is one
     correction_pairs: float = 0.0  # add this fraction (of the train set) of second-turn examples x1 + y1 + instruction -> answer (y1 right or perturbed); teaches the SCoRe episode format
     correction_instruction: str = " check:"  # instruction p_sc of those examples (= score.instruction of the RL run)
 
@@ -92,18 +101,65 @@ def correction_pairs(records: list[dict], n: int, instruction: str, seed: int) -
     return out
 
 
-def run_sft(cfg: SFTRunConfig) -> dict:
-    """Train and save; returns a summary (also ``output_dir/sft_summary.json``)."""
+# settings a resume may change: they do not change what is trained
+_FREE_ON_RESUME = ("steps", "threads", "output_dir", "logging_steps", "save_steps", "keep_checkpoints", "resume")
+
+
+def _resume_from(cfg: SFTRunConfig, out: Path) -> str | None:
+    """The TRL checkpoint to continue from (None: a fresh run); refuses what it cannot honour."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(out / "trl")) if (out / "trl").is_dir() else None
+    if last is None:
+        return None
+    if not cfg.resume:
+        raise ConfigError(f"resume=false: {str(out / 'trl')!r} holds checkpoints of an earlier run; pick another "
+                          "output_dir for a new run (or delete that directory), or resume it with resume=true")
+    done = int(Path(last).name.split("-")[-1])
+    if done > cfg.steps:
+        raise ConfigError(f"steps={cfg.steps} is below the step of {last} ({done}); set steps >= {done}, or start "
+                          "a new run in another output_dir")
+    stored = out / "sft_config.yaml"
+    if stored.is_file():
+        diffs = [d for d in stored_config_diff(SFTRunConfig, load_yaml(stored), cfg)
+                 if not d[0].startswith(_FREE_ON_RESUME)]
+        if diffs:
+            raise ConfigError(f"{last} was trained with different settings: {describe_diff(diffs)}. A resume continues "
+                              f"that run; use its values ({stored}) or start a new run in another output_dir")
+    return last
+
+
+def _stop_callback(stop):
+    from transformers import TrainerCallback
+
+    class StopCallback(TrainerCallback):
+        """After the step in which a stop was requested: save a checkpoint and end training."""
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if stop.requested and state.global_step < state.max_steps:
+                control.should_save = True
+                control.should_training_stop = True
+
+    return StopCallback()
+
+
+def run_sft(cfg: SFTRunConfig, callbacks: tuple = ()) -> dict:
+    """Train (or resume) and save; returns a summary (also ``output_dir/sft_summary.json``).
+    ``callbacks``: extra ``transformers.TrainerCallback``s. After SIGTERM / Ctrl-C the summary has
+    ``"stopped"`` (the signal) and the checkpoint; the model is not exported until the run completes."""
     import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     from alignreg.models import load_policy
+    from alignreg.stop import GracefulStop
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.output_dir)
+    last = _resume_from(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "sft_config.yaml")
     model, tokenizer = load_policy(cfg.model, cfg.seed)
     train, held = sft_records(cfg, tokenizer)
     peft_config = None
@@ -116,13 +172,24 @@ def run_sft(cfg: SFTRunConfig) -> dict:
     args = SFTConfig(
         output_dir=str(out / "trl"), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps,
-        logging_steps=cfg.logging_steps, save_strategy="no", report_to=[], seed=cfg.seed, data_seed=cfg.seed,
+        logging_steps=cfg.logging_steps, report_to=[], seed=cfg.seed, data_seed=cfg.seed,
+        save_strategy="steps" if cfg.save_steps > 0 else "no", save_steps=cfg.save_steps or 500,
+        save_total_limit=cfg.keep_checkpoints or None,
         use_cpu=not torch.cuda.is_available(), bf16=cfg.bf16, completion_only_loss=True, max_length=cfg.max_length,
         dataloader_num_workers=0, disable_tqdm=True,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train), processing_class=tokenizer,
-                         peft_config=peft_config)
-    result = trainer.train()
+    with GracefulStop() as stop:
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train), processing_class=tokenizer,
+                             peft_config=peft_config, callbacks=[_stop_callback(stop), *callbacks])
+        if last is not None:
+            print(f"sft: resuming from {last}", flush=True)
+        result = trainer.train(resume_from_checkpoint=last)
+    if stop.requested and trainer.state.global_step < cfg.steps:
+        step = int(trainer.state.global_step)
+        summary = {"output_dir": str(out), "steps": step, "stopped": stop.name,
+                   "checkpoint": str(out / "trl" / f"checkpoint-{step}")}
+        (out / "sft_summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
     trained = trainer.model
     if cfg.lora.enabled:
         trained.save_pretrained(out / "adapter")
@@ -130,7 +197,6 @@ def run_sft(cfg: SFTRunConfig) -> dict:
         trained = trained.merge_and_unload()
     trained.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    save_config(cfg, out / "sft_config.yaml")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     summary = {"output_dir": str(out), "steps": int(result.global_step), "train_loss": float(result.training_loss),
                "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
@@ -146,6 +212,10 @@ def sft_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     cfg = load_config(SFTRunConfig, args.config, args.overrides)
     summary = run_sft(cfg)
+    if summary.get("stopped"):
+        print(f"sft: {summary['stopped']}: checkpoint written at step {summary['steps']} of {cfg.steps} "
+              f"({summary['checkpoint']}); run the same command again to resume")
+        return 130 if summary["stopped"] == "Ctrl-C" else 0
     print(f"sft: {summary['steps']} steps, loss {summary['loss_first']} -> {summary['loss_last']}; "
           f"checkpoint: {summary['output_dir']} (alignreg rl CONFIG model.path={summary['output_dir']})")
     return 0

@@ -73,3 +73,44 @@ def test_correction_pairs_format():
         assert len(y1) == len(p["completion"]) or len(y1) == len(p["completion"]) + 1
     assert any(p["prompt"].split("=")[1].startswith(p["completion"]) for p in pairs)  # kept right answers
     assert any(not p["prompt"].split("=")[1].startswith(p["completion"]) for p in pairs)  # wrong ones to fix
+
+
+def test_sft_stops_on_sigterm_with_a_checkpoint_and_resumes_to_the_same_model(tmp_path):
+    """SIGTERM / a first Ctrl-C ends the step in progress with a TRL checkpoint and no exported model; the
+    same command continues from it to the weights of an uninterrupted run. A resume with other training
+    settings is refused."""
+    import os
+    import signal
+
+    import pytest
+    from transformers import TrainerCallback
+
+    from alignreg.config import ConfigError
+
+    def cfg(out, **kw):
+        task = TaskConfig(name="sort", min_length=3, max_length=4, eval_size=8, train_size=256)
+        return SFTRunConfig(task=task, steps=8, lr=3e-3, batch_size=16, max_length=32, threads=1, logging_steps=1,
+                            output_dir=str(tmp_path / out), **kw)
+
+    class SigtermAt(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 3:  # during step 4
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    run_sft(cfg("straight"))
+    before = signal.getsignal(signal.SIGTERM)
+    stopped = run_sft(cfg("split"), callbacks=(SigtermAt(),))
+    assert stopped["stopped"] == "SIGTERM" and stopped["steps"] == 4
+    assert (tmp_path / "split" / "trl" / "checkpoint-4").is_dir()
+    assert not (tmp_path / "split" / "config.json").exists()  # no model exported from an unfinished run
+    assert signal.getsignal(signal.SIGTERM) is before
+    with pytest.raises(ConfigError, match=r"different settings: lr 0.003 -> 0.01\. A resume continues"):
+        run_sft(SFTRunConfig(**{**cfg("split").__dict__, "lr": 1e-2}))
+    with pytest.raises(ConfigError, match="holds checkpoints of an earlier run"):
+        run_sft(cfg("split", resume=False))
+    done = run_sft(cfg("split"))
+    assert done["steps"] == 8 and "stopped" not in done
+    a, _ = load_policy(ModelConfig(path=str(tmp_path / "straight")), 0)
+    b, _ = load_policy(ModelConfig(path=str(tmp_path / "split")), 0)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(y, x, rtol=0, atol=1e-6, msg=name)
