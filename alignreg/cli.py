@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from alignreg.config import ConfigError
+from alignreg.config import ConfigError, RunError
 
 USAGE = """usage: alignreg <command> [args]
 
@@ -88,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

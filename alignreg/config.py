@@ -21,6 +21,11 @@ class ConfigError(ValueError):
     """A configuration problem a user can fix; the message names the key and the fix."""
 
 
+class RunError(RuntimeError):
+    """A run stopped for a reason the user can act on (the message says what is saved and what to do);
+    the CLI prints it as one line and exits with code 1."""
+
+
 # --------------------------------------------------------------------------------------------
 # Generic strict dataclass <-> dict conversion
 # --------------------------------------------------------------------------------------------
@@ -392,9 +397,11 @@ class LearnerConfig:
     log_entropy: bool = True  # log the full-vocabulary policy entropy (computed in the no-grad pass)
     single_pass: bool = True  # on-policy (one update per batch) and no term that needs pi_old / reference statistics of the whole batch first: skip the no-grad pass (old log-probs = the detached current ones, ratio 1; exact)
     reuse_forward: bool = True  # first update of a step: take the loss statistics from the no-grad pass (pi = pi_old) and run only their backward (exact; checked per micro-batch by a hidden-state fingerprint)
+    max_nonfinite_updates: int = 3  # torch backend: an update whose gradient norm is inf/NaN is skipped (weights and Adam state unchanged; optim/nonfinite_skipped); more than this many in a row stop the run with an error (DeepSpeed: the first stops it)
 
     def validate(self, path: str) -> None:
         _check(self.lr > 0, f"{path}.lr must be > 0")
+        _check(self.max_nonfinite_updates >= 0, f"{path}.max_nonfinite_updates must be >= 0")
         _check(self.micro_batch_size > 0, f"{path}.micro_batch_size must be > 0")
         _check(self.ppo_epochs >= 1, f"{path}.ppo_epochs must be >= 1")
         _check(len(self.betas) == 2, f"{path}.betas must be two numbers")

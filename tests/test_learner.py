@@ -246,3 +246,30 @@ def test_later_updates_recompute_the_forward():
     """After the first optimizer step the no-grad pass is stale: two mini-batches -> half reused."""
     _, m = _grads_after_step(4, MICRO_TERMS, {"reuse_forward": True, "mini_batch_size": 8})
     assert m["learner/forward_reused"] == 0.5
+
+
+def test_nonfinite_gradients_skip_the_update_and_then_stop():
+    """An inf/NaN gradient norm (here: one NaN advantage) skips the update, weights and Adam state stay
+    as they were; more than ``learner.max_nonfinite_updates`` in a row raise instead of training on."""
+    tok = build_tokenizer()
+    model = _model(tok)
+    cfg = _cfg(16, terms=[], learner={"max_nonfinite_updates": 1})
+    learner = PolicyLearner(model, cfg, build_regularizers(cfg.regularizers))
+    bad = _batch(tok)
+    bad.advantages[3] = float("nan")
+
+    def weights():
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    w0 = weights()
+    m = learner.train_step(bad, 0)
+    assert m["optim/nonfinite_skipped"] == 1.0 and not torch.isfinite(torch.tensor(m["optim/grad_norm"]))
+    assert all(torch.equal(w0[k], v) for k, v in weights().items()) and not learner.backend.optimizer.state
+    m = learner.train_step(_batch(tok), 1)  # a finite update is applied and resets the count
+    assert m["optim/nonfinite_skipped"] == 0.0
+    w1 = weights()
+    assert any(not torch.equal(w0[k], v) for k, v in w1.items())
+    learner.train_step(bad, 2)  # one in a row is allowed
+    assert all(torch.equal(w1[k], v) for k, v in weights().items())
+    with pytest.raises(FloatingPointError, match=r"step 4 \(2 updates in a row, more than learner.max_nonfinite_updates=1\)"):
+        learner.train_step(bad, 3)

@@ -151,6 +151,37 @@ def test_resume_refuses_what_it_cannot_honour_and_keeps_the_old_config(tmp_path)
     assert [r["step"] for r in _rows(tmp_path)] == [0, 1, 2, 3]
 
 
+def test_nonfinite_gradients_stop_the_run_before_anything_is_saved(tmp_path, monkeypatch, capsys):
+    """NaN advantages from step 2 on: the learner skips those updates, then stops; the CLI prints one line
+    naming the step and the last good checkpoint, which nothing overwrote."""
+    from alignreg.cli import main
+    from alignreg.orchestration import trainer
+
+    original = trainer.compute_advantages
+    calls = []
+
+    def compute_advantages(*args, **kwargs):
+        calls.append(1)
+        adv = original(*args, **kwargs)
+        return adv * float("nan") if len(calls) >= 2 else adv
+
+    monkeypatch.setattr(trainer, "compute_advantages", compute_advantages)
+    rc = main(["rl", str(DEMO), *FAST, f"trainer.run_dir={tmp_path}", "warm_start.steps=0", "eval.every=0",
+               "trainer.save_every=1", "trainer.keep_checkpoints=0", "trainer.steps=6", "learner.max_nonfinite_updates=2"])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    err = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc == 1 and len(err) == 1, err
+    assert "gradient norm nan in step 4 (3 updates in a row" in err[0]
+    assert f"the latest checkpoint: {tmp_path / 'checkpoints' / 'step_00000003'}" in err[0]
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert [r["optim/nonfinite_skipped"] for r in rows[1:]] == [0.0, 1.0, 1.0]
+    w1 = load_checkpoint(tmp_path / "checkpoints" / "step_00000001")["learner"]["model"]
+    w3 = load_checkpoint(tmp_path / "checkpoints" / "step_00000003")["learner"]["model"]
+    assert all(torch.equal(w1[k], w3[k]) for k in w1)  # skipped updates changed nothing
+
+
 def test_async_rollout_trains_one_step_stale_batches_and_resumes_with_the_same_prompts(tmp_path):
     sync_dir, async_dir = tmp_path / "sync", tmp_path / "async"
     extra = ["trainer.steps=4", "trainer.save_every=2", "eval.every=0"]

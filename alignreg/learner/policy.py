@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections import defaultdict
 from typing import Iterable, Optional
 
@@ -130,12 +131,18 @@ class TorchBackend(DistCollectives):
                         p.grad = torch.zeros_like(p)
                     dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
 
+    # an update with a non-finite gradient norm is skipped, not applied (``PolicyLearner`` counts them)
+    skips_nonfinite = True
+
     def apply_update(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
-        return float(norm)
+        norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf")))
+        if math.isfinite(norm):
+            self.optimizer.step()
+            self.scheduler.step()  # the schedule counts applied updates
+        else:  # inf/NaN gradients: weights and Adam's moments stay as they are (as veRL's actor does)
+            self.optimizer.zero_grad(set_to_none=True)
+        return norm
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
@@ -162,6 +169,7 @@ class PolicyLearner:
         self.vocab = w.shape[0]
         self._pre: dict[tuple[int, int], tuple[Precomputed, Tensor]] = {}  # micro-batch rows -> no-grad pass stats
         self._reuse_counts = {True: 0, False: 0}
+        self._nonfinite_run = 0  # consecutive optimizer updates with an inf/NaN gradient norm
 
     # ------------------------------------------------------------------------------------------
     def _specs(self) -> tuple[StatsSpec, StatsSpec, StatsSpec]:
@@ -347,7 +355,7 @@ class PolicyLearner:
         sums: dict[str, float] = defaultdict(float)
         weights: dict[str, float] = defaultdict(float)
         totals: dict[str, float] = defaultdict(float)
-        updates = 0
+        updates = skipped = 0
 
         mb_size = cfg.learner.mini_batch_size or len(batch)
         for epoch in range(cfg.learner.ppo_epochs):
@@ -372,17 +380,38 @@ class PolicyLearner:
                         weights[k] += w
                     for k, v in parts.items():  # loss contributions: sum within a mini-batch
                         totals[k] += v
-                totals["optim/grad_norm"] += be.step()
+                grad_norm = be.step()
+                totals["optim/grad_norm"] += grad_norm
                 updates += 1
+                skipped += self._nonfinite_update(grad_norm, step)
                 self._pre = {}  # the weights changed: the no-grad pass's statistics are stale
         for k in sums:
             metrics[k] = sums[k] / max(weights[k], 1e-12)
         for k in totals:  # mean over optimizer updates
             metrics[k] = totals[k] / updates
+        metrics["optim/nonfinite_skipped"] = float(skipped)  # updates of this step skipped for inf/NaN gradients
         metrics["optim/lr"] = be.scheduler.get_last_lr()[0] if hasattr(be, "scheduler") else cfg.learner.lr
         if cfg.learner.reuse_forward and not single:  # fraction of micro-batches whose loss forward came from the no-grad pass
             metrics["learner/forward_reused"] = self._reuse_counts[True] / max(sum(self._reuse_counts.values()), 1)
         return metrics
+
+    def _nonfinite_update(self, grad_norm: float, step: int) -> int:
+        """1 when the update just made had an inf/NaN gradient norm (the torch backend skipped it), else 0.
+        Raises FloatingPointError when the run cannot go on: more than ``learner.max_nonfinite_updates``
+        in a row, or a backend that applied it (DeepSpeed). The trainer then stops before anything is saved."""
+        if math.isfinite(grad_norm):
+            self._nonfinite_run = 0
+            return 0
+        self._nonfinite_run += 1
+        limit = self.cfg.learner.max_nonfinite_updates
+        if not getattr(self.backend, "skips_nonfinite", False):
+            why = "the DeepSpeed backend cannot skip an update"
+        elif self._nonfinite_run > limit:
+            why = f"{self._nonfinite_run} updates in a row, more than learner.max_nonfinite_updates={limit}"
+        else:
+            return 1
+        raise FloatingPointError(f"gradient norm {grad_norm} in step {step + 1} ({why}); lower learner.lr, or check "
+                                 "the rewards and advantages for inf / NaN")
 
     def _micro_loss(self, batch, r, mini_start, old, norm, prepared, step, spec, chunk, on_policy, single_pass_metrics=False):
         cfg, alg = self.cfg, self.cfg.algorithm

@@ -22,8 +22,8 @@ import yaml
 from alignreg.algorithms.advantages import compute_advantages
 from alignreg.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
                                  set_rng_state)
-from alignreg.config import (ConfigError, RLConfig, describe_diff, load_yaml, save_config, stored_config_diff,
-                             to_dict)
+from alignreg.config import (ConfigError, RLConfig, RunError, describe_diff, load_yaml, save_config,
+                             stored_config_diff, to_dict)
 from alignreg.learner.batch import collate
 from alignreg.logging import MetricsLogger, plot_curves
 from alignreg.regularizers.base import RegularizerSet, build_regularizers
@@ -343,7 +343,12 @@ def _loop(run: Run, run_dir: Path, pre: GracefulStop) -> dict[str, Any]:
                 before = run.prompts.state_dict()
                 pending = (pool.submit(rollout_step, run, run.prompts.next_batch(), step + 1), before)
             t1 = time.perf_counter()
-            metrics.update(run.learner.train_step(batch, step))
+            try:
+                metrics.update(run.learner.train_step(batch, step))
+            except FloatingPointError as e:  # inf/NaN gradients the learner cannot skip (again)
+                last = latest_checkpoint(run_dir)
+                raise RunError(f"{getattr(e, 'cause', e)}. Nothing was saved after it; the latest checkpoint: "
+                               f"{last or 'none'} (the same command resumes from it)") from e
             t2 = time.perf_counter()
             if pending is not None:
                 pending[0].result()  # the next batch is complete before the engines' weights change
