@@ -50,12 +50,18 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
     return final
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The step of a ``step_XXXXXXXX`` checkpoint directory (0 for another name)."""
+    m = _STEP.match(Path(path).name)
+    return int(m.group(1)) if m else 0
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if _STEP.match(p.name) and (p / "COMPLETE").is_file()]
-    return sorted(found, key=lambda p: int(_STEP.match(p.name).group(1)))
+    return sorted(found, key=checkpoint_step)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:

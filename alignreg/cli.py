@@ -8,6 +8,7 @@ import argparse
 import sys
 
 from alignreg.config import ConfigError, RunError
+from alignreg.stop import exit_code
 
 USAGE = """usage: alignreg <command> [args]
 
@@ -40,8 +41,7 @@ def _rl(argv: list[str]) -> int:
     for k in sorted(set(first) | set(last)):
         a, b = first.get(k), last.get(k)
         print(f"  {k:24s} {'' if a is None else f'{a:.3f}':>8s} -> {'' if b is None else f'{b:.3f}':>8s}")
-    # SIGTERM (preemption): 0, the SLURM script requeues; Ctrl-C: 130, as for any interrupted command
-    return 130 if summary.get("stop_signal") == "Ctrl-C" else 0
+    return exit_code(summary.get("stop_signal"))
 
 
 def _regularizers(argv: list[str]) -> int:

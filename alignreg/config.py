@@ -234,15 +234,15 @@ def config_diff(old: Any, new: Any, prefix: str = "", skip_absent: bool = False)
     return [] if old == new else [(prefix[:-1], old, new)]
 
 
-def stored_config_diff(cls: type, stored: dict, cfg: Any) -> list[tuple[str, Any, Any]]:
+def stored_config_diff(cls: type, stored: dict, cfg: Any, ignore: tuple[str, ...] = ()) -> list[tuple[str, Any, Any]]:
     """:func:`config_diff` of a config stored with a run (read back as ``cls``: defaults of keys added
-    since are filled in) against ``cfg``; a stored config that no longer parses is compared key by key
-    where both have the key."""
+    since are filled in) against ``cfg``, leaving out keys that start with a prefix in ``ignore``; a
+    stored config that no longer parses is compared key by key where both have the key."""
     try:
         old, skip = to_dict(from_dict(cls, stored)), False
     except ConfigError:
         old, skip = stored, True
-    return config_diff(old, to_dict(cfg), skip_absent=skip)
+    return [d for d in config_diff(old, to_dict(cfg), skip_absent=skip) if not d[0].startswith(ignore)]
 
 
 def describe_diff(diffs: list[tuple[str, Any, Any]], limit: int = 10) -> str:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from alignreg.config import (ConfigError, LoRAConfig, MathDataConfig, ModelConfig, TaskConfig, describe_diff,
                              load_config, load_yaml, save_config, stored_config_diff)
+from alignreg.stop import GracefulStop, exit_code
 
 
 @dataclass
@@ -121,8 +122,7 @@ def _resume_from(cfg: SFTRunConfig, out: Path) -> str | None:
                           "a new run in another output_dir")
     stored = out / "sft_config.yaml"
     if stored.is_file():
-        diffs = [d for d in stored_config_diff(SFTRunConfig, load_yaml(stored), cfg)
-                 if not d[0].startswith(_FREE_ON_RESUME)]
+        diffs = stored_config_diff(SFTRunConfig, load_yaml(stored), cfg, ignore=_FREE_ON_RESUME)
         if diffs:
             raise ConfigError(f"{last} was trained with different settings: {describe_diff(diffs)}. A resume continues "
                               f"that run; use its values ({stored}) or start a new run in another output_dir")
@@ -152,7 +152,6 @@ def run_sft(cfg: SFTRunConfig, callbacks: tuple = ()) -> dict:
     from trl import SFTConfig, SFTTrainer
 
     from alignreg.models import load_policy
-    from alignreg.stop import GracefulStop
 
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -215,7 +214,7 @@ def sft_main(argv: list[str]) -> int:
     if summary.get("stopped"):
         print(f"sft: {summary['stopped']}: checkpoint written at step {summary['steps']} of {cfg.steps} "
               f"({summary['checkpoint']}); run the same command again to resume")
-        return 130 if summary["stopped"] == "Ctrl-C" else 0
+        return exit_code(summary["stopped"])
     print(f"sft: {summary['steps']} steps, loss {summary['loss_first']} -> {summary['loss_last']}; "
           f"checkpoint: {summary['output_dir']} (alignreg rl CONFIG model.path={summary['output_dir']})")
     return 0

@@ -13,6 +13,12 @@ from typing import Optional
 _NAMES = {signal.SIGTERM: "SIGTERM", signal.SIGINT: "Ctrl-C"}
 
 
+def exit_code(stopped_by: Optional[str]) -> int:
+    """Exit code of a command whose run ended normally (None) or stopped by ``stopped_by``: 0 after SIGTERM
+    (a batch script requeues the job), 130 after Ctrl-C, as for any interrupted command."""
+    return 130 if stopped_by == "Ctrl-C" else 0
+
+
 class GracefulStop:
     """Context manager: installs the handlers (main thread only; elsewhere it is inert) and restores the
     previous ones on exit. ``requested``: a stop was asked for; ``name``: by which signal."""

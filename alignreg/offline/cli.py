@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from alignreg.config import ConfigError, load_config
+from alignreg.stop import exit_code
 
 
 def _fail(e: Exception) -> int:
@@ -37,8 +38,7 @@ def offline_main(argv: list[str]) -> int:
         res = train(cfg, out)
     except ConfigError as e:
         return _fail(e)
-    # SIGTERM (preemption): 0, a batch script may requeue; Ctrl-C: 130, as for any interrupted command
-    return 130 if res.get("stopped") == "Ctrl-C" else 0
+    return exit_code(res.get("stopped"))
 
 
 def data_main(argv: list[str]) -> int:

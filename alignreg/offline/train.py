@@ -128,7 +128,7 @@ def _check_resume(cfg: OfflineConfig, state: dict, ckpt: Path) -> None:
                           f"trainer.steps >= {done}, or start a new run in another trainer.out_dir")
     if "config" not in state:
         return
-    diffs = [d for d in stored_config_diff(OfflineConfig, state["config"], cfg) if not d[0].startswith(_FREE_ON_RESUME)]
+    diffs = stored_config_diff(OfflineConfig, state["config"], cfg, ignore=_FREE_ON_RESUME)
     if diffs:
         raise ConfigError(f"{ckpt} was trained with different settings: {describe_diff(diffs)}. A resume continues "
                           "that run; use its values (config.yaml next to it) or start a new run in another "

@@ -20,8 +20,8 @@ import torch
 import yaml
 
 from alignreg.algorithms.advantages import compute_advantages
-from alignreg.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
-                                 set_rng_state)
+from alignreg.checkpoint import (checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint, rng_state,
+                                 save_checkpoint, set_rng_state)
 from alignreg.config import (ConfigError, RLConfig, RunError, describe_diff, load_yaml, save_config,
                              stored_config_diff, to_dict)
 from alignreg.learner.batch import collate
@@ -101,14 +101,14 @@ def check_resume_config(cfg: RLConfig, ckpt: Path) -> list[tuple[str, Any, Any]]
     path = ckpt / "config.yaml"
     if not path.is_file():
         path = ckpt.parent.parent / "config.yaml"
-    done = int(ckpt.name.split("_")[-1]) if ckpt.name.startswith("step_") else 0
+    done = checkpoint_step(ckpt)
     if done > cfg.trainer.steps:
         raise ConfigError(f"trainer.steps={cfg.trainer.steps} is below the step of the checkpoint it resumes "
                           f"({ckpt}, step {done}); set trainer.steps >= {done}, or start a new run in another "
                           "trainer.run_dir")
     if not path.is_file():
         return []
-    diffs = [d for d in stored_config_diff(RLConfig, load_yaml(path), cfg) if not d[0].startswith(_IGNORED_ON_RESUME)]
+    diffs = stored_config_diff(RLConfig, load_yaml(path), cfg, ignore=_IGNORED_ON_RESUME)
     fixed = [d for d in diffs if d[0].startswith(_FIXED_ON_RESUME)]
     if fixed:
         raise ConfigError(f"trainer.run_dir {cfg.trainer.run_dir!r}: the run to resume ({ckpt}) was set up "
