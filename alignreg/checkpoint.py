@@ -1,7 +1,15 @@
 """Atomic checkpoints: written to ``step_XXXXXXXX.tmp`` and renamed when complete, so a crash or a
-SIGTERM mid-write never leaves a checkpoint that ``resume: auto`` would pick up."""
+SIGTERM mid-write never leaves a checkpoint that ``resume: auto`` would pick up.
+
+The ``COMPLETE`` marker records the byte size of every file in the checkpoint. Before a resume the
+sizes are compared and the CRC-32 of every record of the torch file (a zip archive) is checked (a read
+of the file, ~3 GB/s here), so a checkpoint damaged after it was written (truncated by a full disk or
+an interrupted copy, flipped bytes) is found before any state is loaded: ``torch.load`` itself would
+load damaged tensor bytes without a word. ``resume: auto`` renames such a checkpoint to
+``step_XXXXXXXX.unreadable`` (kept, never deleted) and resumes from the one before."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -11,6 +19,8 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+
+from alignreg.config import RunError
 
 _STEP = re.compile(r"^step_(\d{8})$")
 
@@ -35,16 +45,18 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    torch.save(state, tmp / "state.pt")
+    save_durable(state, tmp / "state.pt")
     for name, text in (files or {}).items():
         (tmp / name).write_text(text)
+    sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
     with open(tmp / "COMPLETE", "w") as f:
-        f.write(str(step))
+        f.write(json.dumps({"step": step, "bytes": sizes}))
         f.flush()
         os.fsync(f.fileno())
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    _fsync_dir(root)
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -69,10 +81,107 @@ def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def checkpoint_problem(path: str | Path) -> Optional[str]:
+    """Why checkpoint ``path`` cannot be resumed from, or None: compares the files with the sizes
+    ``COMPLETE`` recorded (markers written before sizes were recorded hold just the step) and checks
+    the CRC-32 of every record in ``state.pt``."""
     path = Path(path)
-    if not (path / "COMPLETE").is_file():
-        from alignreg.config import ConfigError
+    marker = path / "COMPLETE"
+    if not marker.is_file():
+        return "no COMPLETE marker: it was never finished"
+    try:
+        sizes = json.loads(marker.read_text()).get("bytes", {})
+    except (ValueError, AttributeError):  # an older marker: the step alone
+        sizes = {}
+    for name, size in sizes.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size:,} bytes, {size:,} were written"
+    problem = torch_file_problem(path / "state.pt")
+    return f"state.pt {problem}" if problem else None
 
-        raise ConfigError(f"checkpoint {str(path)!r} is missing or incomplete; pass a complete step_* directory or resume=auto")
-    return torch.load(path / "state.pt", map_location="cpu", weights_only=False)
+
+def torch_file_problem(path: Path) -> Optional[str]:
+    """None when every record of the ``torch.save`` archive ``path`` passes its CRC-32 check, else why not."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError, ValueError) as e:
+        return f"is not a readable torch file ({type(e).__name__}: {e})"
+    return f"record {bad!r} fails its CRC-32 check (damaged bytes)" if bad is not None else None
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint out of the ``step_*`` pattern (so no resume or rotation touches it)."""
+    dest, n = path.with_name(path.name + ".unreadable"), 1
+    while dest.exists():
+        n += 1
+        dest = path.with_name(f"{path.name}.unreadable{n}")
+    os.replace(path, dest)
+    return dest
+
+
+def latest_readable_checkpoint(run_dir: str | Path, warn) -> Optional[Path]:
+    """The newest checkpoint without a :func:`checkpoint_problem`; damaged newer ones are set aside
+    (``warn`` says which and why). Raises CheckpointError when there are checkpoints but none is readable."""
+    found = list_checkpoints(run_dir)
+    moved = []
+    for path in reversed(found):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        moved.append(set_aside(path))
+        warn(f"checkpoint {path} is unreadable ({problem}); kept as {moved[-1]}, resuming from the one before")
+    if moved:
+        raise CheckpointError(f"trainer.run_dir {str(Path(run_dir))!r}: no readable checkpoint (set aside: "
+                              f"{', '.join(p.name for p in moved)}); start a new run in another trainer.run_dir")
+    return None
+
+
+def load_checkpoint(path: str | Path, checked: bool = False) -> dict:
+    """The state in checkpoint ``path``; ``checked``: :func:`checkpoint_problem` already found none."""
+    path = Path(path)
+    problem = None if checked else checkpoint_problem(path) if path.is_dir() else "it is not a directory"
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {str(path)!r} cannot be resumed from: {problem}. Pass another step_* "
+                              "directory, or trainer.resume=auto (which sets damaged checkpoints aside)")
+    return read_state(path / "state.pt", verify=False,
+                      fix="rename that checkpoint directory (e.g. to <name>.unreadable) and run again to resume from "
+                          "the checkpoint before it")
+
+
+class CheckpointError(RunError):
+    """A checkpoint that cannot be read; the message names it and what to do."""
+
+
+def read_state(path: Path, fix: str, verify: bool = True) -> dict:
+    """``torch.load`` of a checkpoint file, with an error that names the file and ``fix`` if it is damaged
+    (``verify``: check the CRC-32s first; ``torch.load`` does not)."""
+    problem = torch_file_problem(path) if verify else None
+    if problem is not None:
+        raise CheckpointError(f"{path} {problem}; {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001  (truncation and corruption surface as several exception types)
+        reason = (str(e).splitlines() or [""])[0][:200]
+        raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {reason}); {fix}") from None
+
+
+def save_durable(obj: Any, path: Path) -> None:
+    """``torch.save`` flushed to disk, so a rename that publishes the file never outlives its bytes."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -15,6 +15,7 @@ from alignreg.checkpoint import latest_checkpoint, load_checkpoint
 from alignreg.config import ConfigError, RLConfig, load_config, load_yaml
 from alignreg.logging import read_metrics
 from alignreg.orchestration.trainer import train
+from tests.test_checkpoint import flip_tensor_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "configs" / "rl" / "tiny_grpo_siren.yaml"
@@ -50,14 +51,20 @@ def test_run_writes_metrics_plot_checkpoint_and_model(tmp_path):
     assert state["learner"]["regularizers"]["siren"]["anchor"] == rows[1]["reg/siren/anchor"]
 
 
-def test_resume_continues_exactly(tmp_path):
+def test_resume_continues_exactly_and_skips_a_damaged_checkpoint(tmp_path, capsys):
     straight, split = tmp_path / "straight", tmp_path / "split"
     extra = ["trainer.save_every=2", "regularizers.0.name=lp_reg", "regularizers.0.coef=1.0",
              "learner.mini_batch_size=8", "learner.ppo_epochs=2"]
     train(_cfg(straight, "trainer.steps=4", *extra))
-    train(_cfg(split, "trainer.steps=2", *extra))
-    summary = train(_cfg(split, "trainer.steps=4", *extra))  # resume=auto from step 2
+    train(_cfg(split, "trainer.steps=3", *extra))  # checkpoints at steps 2 and 3
+    # the newest checkpoint is damaged after the fact (flipped tensor bytes: torch.load would accept them)
+    last = split / "checkpoints" / "step_00000003"
+    assert latest_checkpoint(split) == last
+    flip_tensor_bytes(last / "state.pt")
+    summary = train(_cfg(split, "trainer.steps=4", *extra))  # resume=auto: sets step 3 aside, resumes from step 2
     assert summary["steps"] == 4
+    assert (split / "checkpoints" / "step_00000003.unreadable" / "state.pt").is_file()
+    assert "step_00000003 is unreadable" in capsys.readouterr().err
     a, b = _rows(straight), _rows(split)
     assert a == b
     wa = load_checkpoint(latest_checkpoint(straight))["learner"]["model"]

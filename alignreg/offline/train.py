@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from alignreg.checkpoint import read_state, save_durable
 from alignreg.config import ConfigError, describe_diff, save_config, stored_config_diff, to_dict
 from alignreg.offline.batch import OfflineSetup
 from alignreg.offline.config import OfflineConfig, OfflineDataConfig
@@ -73,7 +74,7 @@ def load_transitions(d: OfflineDataConfig, log=print) -> tuple[dict, str]:
 
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    save_durable(obj, tmp)
     os.replace(tmp, path)
 
 
@@ -147,7 +148,8 @@ def train(cfg: OfflineConfig, out_dir: str | Path, log=print, handle_signals: bo
     ckpt = out / "checkpoint.pt"
     state = None
     if T.resume and ckpt.is_file():
-        state = torch.load(ckpt, weights_only=False)
+        state = read_state(ckpt, fix="restore it from a copy to resume; or move it away (to keep it) and run "
+                                     "again to start over from step 0, or set another trainer.out_dir")
         _check_resume(cfg, state, ckpt)
     elif not T.resume and (ckpt.is_file() or (out / "results.json").is_file()):
         raise ConfigError(f"trainer.resume=false: {str(out)!r} already holds a run (checkpoint.pt / results.json); "

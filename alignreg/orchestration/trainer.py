@@ -20,8 +20,9 @@ import torch
 import yaml
 
 from alignreg.algorithms.advantages import compute_advantages
-from alignreg.checkpoint import (checkpoint_step, latest_checkpoint, list_checkpoints, load_checkpoint, rng_state,
-                                 save_checkpoint, set_rng_state)
+from alignreg.checkpoint import (CheckpointError, checkpoint_problem, checkpoint_step, latest_checkpoint,
+                                 latest_readable_checkpoint, list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
+                                 set_rng_state)
 from alignreg.config import (ConfigError, RLConfig, RunError, describe_diff, load_yaml, save_config,
                              stored_config_diff, to_dict)
 from alignreg.learner.batch import collate
@@ -77,11 +78,15 @@ def _resolve_resume(cfg: RLConfig) -> Optional[Path]:
                               "pick another trainer.run_dir for a new run (or delete that directory), or resume "
                               "it with trainer.resume=auto")
         return None
-    if r == "auto":
-        return latest_checkpoint(cfg.trainer.run_dir)
+    if r == "auto":  # damaged checkpoints are set aside with a warning; the newest readable one resumes
+        return latest_readable_checkpoint(cfg.trainer.run_dir, lambda msg: print(msg, file=sys.stderr, flush=True))
     path = Path(r)
     if not path.is_dir():
         raise ConfigError(f"trainer.resume: {r!r} is not a checkpoint directory; use auto, never or a step_* path")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"trainer.resume: checkpoint {r!r} cannot be resumed from: {problem}. Pass another "
+                              "step_* directory, or trainer.resume=auto (which sets damaged checkpoints aside)")
     return path
 
 
@@ -117,9 +122,10 @@ def check_resume_config(cfg: RLConfig, ckpt: Path) -> list[tuple[str, Any, Any]]
     return diffs
 
 
-def build_run(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = None) -> Run:
+def build_run(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = None, ckpt: Any = "resolve") -> Run:
     """Build (or resume) a run. ``resources``: extra custom Ray resources per role for
-    ``orchestration: ray``, e.g. ``{"engine": {"node_b": 0.01}}`` (see ``ray_groups.RayCluster``)."""
+    ``orchestration: ray``, e.g. ``{"engine": {"node_b": 0.01}}`` (see ``ray_groups.RayCluster``).
+    ``ckpt``: the checkpoint to resume from (None: a new run); by default resolved from ``trainer.resume``."""
     from alignreg.data import PromptIterator, prompt_dataset
     from alignreg.models import load_policy
     from alignreg.orchestration.workers import LearnerWorker, RolloutWorker
@@ -133,7 +139,8 @@ def build_run(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = 
     regs = build_regularizers(cfg.regularizers)
     if cfg.rollout.engine == "vllm":  # before anything is trained or written
         _check_vllm(cfg)
-    ckpt = _resolve_resume(cfg)
+    if ckpt == "resolve":
+        ckpt = _resolve_resume(cfg)
     init_dir = run_dir / "init_policy"
 
     model, tokenizer = load_policy(cfg.model, cfg.trainer.seed)
@@ -167,7 +174,7 @@ def build_run(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = 
     run = Run(cfg, tokenizer, rollout, learner, regs, train_records, eval_records, prompts, closers=close)
     try:
         if ckpt is not None:
-            state = load_checkpoint(ckpt)
+            state = load_checkpoint(ckpt, checked=True)  # _resolve_resume checked it
             learner.load_state_dict(state["learner"])
             prompts.load_state_dict(state["prompts"])
             set_rng_state(state["rng"])
@@ -300,7 +307,7 @@ def train(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = None
         print(f"resuming from {ckpt} with changed settings: {describe_diff(changed)} (the config of the steps so "
               f"far: {kept if kept.is_file() else ckpt / 'config.yaml'})", file=sys.stderr, flush=True)
     save_config(cfg, run_dir / "config.yaml")
-    run = build_run(cfg, resources)
+    run = build_run(cfg, resources, ckpt=ckpt)
     try:
         # the handlers go in after Ray's start-up (ray.init installs its own SIGTERM handler, which exits) and
         # before anything is logged: a SIGTERM or a first Ctrl-C from then on always ends in a checkpoint

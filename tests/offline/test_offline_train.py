@@ -106,7 +106,7 @@ def test_sigterm_mid_interval_checkpoints_and_resume_matches_uninterrupted(tmp_p
     assert lines("part", "evals.jsonl") == lines("full", "evals.jsonl")
 
 
-def test_resume_refuses_other_settings_and_resume_false_keeps_the_run(tmp_path):
+def test_resume_refuses_other_settings_and_damaged_checkpoints_and_resume_false_keeps_the_run(tmp_path):
     from alignreg.config import ConfigError, from_dict
 
     d = cfg_dict(tmp_path, "td3bc", steps=50)
@@ -123,6 +123,17 @@ def test_resume_refuses_other_settings_and_resume_false_keeps_the_run(tmp_path):
               log=lambda *a: None)
     assert (tmp_path / "run" / "results.json").read_text() == saved
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    # a damaged checkpoint (bytes flipped after it was written) is never loaded, and nothing is overwritten
+    from alignreg.checkpoint import CheckpointError
+    from tests.test_checkpoint import flip_tensor_bytes
+
+    flip_tensor_bytes(tmp_path / "run" / "checkpoint.pt")
+    damaged = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    with pytest.raises(CheckpointError, match=r"checkpoint.pt record .* fails its CRC-32 check .*; restore it"):
+        train(from_dict(OfflineConfig, {**d, "trainer": {**d["trainer"], "steps": 100}}), tmp_path / "run",
+              log=lambda *a: None)
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == damaged
+    assert (tmp_path / "run" / "results.json").read_text() == saved
 
 
 def test_cli_errors_are_one_line(tmp_path, capsys):

@@ -1,0 +1,98 @@
+"""Checkpoint integrity: sizes and CRC-32s checked before a resume, damaged checkpoints set aside, never loaded."""
+from __future__ import annotations
+
+import json
+import zipfile
+
+import pytest
+import torch
+
+from alignreg.checkpoint import (CheckpointError, checkpoint_problem, latest_readable_checkpoint, list_checkpoints,
+                                 load_checkpoint, read_state, save_checkpoint)
+
+
+def _state(step: int) -> dict:
+    return {"step": step, "w": torch.arange(50_000, dtype=torch.float32) + step}
+
+
+def flip_tensor_bytes(path) -> None:
+    """Overwrite 64 bytes in the middle of the largest record (tensor data): the zip stays well formed."""
+    with zipfile.ZipFile(path) as z:
+        info = max(z.infolist(), key=lambda i: i.file_size)
+    with open(path, "r+b") as f:  # the local header is 30 bytes + name + extra; the data follows
+        f.seek(info.header_offset + 26)
+        n, m = int.from_bytes(f.read(2), "little"), int.from_bytes(f.read(2), "little")
+        f.seek(info.header_offset + 30 + n + m + info.file_size // 2)
+        f.write(b"\xa5" * 64)
+
+
+def test_marker_records_sizes_and_an_intact_checkpoint_has_no_problem(tmp_path):
+    ck = save_checkpoint(tmp_path, 3, _state(3), files={"config.yaml": "a: 1\n"})
+    marker = json.loads((ck / "COMPLETE").read_text())
+    assert marker["step"] == 3 and marker["bytes"]["state.pt"] == (ck / "state.pt").stat().st_size
+    assert marker["bytes"]["config.yaml"] == 5
+    assert checkpoint_problem(ck) is None
+    assert torch.equal(load_checkpoint(ck)["w"], _state(3)["w"])
+
+
+def test_flipped_tensor_bytes_are_caught_although_torch_load_accepts_them(tmp_path):
+    ck = save_checkpoint(tmp_path, 1, _state(1))
+    flip_tensor_bytes(ck / "state.pt")
+    assert not torch.equal(torch.load(ck / "state.pt", weights_only=False)["w"], _state(1)["w"])  # silently wrong
+    assert "fails its CRC-32 check" in checkpoint_problem(ck)
+    with pytest.raises(CheckpointError, match=r"step_00000001.*cannot be resumed from: state.pt record .* CRC-32"):
+        load_checkpoint(ck)
+
+
+def test_truncation_and_missing_files_are_named(tmp_path):
+    ck = save_checkpoint(tmp_path, 2, _state(2), files={"config.yaml": "a: 1\n"})
+    size = (ck / "state.pt").stat().st_size
+    with open(ck / "state.pt", "r+b") as f:
+        f.truncate(size // 3)
+    assert checkpoint_problem(ck) == f"state.pt has {size // 3:,} bytes, {size:,} were written"
+    (ck / "COMPLETE").write_text("2")  # a marker from before sizes were recorded: the zip check still fails
+    assert "state.pt is not a readable torch file" in checkpoint_problem(ck)
+    ck4 = save_checkpoint(tmp_path, 4, _state(4), files={"config.yaml": "a: 1\n"})
+    (ck4 / "config.yaml").unlink()
+    assert checkpoint_problem(ck4) == "config.yaml is missing"
+
+
+def test_resume_sets_damaged_checkpoints_aside_and_keeps_their_bytes(tmp_path):
+    for step in (2, 4, 6):
+        save_checkpoint(tmp_path, step, _state(step), keep=3)
+    root = tmp_path / "checkpoints"
+    flip_tensor_bytes(root / "step_00000006" / "state.pt")
+    damaged = (root / "step_00000006" / "state.pt").read_bytes()
+    warnings = []
+    assert latest_readable_checkpoint(tmp_path, warnings.append) == root / "step_00000004"
+    assert len(warnings) == 1 and "step_00000006 is unreadable" in warnings[0] and "CRC-32" in warnings[0]
+    assert (root / "step_00000006.unreadable" / "state.pt").read_bytes() == damaged
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000004"]
+    save_checkpoint(tmp_path, 6, _state(6), keep=1)  # the rotation never deletes a set-aside checkpoint
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000006", "step_00000006.unreadable"]
+    for p in list_checkpoints(tmp_path):
+        (p / "state.pt").write_bytes(b"not a zip")
+    with pytest.raises(CheckpointError, match=r"no readable checkpoint \(set aside: step_00000006.unreadable2\)"):
+        latest_readable_checkpoint(tmp_path, warnings.append)
+
+
+def test_a_damaged_single_file_state_is_a_clear_error(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save(_state(0), path)
+    flip_tensor_bytes(path)
+    with pytest.raises(CheckpointError, match=r"checkpoint.pt record .* fails its CRC-32 check .*; restore it"):
+        read_state(path, fix="restore it")
+
+
+def test_an_explicit_damaged_checkpoint_is_refused_before_anything_starts(tmp_path):
+    from alignreg.config import RLConfig, from_dict
+    from alignreg.orchestration.trainer import _resolve_resume
+
+    ck = save_checkpoint(tmp_path, 5, _state(5))
+    cfg = from_dict(RLConfig, {"trainer": {"run_dir": str(tmp_path / "other"), "resume": str(ck)}})
+    assert _resolve_resume(cfg) == ck
+    flip_tensor_bytes(ck / "state.pt")
+    with pytest.raises(CheckpointError, match=r"trainer.resume: checkpoint .*step_00000005' cannot be resumed from: "
+                                              r"state.pt record .* CRC-32 .*trainer.resume=auto"):
+        _resolve_resume(cfg)
+    assert ck.is_dir()  # an explicit choice is not renamed
