@@ -271,5 +271,8 @@ def test_nonfinite_gradients_skip_the_update_and_then_stop():
     assert any(not torch.equal(w0[k], v) for k, v in w1.items())
     learner.train_step(bad, 2)  # one in a row is allowed
     assert all(torch.equal(w1[k], v) for k, v in weights().items())
+    # the count is part of the checkpoint: a resumed learner stops at the same update
+    resumed = PolicyLearner(_model(tok), cfg, build_regularizers(cfg.regularizers))
+    resumed.load_state_dict(copy.deepcopy(learner.state_dict()))
     with pytest.raises(FloatingPointError, match=r"step 4 \(2 updates in a row, more than learner.max_nonfinite_updates=1\)"):
-        learner.train_step(bad, 3)
+        resumed.train_step(bad, 3)

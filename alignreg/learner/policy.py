@@ -477,11 +477,13 @@ class PolicyLearner:
         return [(k, v.detach()) for k, v in self.model.state_dict().items()]
 
     def state_dict(self) -> dict:
-        return {**self.backend.state_dict(), "regularizers": self.regs.state_dict()}
+        # the run of skipped updates continues across a resume (a stop between two bad steps does not reset it)
+        return {**self.backend.state_dict(), "regularizers": self.regs.state_dict(), "nonfinite_run": self._nonfinite_run}
 
     def load_state_dict(self, state: dict) -> None:
         self.backend.load_state_dict(state)
         self.regs.load_state_dict(state.get("regularizers", {}))
+        self._nonfinite_run = int(state.get("nonfinite_run", 0))
 
 
 def make_reference(model) -> torch.nn.Module:
