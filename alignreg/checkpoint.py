@@ -37,22 +37,32 @@ def set_rng_state(state: dict) -> None:
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep: int = 2,
                     files: Optional[dict[str, str]] = None) -> Path:
-    """``state`` as ``state.pt`` plus small text ``files`` (name -> content, e.g. the run's config)."""
+    """``state`` as ``state.pt`` plus small text ``files`` (name -> content, e.g. the run's config).
+
+    A write that fails (a full disk, a quota) removes its partial files and raises CheckpointError
+    naming the last complete checkpoint, which is untouched."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f"step_{step:08d}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_durable(state, tmp / "state.pt")
-    for name, text in (files or {}).items():
-        (tmp / name).write_text(text)
-    sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-    with open(tmp / "COMPLETE", "w") as f:
-        f.write(json.dumps({"step": step, "bytes": sizes}))
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_durable(state, tmp / "state.pt")
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
+        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+        with open(tmp / "COMPLETE", "w") as f:
+            f.write(json.dumps({"step": step, "bytes": sizes}))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back
+        last = latest_checkpoint(run_dir)
+        raise CheckpointError(f"could not write the checkpoint of step {step} into {str(root)!r} ({e.strerror or e}); "
+                              f"the last complete checkpoint, {str(last) if last else 'none'}, is intact: make room "
+                              "and run the same command again to resume from it") from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -5,6 +5,7 @@ Config problems print one line (``error: <key>: <problem>; valid ...``) and exit
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 
 from alignreg.config import ConfigError, RunError
@@ -90,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {e.filename!r}" if e.filename else ""
+        print(f"error: {e.strerror}{where}; make room and run the same command again (a run resumes from its "
+              "last complete checkpoint)", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

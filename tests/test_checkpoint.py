@@ -96,3 +96,40 @@ def test_an_explicit_damaged_checkpoint_is_refused_before_anything_starts(tmp_pa
                                               r"state.pt record .* CRC-32 .*trainer.resume=auto"):
         _resolve_resume(cfg)
     assert ck.is_dir()  # an explicit choice is not renamed
+
+
+def test_a_failed_write_keeps_the_last_checkpoint_and_names_it(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    import alignreg.checkpoint as ck
+
+    save_checkpoint(tmp_path, 2, _state(2))
+    real = torch.save
+
+    def full_disk(obj, f, *a, **k):
+        real(obj, f, *a, **k)  # the bytes go out, then the disk is full
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ck.torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match=r"could not write the checkpoint of step 4 .*No space left on device.*"
+                                              r"step_00000002, is intact"):
+        save_checkpoint(tmp_path, 4, _state(4))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002"]  # no partial step_4.tmp
+    assert checkpoint_problem(tmp_path / "checkpoints" / "step_00000002") is None
+
+
+def test_a_full_disk_is_one_line_from_the_cli(monkeypatch, capsys):
+    import errno
+    import os
+
+    from alignreg import cli
+
+    def fail(argv):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/runs/x/metrics.jsonl")
+
+    monkeypatch.setitem(cli.COMMANDS, "rl", fail)
+    assert cli.main(["rl", "c.yaml"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: No space left on device writing '/runs/x/metrics.jsonl'; make room and run the same "
+                   "command again (a run resumes from its last complete checkpoint)")

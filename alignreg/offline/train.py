@@ -74,7 +74,11 @@ def load_transitions(d: OfflineDataConfig, log=print) -> tuple[dict, str]:
 
 def _atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    save_durable(obj, tmp)
+    try:
+        save_durable(obj, tmp)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # the previous checkpoint stays as it was
+        raise
     os.replace(tmp, path)
 
 
