@@ -1,7 +1,9 @@
 """Metrics: JSONL (one line per logged step), TensorBoard when installed, and PNG curves.
 
 On resume the JSONL file is truncated to the checkpoint's step, so lines are never duplicated and
-nothing at or before the checkpoint is lost.
+nothing at or before the checkpoint is lost. A line that is not JSON (a write torn by a kill or a
+full disk) is skipped with a warning; before a resume rewrites such a file the original is kept as
+``<name>.before_resume``.
 """
 from __future__ import annotations
 
@@ -18,8 +20,7 @@ class MetricsLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
-            kept = [l for l in self.path.read_text().splitlines() if l.strip() and json.loads(l).get("step", -1) <= resume_step]
-            self.path.write_text("".join(l + "\n" for l in kept))
+            truncate_jsonl(self.path, resume_step)
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._f = open(self.path, "a")
@@ -48,8 +49,36 @@ class MetricsLogger:
             self._tb.close()
 
 
+def _parse_jsonl(path: Path) -> tuple[list[tuple[str, dict]], int]:
+    """(line, row) for every JSON line of ``path`` and the number of lines that were not JSON (warned)."""
+    rows, bad = [], 0
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((line, json.loads(line)))
+        except ValueError:
+            bad += 1
+            print(f"warning: {path}:{i} is not a JSON line (a torn write?); skipped", file=sys.stderr)
+    return rows, bad
+
+
 def read_metrics(path: str | Path) -> list[dict]:
-    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+    return [row for _, row in _parse_jsonl(Path(path))[0]]
+
+
+def truncate_jsonl(path: str | Path, step: int) -> None:
+    """Keep the lines of a JSONL log with ``"step" <= step`` (those after a checkpoint are written again
+    by the resumed run); a file with non-JSON lines is first copied to ``<name>.before_resume``."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    rows, bad = _parse_jsonl(path)
+    if bad:
+        import shutil
+
+        shutil.copyfile(path, path.with_name(path.name + ".before_resume"))
+    path.write_text("".join(line + "\n" for line, row in rows if row.get("step", -1) <= step))
 
 
 def plot_curves(metrics_path: str | Path, out_png: str | Path, keys: list[tuple[str, str]]) -> Optional[Path]:

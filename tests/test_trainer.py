@@ -61,10 +61,15 @@ def test_resume_continues_exactly_and_skips_a_damaged_checkpoint(tmp_path, capsy
     last = split / "checkpoints" / "step_00000003"
     assert latest_checkpoint(split) == last
     flip_tensor_bytes(last / "state.pt")
+    with open(split / "metrics.jsonl", "a") as f:  # and a kill tore the next metrics line mid-write
+        f.write('{"step": 4, "rollout/rew')
+    before = (split / "metrics.jsonl").read_text()
     summary = train(_cfg(split, "trainer.steps=4", *extra))  # resume=auto: sets step 3 aside, resumes from step 2
     assert summary["steps"] == 4
     assert (split / "checkpoints" / "step_00000003.unreadable" / "state.pt").is_file()
-    assert "step_00000003 is unreadable" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "step_00000003 is unreadable" in err and "metrics.jsonl:5 is not a JSON line" in err
+    assert (split / "metrics.jsonl.before_resume").read_text() == before
     a, b = _rows(straight), _rows(split)
     assert a == b
     wa = load_checkpoint(latest_checkpoint(straight))["learner"]["model"]

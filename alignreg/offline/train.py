@@ -18,6 +18,7 @@ import torch
 
 from alignreg.checkpoint import read_state, save_durable
 from alignreg.config import ConfigError, describe_diff, save_config, stored_config_diff, to_dict
+from alignreg.logging import truncate_jsonl
 from alignreg.offline.batch import OfflineSetup
 from alignreg.offline.config import OfflineConfig, OfflineDataConfig
 from alignreg.offline.datasets import OfflineData, qlearning_dataset, read_d4rl_hdf5, read_minari
@@ -80,13 +81,6 @@ def _atomic_save(obj, path: Path) -> None:
         tmp.unlink(missing_ok=True)  # the previous checkpoint stays as it was
         raise
     os.replace(tmp, path)
-
-
-def _truncate_jsonl(path: Path, step: int) -> None:
-    """On resume, drop lines written after the checkpoint (they will be written again)."""
-    if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
-        path.write_text("".join(ln + "\n" for ln in lines))
 
 
 def plot_curve(evals: list[dict], path: Path, title: str) -> None:
@@ -176,7 +170,7 @@ def train(cfg: OfflineConfig, out_dir: str | Path, log=print, handle_signals: bo
         evals = state["evals"]
         resumed_acc = state.get("acc", {})
         for f in ("metrics.jsonl", "evals.jsonl"):
-            _truncate_jsonl(out / f, learner.it)
+            truncate_jsonl(out / f, learner.it)
         log(f"resumed from {ckpt} at step {learner.it}")
     else:
         for f in ("metrics.jsonl", "evals.jsonl"):
