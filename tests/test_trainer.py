@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from alignreg.checkpoint import latest_checkpoint, load_checkpoint
-from alignreg.config import ConfigError, RLConfig, load_config, load_yaml
+from alignreg.config import ConfigError, RLConfig, RunError, load_config, load_yaml
 from alignreg.logging import read_metrics
 from alignreg.orchestration.trainer import train
 from tests.test_checkpoint import flip_tensor_bytes
@@ -56,6 +56,10 @@ def test_resume_continues_exactly_and_skips_a_damaged_checkpoint(tmp_path, capsy
     extra = ["trainer.save_every=2", "regularizers.0.name=lp_reg", "regularizers.0.coef=1.0",
              "learner.mini_batch_size=8", "learner.ppo_epochs=2"]
     train(_cfg(straight, "trainer.steps=4", *extra))
+    os.rename(straight / "init_policy", straight / "init_policy.lost")  # the warm-started policy cannot be made again
+    with pytest.raises(RunError, match=r"init_policy \(the warm-started starting policy, the reference .* is missing"):
+        train(_cfg(straight, "trainer.steps=4", *extra))
+    os.rename(straight / "init_policy.lost", straight / "init_policy")
     train(_cfg(split, "trainer.steps=3", *extra))  # checkpoints at steps 2 and 3
     # the newest checkpoint is damaged after the fact (flipped tensor bytes: torch.load would accept them)
     last = split / "checkpoints" / "step_00000003"
@@ -156,8 +160,13 @@ def test_resume_refuses_what_it_cannot_honour_and_keeps_the_old_config(tmp_path)
         train(_cfg(tmp_path, "trainer.steps=3", *base, "trainer.resume=never"))
     assert (tmp_path / "config.yaml").read_text() == saved
     assert [r["step"] for r in _rows(tmp_path)] == [0, 1, 2]
+    # a lost init_policy/ without a warm start is written again, the same bytes (the engines and the KL reference
+    # start from it)
+    init = (tmp_path / "init_policy" / "model.safetensors").read_bytes()
+    os.rename(tmp_path / "init_policy", tmp_path / "init_policy.lost")
     # a change a resume can honour applies from the resumed step on; the config of steps 1-2 is kept
     assert train(_cfg(tmp_path, "trainer.steps=3", *base, "learner.lr=1e-4"))["steps"] == 3
+    assert (tmp_path / "init_policy" / "model.safetensors").read_bytes() == init
     assert (tmp_path / "config.step_00000002.yaml").read_text() == saved
     assert load_yaml(tmp_path / "config.yaml")["learner"]["lr"] == 1e-4
     assert [r["step"] for r in _rows(tmp_path)] == [0, 1, 2, 3]

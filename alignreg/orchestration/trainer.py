@@ -149,6 +149,15 @@ def build_run(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = 
 
     configure_math_rewards(**vars(cfg.math_reward))
     train_records, eval_records = math_prompt_dataset(cfg, tokenizer) or prompt_dataset(cfg.task)
+    if ckpt is not None and not (init_dir / "config.json").is_file():
+        if cfg.warm_start.steps > 0:  # a warm start is not re-run behind the user's back: it is the KL reference
+            raise RunError(f"cannot resume from {ckpt}: {init_dir} (the warm-started starting policy, the reference "
+                           "of the KL terms and the engines' first weights) is missing; restore it, or start a new run "
+                           "in another trainer.run_dir")
+        print(f"warning: {init_dir} is missing; writing it again from model.* (the starting policy has no warm "
+              "start, so it is the same)", file=sys.stderr, flush=True)
+        model.save_pretrained(init_dir)
+        tokenizer.save_pretrained(init_dir)
     if ckpt is None:
         if cfg.warm_start.steps > 0:
             ws = sft_warm_start(model, tokenizer, train_records, cfg.warm_start.steps, cfg.warm_start.lr,
