@@ -26,6 +26,11 @@ class RunError(RuntimeError):
     the CLI prints it as one line and exits with code 1."""
 
 
+class WorkerError(RunError):
+    """A worker failed mid-run: a learner rank died, an engine hung or ran out of restarts, a weight sync
+    could not be verified. The trainer adds the checkpoint the same command resumes from."""
+
+
 # --------------------------------------------------------------------------------------------
 # Generic strict dataclass <-> dict conversion
 # --------------------------------------------------------------------------------------------

@@ -236,6 +236,34 @@ def test_engine_killed_mid_run_is_restarted_and_resynced(cluster, tmp_path, asyn
     assert [r["rollout/policy_lag"] for r in rows[1:]] == ([0.0] + [1.0] * 3 if async_rollout else [0.0] * 4)
 
 
+@pytest.mark.slow
+def test_a_dead_learner_rank_stops_the_run_with_one_line_naming_the_checkpoint(cluster, tmp_path):
+    """Learner ranks share optimizer state and collectives, so a dead one is not restarted alone: the run
+    stops with a RunError (one line, exit 1 from the CLI) naming the checkpoint the same command resumes from."""
+    from alignreg.config import RunError
+    from alignreg.orchestration import ray_groups
+
+    cfg = _cfg(tmp_path, "orchestration=ray", "learner.backend=torch", "ray.learner_ranks=1", "trainer.steps=3",
+               "rollout.engine=hf", "trainer.save_every=1", "eval.every=0")
+    original = ray_groups.RayLearnerGroup.train_step
+
+    def train_step(self, batch, step):
+        if step == 1:  # the second step: step 1 is checkpointed
+            ray.kill(self.actors[0], no_restart=True)
+        return original(self, batch, step)
+
+    ray_groups.RayLearnerGroup.train_step = train_step
+    try:
+        with pytest.raises(RunError) as err:
+            train(cfg)
+    finally:
+        ray_groups.RayLearnerGroup.train_step = original
+    msg = str(err.value)
+    assert "a learner rank's actor died during train_step" in msg and "\n" not in msg, msg
+    assert msg.endswith(f"the latest checkpoint: {tmp_path / 'checkpoints' / 'step_00000001'} (the same command "
+                        "resumes from it)"), msg
+
+
 def _driver(run_dir, address, steps, extra=()):
     args = [f"trainer.run_dir={run_dir}", f"trainer.steps={steps}", "orchestration=ray", f"ray.address={address}",
             "learner.backend=torch", "ray.learner_ranks=1", "trainer.save_every=1", *FAST[:-1], *extra]

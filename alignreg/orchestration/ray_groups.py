@@ -44,7 +44,7 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from alignreg.config import ConfigError, RLConfig
+from alignreg.config import ConfigError, RLConfig, WorkerError
 from alignreg.orchestration.workers import LearnerWorker, RolloutWorker
 from alignreg.rollout.base import RolloutBatch, SamplingParams, weights_checksum
 
@@ -171,6 +171,11 @@ class LearnerActor(LearnerWorker):
         ref = RemoteReference(reference) if reference is not None else None
         LearnerWorker.__init__(self, cfg, model_dir=model_dir, ref_model=ref)
 
+    def export_weights_checked(self, keep: bool) -> tuple[bool, list]:
+        """``(True, export_weights(keep))``, called with ``num_returns=2``: the driver waits on the small
+        first value, so a dead rank 0 is seen without fetching the weights."""
+        return True, self.export_weights(keep)
+
 
 class ReferenceActor:
     """The frozen reference policy in its own actor (``ray.colocate_ref: false``): the learner ranks
@@ -283,7 +288,17 @@ class RayLearnerGroup:
         self.via_shm = False
 
     def _all(self, method: str, *args) -> list:
-        return ray.get([getattr(a, method).remote(*args) for a in self.actors])
+        return self._get([getattr(a, method).remote(*args) for a in self.actors], method)
+
+    def _get(self, refs: list, method: str) -> list:
+        """``ray.get`` of one call per rank (Ray raises at the first failure, without waiting for ranks
+        blocked in a collective with the dead one)."""
+        try:
+            return ray.get(refs)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+            cause = (str(e).strip().splitlines() or [""])[0][:300]
+            raise WorkerError(f"a learner rank's actor died during {method} ({type(e).__name__}: {cause}); the learner "
+                              "ranks share optimizer state and collectives, so one cannot be restarted alone") from None
 
     def _shards(self, n: int) -> list[list[int]]:
         """Row indices of each rank: the r-th slice of every mini-batch."""
@@ -294,7 +309,7 @@ class RayLearnerGroup:
         if len(batch) % self.mini:
             raise ValueError(f"train_step: batch of {len(batch)} rows is not a multiple of the mini-batch {self.mini}")
         parts = [batch.rows(torch.tensor(idx)) for idx in self._shards(len(batch))]
-        return ray.get([a.train_step.remote(p, step) for a, p in zip(self.actors, parts)])[0]
+        return self._get([a.train_step.remote(p, step) for a, p in zip(self.actors, parts)], "train_step")[0]
 
     def export_weights(self) -> RemoteWeights:
         """Full weights of rank 0 (every rank takes part: ZeRO-3 gathers). ``via_shm`` (set by the
@@ -302,9 +317,9 @@ class RayLearnerGroup:
         if self.via_shm:
             specs = self._all("export_to_shm")
             return RemoteWeights(shm_spec=specs[0], node=self.node)
-        refs = [a.export_weights.remote(r == 0) for r, a in enumerate(self.actors)]
-        ray.wait(refs, num_returns=len(refs), fetch_local=False)
-        return RemoteWeights(ref=refs[0], node=self.node)
+        calls = [a.export_weights_checked.options(num_returns=2).remote(r == 0) for r, a in enumerate(self.actors)]
+        self._get([done for done, _ in calls], "export_weights")
+        return RemoteWeights(ref=calls[0][1], node=self.node)
 
     def probe_logprobs(self, prompt_ids: list[int], response_ids: list[int], temperature: float = 1.0) -> list[float]:
         return self._all("probe_logprobs", prompt_ids, response_ids, temperature)[0]
@@ -409,20 +424,28 @@ class RayRolloutGroup:
                 return ray.get(self.actors[i].at_version.remote(self.version, method, *args), timeout=self.cfg.sync.timeout_s)
             except _ENGINE_LOST:
                 self._on_death(i)
+            except ray.exceptions.GetTimeoutError:
+                raise self._hung(i, method) from None
+
+    def _hung(self, i: int, method: str) -> WorkerError:
+        return WorkerError(f"rollout engine {i} did not answer {method} within sync.timeout_s={self.cfg.sync.timeout_s:g} s "
+                           "(a hung engine; raise sync.timeout_s if its calls are legitimately that slow)")
 
     def _on_death(self, i: int) -> None:
         self.restarts += 1
         if self.restarts > self.max_restarts:
-            raise RuntimeError(f"rollout engine {i} died and the ray.max_restarts={self.max_restarts} restarts are used up")
+            raise WorkerError(f"rollout engine {i} died and the ray.max_restarts={self.max_restarts} restarts are used "
+                              "up (raise ray.max_restarts to allow more)")
         log.warning("rollout engine %d died; restart %d/%d: re-sync weights and retry", i, self.restarts, self.max_restarts)
         deadline = time.monotonic() + self.cfg.sync.timeout_s
         while True:  # the restarted actor answers once its __init__ has run again
             try:
                 self.nodes[i] = ray.get(self.actors[i].node_id.remote(), timeout=self.cfg.sync.timeout_s)
                 break
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
                 if time.monotonic() > deadline:
-                    raise
+                    raise WorkerError(f"rollout engine {i} died and did not come back within sync.timeout_s="
+                                      f"{self.cfg.sync.timeout_s:g} s after its restart ({type(e).__name__})") from None
                 time.sleep(0.5)
         if self._last is not None:
             self._load_one(i, self._last)
@@ -453,6 +476,8 @@ class RayRolloutGroup:
             except _ENGINE_LOST:
                 self._on_death(i)
                 res = self._call(i, method, *args)  # the same shard, the same seed
+            except ray.exceptions.GetTimeoutError:
+                raise self._hung(i, method) from None
             out.append((spans[i][0], res))
         return out
 
@@ -482,7 +507,10 @@ class RayRolloutGroup:
             call = ("load_weights_from_spec", weights.shm_spec)
         else:
             call = ("load_weights", weights.ref if weights.ref is not None else ray.put(list(weights)))
-        ray.get(self.actors[i].load_at_version.remote(self.version, *call), timeout=self.cfg.sync.timeout_s)
+        try:
+            ray.get(self.actors[i].load_at_version.remote(self.version, *call), timeout=self.cfg.sync.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise self._hung(i, "load_weights") from None
 
     def _verify(self, i: int, weights: RemoteWeights) -> dict[str, float]:
         if self._probe is None:
@@ -529,7 +557,9 @@ class RayRolloutGroup:
     def weights_checksum(self) -> float:
         sums = [self._call(i, "weights_checksum") for i in range(len(self.actors))]
         if any(not math.isclose(s, sums[0], rel_tol=1e-9, abs_tol=1e-9) for s in sums):
-            raise RuntimeError(f"rollout engines disagree on their weights: checksums {sums}")
+            from alignreg.orchestration.weight_sync import WeightSyncError
+
+            raise WeightSyncError(f"rollout engines disagree on their weights: checksums {sums}")
         return sums[0]
 
     def shutdown(self) -> None:

@@ -23,7 +23,7 @@ from alignreg.algorithms.advantages import compute_advantages
 from alignreg.checkpoint import (CheckpointError, checkpoint_problem, checkpoint_step, latest_checkpoint,
                                  latest_readable_checkpoint, list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
                                  set_rng_state)
-from alignreg.config import (ConfigError, RLConfig, RunError, describe_diff, load_yaml, save_config,
+from alignreg.config import (ConfigError, RLConfig, RunError, WorkerError, describe_diff, load_yaml, save_config,
                              stored_config_diff, to_dict)
 from alignreg.learner.batch import collate
 from alignreg.logging import MetricsLogger, plot_curves
@@ -322,8 +322,15 @@ def train(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = None
         # before anything is logged: a SIGTERM or a first Ctrl-C from then on always ends in a checkpoint
         with GracefulStop() as pre:
             return _loop(run, run_dir, pre)
+    except WorkerError as e:  # a dead learner rank, a hung engine, an unverifiable sync: say where to resume
+        raise RunError(f"{e}. {_resume_hint(run_dir)}") from e
     finally:
         run.close()  # engines, actors, placement groups, the Ray cluster we started
+
+
+def _resume_hint(run_dir: Path) -> str:
+    last = latest_checkpoint(run_dir)
+    return f"Nothing was saved after it; the latest checkpoint: {last or 'none'} (the same command resumes from it)"
 
 
 def _loop(run: Run, run_dir: Path, pre: GracefulStop) -> dict[str, Any]:
@@ -362,9 +369,7 @@ def _loop(run: Run, run_dir: Path, pre: GracefulStop) -> dict[str, Any]:
             try:
                 metrics.update(run.learner.train_step(batch, step))
             except FloatingPointError as e:  # inf/NaN gradients the learner cannot skip (again)
-                last = latest_checkpoint(run_dir)
-                raise RunError(f"{getattr(e, 'cause', e)}. Nothing was saved after it; the latest checkpoint: "
-                               f"{last or 'none'} (the same command resumes from it)") from e
+                raise RunError(f"{getattr(e, 'cause', e)}. {_resume_hint(run_dir)}") from e
             t2 = time.perf_counter()
             if pending is not None:
                 pending[0].result()  # the next batch is complete before the engines' weights change

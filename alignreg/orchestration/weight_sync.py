@@ -33,13 +33,13 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
-from alignreg.config import SyncConfig
+from alignreg.config import SyncConfig, WorkerError
 from alignreg.rollout.base import RolloutBatch, weights_checksum
 
 ALIGN = 64  # byte alignment of each tensor slot (any dtype view is aligned)
 
 
-class WeightSyncError(RuntimeError):
+class WeightSyncError(WorkerError):
     """A weight sync could not be verified: parity probe, checksum or timeout."""
 
 
