@@ -7,7 +7,9 @@ to ``<algo>_<env>_medium.yaml`` with ``data.level`` overridden) plus the sweep's
 ``results.json`` (all runs), ``results.md`` / ``results.csv`` (final normalised score, mean +- std
 over seeds) and ``curves_<env>-<level>.png`` (mean +- std over seeds per algorithm).
 
-``ray_address: local`` starts a local Ray with ``num_cpus``; any other value (``auto``,
+A run that fails does not stop the others: the summary is written from the finished runs, the
+failure's whole error goes to the run's ``error.txt``, and the sweep raises RunError listing the
+failed runs. ``ray_address: local`` starts a local Ray with ``num_cpus``; any other value (``auto``,
 ``ray://head:10001``) joins that cluster (``launch/`` has the cluster scripts). ``backend: serial``
 runs the same tasks in-process without Ray.
 """
@@ -20,7 +22,7 @@ from typing import Literal
 
 import numpy as np
 
-from alignreg.config import ConfigError, _check
+from alignreg.config import ConfigError, RunError, _check
 
 
 @dataclass
@@ -84,8 +86,22 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
                     jobs.append((oc, seed, str(out / algo / f"{env}-{level}" / f"seed{seed}")))
     threads = max(1, int(cfg.cpus_per_task))
     print(f"sweep {cfg.name}: {len(jobs)} runs -> {out}")
+    results, failed = [], []
+
+    def finished(job, get) -> None:  # a failed run does not stop the others; it is reported at the end
+        try:
+            r = get()
+        except Exception as e:  # noqa: BLE001
+            failed.append(_record_failure(job, e))
+            print(f"  [{len(results) + len(failed)}/{len(jobs)}] {failed[-1]}", flush=True)
+            return
+        results.append(r)
+        print(f"  [{len(results) + len(failed)}/{len(jobs)}] {r['algo']} {r['env']}-{r['level']} seed {r['seed']}: "
+              f"score {r['final_score']:.1f}", flush=True)
+
     if cfg.backend == "serial":
-        results = [run_one(oc, s, d, threads) for oc, s, d in jobs]
+        for job in jobs:
+            finished(job, lambda job=job: run_one(job[0], job[1], job[2], threads))
     else:
         import ray
 
@@ -94,17 +110,33 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
         else:
             ray.init(address=cfg.ray_address)
         task = ray.remote(num_cpus=cfg.cpus_per_task)(run_one)
-        refs = [task.remote(oc, s, d, threads) for oc, s, d in jobs]
-        results, pending = [], list(refs)
+        refs = {task.remote(oc, s, d, threads): (oc, s, d) for oc, s, d in jobs}
+        pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            r = ray.get(done[0])
-            results.append(r)
-            print(f"  [{len(results)}/{len(refs)}] {r['algo']} {r['env']}-{r['level']} seed {r['seed']}: "
-                  f"score {r['final_score']:.1f}", flush=True)
+            finished(refs[done[0]], lambda ref=done[0]: ray.get(ref))
         ray.shutdown()
-    write_summary(results, out)
+    if results:
+        write_summary(results, out)
+    if failed:
+        raise RunError(f"{len(failed)} of {len(jobs)} runs failed: {'; '.join(failed)}. The other runs' results are in "
+                       f"{out}; fix the cause and run the sweep again (finished runs are kept, failed ones resume from "
+                       "their checkpoints)")
     return results
+
+
+def _record_failure(job, e: BaseException) -> str:
+    """One line for the sweep's report; the whole error (with a Ray task's remote traceback) goes to the
+    run's ``error.txt``."""
+    import traceback
+
+    oc, seed, out_dir = job
+    cause = getattr(e, "cause", None) or e  # a Ray task error carries the original exception
+    detail = "".join(traceback.format_exception(type(e), e, e.__traceback__)) + (f"\n{e}" if cause is not e else "")
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / "error.txt").write_text(detail)
+    first = (str(cause).strip().splitlines() or [""])[0][:300]
+    return f"{oc.name} seed {seed} FAILED ({type(cause).__name__}: {first}; {Path(out_dir) / 'error.txt'})"
 
 
 def collect_results(out: Path) -> list[dict]:

@@ -4,7 +4,7 @@ import json
 import pytest
 import yaml
 
-from alignreg.config import from_dict
+from alignreg.config import RunError, from_dict
 from alignreg.offline.cli import sweep_main
 from alignreg.offline.sweep import SweepConfig, run_sweep
 
@@ -54,13 +54,28 @@ def test_sweep_config_errors(tmp_path, capsys):
     assert "valid choices: 'ray', 'serial'" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_ray_sweep(tmp_path):
-    pytest.importorskip("ray")  # the ray extra; installed in CI (alignreg[ray])
+def _damage(tmp_path, seed):
+    """A run whose checkpoint was damaged: it fails at once (CheckpointError), the others go on."""
+    run = tmp_path / "sw" / "td3bc" / "hopper-medium" / f"seed{seed}"
+    run.mkdir(parents=True)
+    (run / "checkpoint.pt").write_bytes(b"not a torch file")
+    return run
+
+
+@pytest.mark.parametrize("backend", ["serial", pytest.param("ray", marks=pytest.mark.slow)])
+def test_sweep_finishes_the_other_runs_when_one_fails(tmp_path, backend):
+    if backend == "ray":
+        pytest.importorskip("ray")  # the ray extra; installed in CI (alignreg[ray])
     cdir = write_configs(tmp_path)
-    cfg = from_dict(SweepConfig, {"algos": ["td3bc"], "envs": ["hopper"], "levels": ["medium"], "seeds": [0, 1],
-                                  "config_dir": str(cdir), "out_dir": str(tmp_path / "sw"), "backend": "ray",
+    bad = _damage(tmp_path, 2)
+    cfg = from_dict(SweepConfig, {"algos": ["td3bc"], "envs": ["hopper"], "levels": ["medium"], "seeds": [0, 1, 2],
+                                  "config_dir": str(cdir), "out_dir": str(tmp_path / "sw"), "backend": backend,
                                   "num_cpus": 2, "overrides": ["data.level=random"]})
-    res = run_sweep(cfg)
-    assert sorted(r["seed"] for r in res) == [0, 1]
-    assert json.loads((tmp_path / "sw" / "results.json").read_text())[0]["algo"] == "td3bc"
+    with pytest.raises(RunError, match=r"1 of 3 runs failed: td3bc_hopper_medium seed 2 FAILED \(CheckpointError: .*"
+                                       r"checkpoint.pt is not a readable torch file .*error.txt\)\. The other runs'"):
+        run_sweep(cfg)
+    assert "CheckpointError" in (bad / "error.txt").read_text()
+    assert (bad / "checkpoint.pt").read_bytes() == b"not a torch file"  # left for the user to look at
+    res = json.loads((tmp_path / "sw" / "results.json").read_text())
+    assert sorted(r["seed"] for r in res) == [0, 1] and {r["algo"] for r in res} == {"td3bc"}
+    assert (tmp_path / "sw" / "results.md").read_text().count("±") == 1
