@@ -266,6 +266,12 @@ def _check(cond: bool, msg: str) -> None:
         raise ConfigError(msg)
 
 
+def _at_least(obj: Any, path: str, low: float, *names: str) -> None:
+    """Each field ``names`` of ``obj`` is >= ``low`` (sizes, counts, intervals)."""
+    for n in names:
+        _check(getattr(obj, n) >= low, f"{path}.{n} must be >= {low:g}, got {getattr(obj, n)!r}")
+
+
 # --------------------------------------------------------------------------------------------
 # Coefficient schedules (shared by every regularizer)
 # --------------------------------------------------------------------------------------------
@@ -323,6 +329,7 @@ class ModelConfig:
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
 
     def validate(self, path: str) -> None:
+        _at_least(self, path, 1, "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
         _check(self.hidden_size % self.num_heads == 0, f"{path}.hidden_size must be divisible by num_heads")
         _check(self.num_heads % self.num_kv_heads == 0, f"{path}.num_heads must be divisible by num_kv_heads")
 
@@ -344,6 +351,10 @@ class TaskConfig:
     def validate(self, path: str) -> None:
         _check(self.num_operands >= 1, f"{path}.num_operands must be >= 1")
         _check(self.train_size > 0 and self.eval_size > 0, f"{path}.train_size/eval_size must be > 0")
+        _at_least(self, path, 0, "max_operand")
+        _at_least(self, path, 1, "min_length")
+        _check(self.max_length >= self.min_length, f"{path}.max_length ({self.max_length}) must be >= min_length "
+                                                   f"({self.min_length})")
 
 
 @dataclass
@@ -357,7 +368,10 @@ class RolloutConfig:
     top_k: int = 0  # top-k sampling at rollout time (0 = off)
 
     def validate(self, path: str) -> None:
-        _check(self.group_size >= 1, f"{path}.group_size must be >= 1")
+        _check(self.group_size >= 2, f"{path}.group_size must be >= 2: the advantages (grpo, drgrpo, rloo) compare "
+                                     f"each response with the others of its group, got {self.group_size}")
+        _at_least(self, path, 1, "prompts_per_step", "max_new_tokens")
+        _at_least(self, path, 0, "top_k")
         _check(self.temperature > 0, f"{path}.temperature must be > 0")
         _check(0 < self.top_p <= 1, f"{path}.top_p must be in (0, 1]")
 
@@ -409,7 +423,8 @@ class LearnerConfig:
         _check(self.max_nonfinite_updates >= 0, f"{path}.max_nonfinite_updates must be >= 0")
         _check(self.micro_batch_size > 0, f"{path}.micro_batch_size must be > 0")
         _check(self.ppo_epochs >= 1, f"{path}.ppo_epochs must be >= 1")
-        _check(len(self.betas) == 2, f"{path}.betas must be two numbers")
+        _at_least(self, path, 0, "weight_decay", "grad_clip", "warmup_steps", "mini_batch_size", "chunk_size")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{path}.betas must be two numbers in [0, 1)")
 
 
 @dataclass
@@ -418,6 +433,12 @@ class EvalConfig:
     num_samples: int = 8  # samples per prompt for pass@k (temperature sampling)
     ks: list[int] = field(default_factory=lambda: [1, 4, 8])  # k values of the unbiased pass@k estimator
     temperature: float = 1.0  # sampling temperature for pass@k samples (greedy accuracy is always reported)
+
+    def validate(self, path: str) -> None:
+        _at_least(self, path, 0, "every")
+        _at_least(self, path, 1, "num_samples")
+        _check(self.temperature > 0, f"{path}.temperature must be > 0")
+        _check(all(k >= 1 for k in self.ks), f"{path}.ks must be >= 1 (k of pass@k), got {self.ks}")  # k > num_samples: not reported
 
 
 @dataclass
@@ -433,6 +454,9 @@ class TrainerConfig:
     progress: bool = True  # show a progress bar
     tensorboard: bool = True  # also write TensorBoard event files
     async_rollout: bool = False  # generate step t+1's batch while the learner trains on step t (one-step off-policy: each batch is one policy version stale, its engine log-probs are the behaviour policy's; pair with algorithm.tis_cap)
+
+    def validate(self, path: str) -> None:
+        _at_least(self, path, 0, "steps", "threads", "save_every", "keep_checkpoints", "log_every")
 
 
 @dataclass

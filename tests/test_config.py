@@ -54,6 +54,23 @@ def test_resolved_config_round_trips(tmp_path):
 def test_wrong_types_and_choices_name_the_key():
     with pytest.raises(ConfigError, match=r"config.rollout.group_size: expected an integer, got 'x'"):
         from_dict(RLConfig, {"rollout": {"group_size": "x"}})
+
+
+@pytest.mark.parametrize("section, values, needle", [
+    ("rollout", {"group_size": 1}, "config.rollout.group_size must be >= 2: the advantages"),  # silently all-zero advantages
+    ("rollout", {"prompts_per_step": 0}, "config.rollout.prompts_per_step must be >= 1, got 0"),  # was ZeroDivisionError
+    ("rollout", {"max_new_tokens": 0}, "config.rollout.max_new_tokens must be >= 1, got 0"),  # was a transformers traceback
+    ("model", {"num_heads": 0}, "config.model.num_heads must be >= 1, got 0"),
+    ("task", {"min_length": 5, "max_length": 3}, r"config.task.max_length \(3\) must be >= min_length \(5\)"),
+    ("learner", {"betas": [0.9, 1.0]}, r"config.learner.betas must be two numbers in \[0, 1\)"),
+    ("learner", {"grad_clip": -1.0}, "config.learner.grad_clip must be >= 0, got -1.0"),
+    ("eval", {"ks": [0, 4]}, r"config.eval.ks must be >= 1 \(k of pass@k\), got \[0, 4\]"),
+    ("trainer", {"steps": -1}, "config.trainer.steps must be >= 0, got -1"),  # was a silent run of nothing
+    ("trainer", {"log_every": -2}, "config.trainer.log_every must be >= 0, got -2"),
+])
+def test_out_of_range_values_name_the_key(section, values, needle):
+    with pytest.raises(ConfigError, match=needle):
+        from_dict(RLConfig, {section: values})
     with pytest.raises(ConfigError, match=r"config.trainer.progress: expected true/false"):
         from_dict(RLConfig, {"trainer": {"progress": "yes"}})
     with pytest.raises(ConfigError, match=r"config.deepspeed.zero_stage: 1 is not a valid choice; valid choices: 2, 3"):

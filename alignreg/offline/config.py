@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from alignreg.config import ConfigError, RegularizerConfig, _check
+from alignreg.config import ConfigError, RegularizerConfig, _at_least, _check
 
 Env = Literal["hopper", "halfcheetah", "walker2d"]
 Level = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
@@ -48,6 +48,13 @@ class OfflineLearnerConfig:
         _check(self.policy_freq >= 1, f"{path}.policy_freq must be >= 1")
         _check(self.batch_size >= 1, f"{path}.batch_size must be >= 1")
         _check(0 < self.discount <= 1, f"{path}.discount must be in (0, 1]")
+        _check(0 < self.tau <= 1, f"{path}.tau must be in (0, 1]")
+        _check(self.actor_lr > 0 and self.critic_lr > 0, f"{path}.actor_lr/critic_lr must be > 0")
+        _at_least(self, path, 0, "policy_noise", "noise_clip")
+        for name in ("actor_hidden", "critic_hidden"):
+            widths = getattr(self, name)
+            _check(bool(widths) and all(w >= 1 for w in widths), f"{path}.{name} must be a non-empty list of widths "
+                                                                 f">= 1, got {widths}")
 
 
 @dataclass
@@ -55,6 +62,10 @@ class OfflineEvalConfig:
     every: int = 5000  # evaluate every this many iterations (0 = only at the end)
     episodes: int = 10  # episodes per evaluation (deterministic policy)
     seed: int = 100  # evaluation env seeds are seed + 1000 * eval_index + episode
+
+    def validate(self, path: str) -> None:
+        _at_least(self, path, 0, "every")
+        _at_least(self, path, 1, "episodes")
 
 
 @dataclass
@@ -67,6 +78,10 @@ class OfflineTrainerConfig:
     resume: bool = True  # continue from out_dir/checkpoint.pt when it exists
     threads: int = 1  # torch CPU threads
     progress: bool = True  # tqdm progress bar
+
+    def validate(self, path: str) -> None:
+        _at_least(self, path, 0, "steps", "checkpoint_every")
+        _at_least(self, path, 1, "log_every", "threads")
 
 
 @dataclass

@@ -149,6 +149,13 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert offline_main([str(p), "data.source=d4rl_hdf5", f"data.path={tmp_path}/missing.hdf5"]) == 2
     assert "dataset file does not exist" in capsys.readouterr().err
     assert offline_main([str(tmp_path / "nope.yaml")]) == 2
+    # out-of-range values name the key (trainer.log_every=0 was a ZeroDivisionError mid-run)
+    for override, needle in (("trainer.log_every=0", "config.trainer.log_every must be >= 1, got 0"),
+                             ("eval.episodes=0", "config.eval.episodes must be >= 1, got 0"),
+                             ("learner.actor_hidden=[]", "config.learner.actor_hidden must be a non-empty list"),
+                             ("learner.tau=0", r"config.learner.tau must be in (0, 1]")):
+        assert offline_main([str(p), override]) == 2
+        assert needle in capsys.readouterr().err, override
 
 
 def test_generated_data_is_deterministic_and_d4rl_format(tmp_path):
