@@ -56,6 +56,13 @@ class SFTRunConfig:
     correction_pairs: float = 0.0  # add this fraction (of the train set) of second-turn examples x1 + y1 + instruction -> answer (y1 right or perturbed); teaches the SCoRe episode format
     correction_instruction: str = " check:"  # instruction p_sc of those examples (= score.instruction of the RL run)
 
+    def validate(self, path: str) -> None:
+        from alignreg.config import _at_least, _check
+
+        _check(self.lr > 0, f"{path}.lr must be > 0")
+        _at_least(self, path, 1, "steps", "batch_size", "grad_accum", "max_length", "logging_steps")
+        _at_least(self, path, 0, "warmup_steps", "threads", "save_steps", "keep_checkpoints", "correction_pairs")
+
 
 def sft_records(cfg: SFTRunConfig, tokenizer) -> tuple[list[dict], list[dict]]:
     """``(train, eval)`` ``{"prompt", "completion"}`` pairs for ``cfg.task``."""

@@ -109,3 +109,12 @@ def test_stored_config_diff_shows_real_changes_only():
                                     "warmup_steps: 0} -> 0.1, learner.lr 0.02 -> 0.01")
     stored["model"]["removed_key"] = 1  # a key this schema no longer has: compared where both have keys
     assert [d[0] for d in stored_config_diff(RLConfig, stored, cfg)] == ["regularizers.0.coef", "learner.lr"]
+
+
+def test_sft_out_of_range_values_name_the_key():
+    from alignreg.sft import SFTRunConfig
+
+    with pytest.raises(ConfigError, match="config.batch_size must be >= 1, got 0"):
+        from_dict(SFTRunConfig, {"batch_size": 0})
+    with pytest.raises(ConfigError, match="config.correction_pairs must be >= 0, got -0.5"):
+        from_dict(SFTRunConfig, {"correction_pairs": -0.5})
