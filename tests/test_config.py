@@ -67,6 +67,9 @@ def test_wrong_types_and_choices_name_the_key():
     ("eval", {"ks": [0, 4]}, r"config.eval.ks must be >= 1 \(k of pass@k\), got \[0, 4\]"),
     ("trainer", {"steps": -1}, "config.trainer.steps must be >= 0, got -1"),  # was a silent run of nothing
     ("trainer", {"log_every": -2}, "config.trainer.log_every must be >= 0, got -2"),
+    ("ray", {"num_engines": 0}, "config.ray.num_engines must be >= 1, got 0"),
+    ("vllm", {"gpu_memory_utilization": 1.5}, r"config.vllm.gpu_memory_utilization must be in \(0, 1\]"),
+    ("sync", {"timeout_s": 0}, "config.sync.timeout_s must be > 0"),
 ])
 def test_out_of_range_values_name_the_key(section, values, needle):
     with pytest.raises(ConfigError, match=needle):
