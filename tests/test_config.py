@@ -121,3 +121,12 @@ def test_sft_out_of_range_values_name_the_key():
         from_dict(SFTRunConfig, {"batch_size": 0})
     with pytest.raises(ConfigError, match="config.correction_pairs must be >= 0, got -0.5"):
         from_dict(SFTRunConfig, {"correction_pairs": -0.5})
+
+
+def test_regularizers_listing_shows_every_default(capsys):
+    from alignreg.cli import main
+
+    assert main(["regularizers"]) == 0
+    out = capsys.readouterr().out
+    assert "vae_hidden=[750, 750]" in out and "value_hidden=[256, 256, 256, 256]" in out  # list defaults (factories)
+    assert "MISSING" not in out and "siren" in out and "top_p=0.8" in out

@@ -276,7 +276,10 @@ def build_regularizers(configs: list, path: str = "regularizers", hooks: tuple[s
 
 def params_doc(cls: type) -> str:
     """Field list of a term's Params dataclass (name = default), for docs and error messages."""
-    return ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls.Params))
+    def default(f):
+        return f.default_factory() if f.default is dataclasses.MISSING else f.default  # lists: their factory's value
+
+    return ", ".join(f"{f.name}={default(f)!r}" for f in dataclasses.fields(cls.Params))
 
 
 def k3(d: Tensor, clamp: float = 0.0) -> Tensor:
