@@ -106,7 +106,7 @@ def eval_records(cfg: RLConfig, tokenizer, data: Optional[str], fmt: str, limit:
 
 def eval_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="alignreg eval", description="evaluate a checkpoint: greedy, pass@k, maj@k, self-correction")
-    p.add_argument("checkpoint", help="HF checkpoint or LoRA adapter directory")
+    p.add_argument("checkpoint", help="HF checkpoint, LoRA adapter, or alignreg rl checkpoint (<run_dir>/checkpoints/step_N)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the config (eval.num_samples=16 ...)")
     p.add_argument("--config", default=None, help="experiment YAML (task, math_data, reward, eval, rollout)")
     p.add_argument("--data", default="", help="GSM8K / MATH / prompt-answer file (.jsonl/.json/.parquet): evaluate every record")
@@ -119,7 +119,7 @@ def eval_main(argv: list[str]) -> int:
 
     import torch
 
-    from alignreg.learner.lora import load_any_policy
+    from alignreg.learner.lora import is_training_checkpoint, load_any_policy
     from alignreg.data.math import math_prompt_dataset  # noqa: F401  (registers math rewards and tasks)
     from alignreg.orchestration.workers import RolloutWorker
 
@@ -132,7 +132,14 @@ def eval_main(argv: list[str]) -> int:
     model, tokenizer = load_any_policy(ckpt, getattr(torch, cfg.model.dtype))
     if cfg.rollout.engine == "vllm" and (ckpt / "adapter_config.json").is_file():
         raise ConfigError("eval: rollout.engine=vllm needs a full checkpoint; merge the adapter (alignreg.learner.lora.save_merged)")
-    engine = RolloutWorker(cfg, str(ckpt), args.seed, model=None if cfg.rollout.engine == "vllm" else model, tokenizer=tokenizer)
+    model_dir = str(ckpt)
+    if cfg.rollout.engine == "vllm" and is_training_checkpoint(ckpt):  # vLLM loads an HF directory
+        import tempfile
+
+        model_dir = tempfile.mkdtemp(prefix="alignreg-eval-")
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+    engine = RolloutWorker(cfg, model_dir, args.seed, model=None if cfg.rollout.engine == "vllm" else model, tokenizer=tokenizer)
     records = eval_records(cfg, tokenizer, args.data, args.format, args.limit)
     metrics = evaluate_checkpoint(engine, tokenizer, records, cfg, args.self_correct, args.seed)
     title = f"{ckpt} on {args.data or cfg.task.name} ({len(records)} problems, reward {cfg.task.reward})"
@@ -145,4 +152,8 @@ def eval_main(argv: list[str]) -> int:
     print(f"written: {out / 'eval.md'}, {out / 'eval.json'}")
     if hasattr(engine, "shutdown"):
         engine.shutdown()
+    if model_dir != str(ckpt):
+        import shutil
+
+        shutil.rmtree(model_dir, ignore_errors=True)
     return 0

@@ -1,8 +1,12 @@
 """LoRA: a learner step changes only adapter weights; engines generate with the merged update;
 checkpoints hold the adapter and load back."""
-import torch
+import shutil
 
-from alignreg.config import LoRAConfig, RLConfig, TaskConfig
+import torch
+import yaml
+
+from alignreg.checkpoint import save_checkpoint
+from alignreg.config import LoRAConfig, RLConfig, TaskConfig, to_dict
 from alignreg.data import prompt_dataset
 from alignreg.learner.batch import collate
 from alignreg.learner.lora import apply_lora, is_peft, load_any_policy, merged_weights
@@ -75,6 +79,17 @@ def test_lora_step_changes_only_adapters_and_engine_follows(tmp_path):
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=ids).logits, pm(input_ids=ids).logits, atol=1e-5)
     assert len(ltok) == len(tok)
+
+    # an alignreg rl training checkpoint of a LoRA run (the run's init_policy/ + the learner state, adapters merged)
+    run = tmp_path / "run"
+    shutil.copytree(tmp_path / "init", run / "init_policy")
+    ck = save_checkpoint(run, 2, {"learner": learner.state_dict(), "step": 2},
+                         files={"config.yaml": yaml.safe_dump(to_dict(cfg))})
+    from_ckpt, ctok = load_any_policy(ck)
+    assert not is_peft(from_ckpt) and len(ctok) == len(tok)
+    from_ckpt.eval()
+    with torch.no_grad():
+        assert torch.allclose(from_ckpt(input_ids=ids).logits, pm(input_ids=ids).logits, atol=1e-5)
 
 
 def test_lora_reference_is_the_base_model_without_a_copy(tmp_path):

@@ -49,6 +49,13 @@ def test_run_writes_metrics_plot_checkpoint_and_model(tmp_path):
     assert ckpt is not None and ckpt.name == "step_00000003"
     state = load_checkpoint(ckpt)
     assert state["learner"]["regularizers"]["siren"]["anchor"] == rows[1]["reg/siren/anchor"]
+    # a training checkpoint loads as a policy (alignreg eval step_N): the run's init_policy/ + the learner weights
+    from alignreg.learner.lora import load_any_policy
+
+    policy, _ = load_any_policy(ckpt)
+    final, _ = load_any_policy(tmp_path / "final")
+    for name, w in final.state_dict().items():
+        assert torch.equal(policy.state_dict()[name], w), name
 
 
 def test_resume_continues_exactly_and_skips_a_damaged_checkpoint(tmp_path, capsys):

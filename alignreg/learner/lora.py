@@ -157,17 +157,55 @@ def load_adapter_policy(path: str | Path, dtype: torch.dtype = torch.float32):
     return PeftModel.from_pretrained(model, path, is_trainable=True), tokenizer
 
 
+def load_training_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)`` from an ``alignreg rl`` checkpoint (``<run_dir>/checkpoints/step_N``): the
+    run's ``init_policy/`` (architecture, tokenizer) with the checkpoint's learner weights; a LoRA run's
+    adapters (the ``lora`` section of the checkpoint's config) are merged into the base weights."""
+    import transformers
+
+    from alignreg.checkpoint import load_checkpoint
+    from alignreg.config import ConfigError, LoRAConfig, from_dict, load_yaml
+
+    path = Path(path)
+    run_dir = path.parent.parent
+    init = run_dir / "init_policy"
+    if not (init / "config.json").is_file():
+        raise ConfigError(f"{str(path)!r} is an alignreg rl checkpoint, but its run's {init} (the model's architecture "
+                          "and tokenizer) is missing; evaluate the run's final/ directory, or restore init_policy/")
+    weights = load_checkpoint(path)["learner"]["model"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(init, local_files_only=True, dtype=dtype, attn_implementation="eager")
+    if any("lora_" in k for k in weights):
+        stored = path / "config.yaml" if (path / "config.yaml").is_file() else run_dir / "config.yaml"
+        model = apply_lora(model, from_dict(LoRAConfig, load_yaml(stored).get("lora", {}), path=f"{stored}: lora"))
+        model.load_state_dict(weights)
+        model = model.merge_and_unload()
+    else:
+        model.load_state_dict(weights)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(init, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.to(dtype), tokenizer
+
+
+def is_training_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / "COMPLETE").is_file() and (Path(path) / "state.pt").is_file()
+
+
 def load_any_policy(path: str | Path, dtype: torch.dtype = torch.float32):
-    """``(model, tokenizer)`` from a full HF checkpoint or a LoRA adapter directory."""
+    """``(model, tokenizer)`` from a full HF checkpoint, a LoRA adapter directory or an ``alignreg rl``
+    training checkpoint (``step_N``)."""
     import transformers
 
     path = Path(path)
     if (path / "adapter_config.json").is_file():
         return load_adapter_policy(path, dtype)
+    if is_training_checkpoint(path):
+        return load_training_checkpoint(path, dtype)
     if not (path / "config.json").is_file():
         from alignreg.config import ConfigError
 
-        raise ConfigError(f"{str(path)!r} is neither an HF checkpoint (config.json) nor a LoRA adapter (adapter_config.json)")
+        raise ConfigError(f"{str(path)!r} is neither an HF checkpoint (config.json), a LoRA adapter (adapter_config.json) "
+                          "nor an alignreg rl checkpoint (step_N with COMPLETE and state.pt)")
     model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, attn_implementation="eager")
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     if tokenizer.pad_token is None:
