@@ -248,12 +248,16 @@ def generate_dataset(env_name: str, level: str, size: int, seed: int, out_path: 
     out = Path(out_path).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # unique: concurrent generators never share a temp file
-    with h5py.File(tmp, "w") as f:
-        for k, v in data.items():
-            f.create_dataset(k, data=v)
-        f.attrs.update({"generator": "alignreg", "env": env_name, "env_id": ENV_IDS[env_name], "level": level,
-                        "seed": seed, "size": size, "reference_set": "alignreg-v5",
-                        "behaviour_policies": policy_version(env_name)})
+    try:
+        with h5py.File(tmp, "w") as f:
+            for k, v in data.items():
+                f.create_dataset(k, data=v)
+            f.attrs.update({"generator": "alignreg", "env": env_name, "env_id": ENV_IDS[env_name], "level": level,
+                            "seed": seed, "size": size, "reference_set": "alignreg-v5",
+                            "behaviour_policies": policy_version(env_name)})
+    except BaseException:  # a full disk or Ctrl-C mid-write: no partial file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(out)
     return out
 
