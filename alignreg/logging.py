@@ -29,7 +29,9 @@ class MetricsLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(self.run_dir / "tb"))
+                # a resume hides the events of the steps after the checkpoint that the stopped run had logged
+                purge = None if resume_step is None else resume_step + 1
+                self._tb = SummaryWriter(str(self.run_dir / "tb"), purge_step=purge)
             except Exception as e:  # tensorboard not installed: JSONL still works
                 print(f"warning: TensorBoard logging off ({type(e).__name__}: {e}); install alignreg[viz]", file=sys.stderr)
 

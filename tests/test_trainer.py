@@ -81,6 +81,12 @@ def test_resume_continues_exactly_and_skips_a_damaged_checkpoint(tmp_path, capsy
     err = capsys.readouterr().err
     assert "step_00000003 is unreadable" in err and "metrics.jsonl:5 is not a JSON line" in err
     assert (split / "metrics.jsonl.before_resume").read_text() == before
+    # TensorBoard shows each step once: the resume purged step 3 of the first run (it was logged, then set aside)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(split / "tb"))
+    tb.Reload()
+    assert [e.step for e in tb.Scalars("policy/pg_loss")] == [1, 2, 3, 4]
     a, b = _rows(straight), _rows(split)
     assert a == b
     wa = load_checkpoint(latest_checkpoint(straight))["learner"]["model"]
