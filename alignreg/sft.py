@@ -153,7 +153,15 @@ def _stop_callback(stop):
 def run_sft(cfg: SFTRunConfig, callbacks: tuple = ()) -> dict:
     """Train (or resume) and save; returns a summary (also ``output_dir/sft_summary.json``).
     ``callbacks``: extra ``transformers.TrainerCallback``s. After SIGTERM / Ctrl-C the summary has
-    ``"stopped"`` (the signal) and the checkpoint; the model is not exported until the run completes."""
+    ``"stopped"`` (the signal) and the checkpoint; the model is not exported until the run completes.
+    One process per ``output_dir`` (:class:`~alignreg.runlock.RunLock`)."""
+    from alignreg.runlock import RunLock
+
+    with RunLock(cfg.output_dir, key="output_dir"):
+        return _run_sft(cfg, callbacks)
+
+
+def _run_sft(cfg: SFTRunConfig, callbacks: tuple) -> dict:
     import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer

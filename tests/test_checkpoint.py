@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import zipfile
 
 import pytest
@@ -133,3 +134,34 @@ def test_a_full_disk_is_one_line_from_the_cli(monkeypatch, capsys):
     err = capsys.readouterr().err.strip()
     assert err == ("error: No space left on device writing '/runs/x/metrics.jsonl'; make room and run the same "
                    "command again (a run resumes from its last complete checkpoint)")
+
+
+def test_a_run_directory_in_use_by_another_process_is_refused_before_anything_is_written(tmp_path):
+    import subprocess
+    import sys
+
+    from alignreg.config import RLConfig, RunError, from_dict
+    from alignreg.offline.config import OfflineConfig
+    from alignreg.offline.train import train as offline_train
+    from alignreg.orchestration.trainer import train
+    from alignreg.runlock import RunLock
+    from alignreg.sft import SFTRunConfig, run_sft
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from alignreg.runlock import RunLock\n"
+                               f"with RunLock({str(tmp_path)!r}):\n    print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunError, match=rf"trainer.run_dir '{tmp_path}' is in use by another alignreg run \(pid "
+                                           rf"{holder.pid} on .*\); wait for it to end or stop it"):
+            train(from_dict(RLConfig, {"trainer": {"run_dir": str(tmp_path)}}))
+        with pytest.raises(RunError, match=rf"trainer.out_dir '{tmp_path}' is in use .*pid {holder.pid}"):
+            offline_train(from_dict(OfflineConfig, {}), tmp_path)
+        with pytest.raises(RunError, match=rf"output_dir '{tmp_path}' is in use .*pid {holder.pid}"):
+            run_sft(from_dict(SFTRunConfig, {"output_dir": str(tmp_path)}))
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]  # nothing else was written
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunLock(tmp_path):  # released by the kernel when its holder died (killed: no stale lock)
+        assert f"pid {os.getpid()} " in (tmp_path / ".lock").read_text()

@@ -22,6 +22,7 @@ from alignreg.logging import truncate_jsonl
 from alignreg.offline.batch import OfflineSetup
 from alignreg.offline.config import OfflineConfig, OfflineDataConfig
 from alignreg.offline.datasets import OfflineData, qlearning_dataset, read_d4rl_hdf5, read_minari
+from alignreg.runlock import RunLock
 from alignreg.stop import GracefulStop
 
 
@@ -139,7 +140,13 @@ def train(cfg: OfflineConfig, out_dir: str | Path, log=print, handle_signals: bo
 
     ``handle_signals``: SIGTERM or a first Ctrl-C finishes the current iteration, writes the checkpoint and
     returns ``{"stopped": <signal>, "steps": ...}`` without a final evaluation (``alignreg.stop``); sweeps
-    running as Ray tasks pass False and leave the signals to Ray."""
+    running as Ray tasks pass False and leave the signals to Ray. One process per ``out_dir``
+    (:class:`~alignreg.runlock.RunLock`)."""
+    with RunLock(out_dir, key="trainer.out_dir"):
+        return _train(cfg, out_dir, log, handle_signals)
+
+
+def _train(cfg: OfflineConfig, out_dir: str | Path, log, handle_signals: bool) -> dict:
     T = cfg.trainer
     torch.set_num_threads(T.threads)
     out = Path(out_dir)

@@ -28,6 +28,7 @@ from alignreg.config import (ConfigError, RLConfig, RunError, WorkerError, descr
 from alignreg.learner.batch import collate
 from alignreg.logging import MetricsLogger, plot_curves
 from alignreg.regularizers.base import RegularizerSet, build_regularizers
+from alignreg.runlock import RunLock
 from alignreg.stop import GracefulStop
 from alignreg.rollout.base import SamplingParams
 
@@ -304,7 +305,13 @@ def save_run(run: Run, step: int, prompts_state: Optional[dict] = None) -> Path:
 def train(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = None) -> dict[str, Any]:
     """Run (or resume) a training run; returns a summary also written to ``summary.json``.
 
-    ``resources``: custom Ray resources per actor role (``build_run``)."""
+    ``resources``: custom Ray resources per actor role (``build_run``). One process per run directory
+    (:class:`~alignreg.runlock.RunLock`)."""
+    with RunLock(cfg.trainer.run_dir):
+        return _train(cfg, resources)
+
+
+def _train(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]]) -> dict[str, Any]:
     run_dir = Path(cfg.trainer.run_dir)
     ckpt = _resolve_resume(cfg)
     changed = check_resume_config(cfg, ckpt) if ckpt is not None else []
