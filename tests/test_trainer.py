@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -236,6 +237,26 @@ def test_async_rollout_trains_one_step_stale_batches_and_resumes_with_the_same_p
     ck_s = load_checkpoint(sync_dir / "checkpoints" / "step_00000002")
     ck_a = load_checkpoint(async_dir / "checkpoints" / "step_00000002")
     assert ck_a["prompts"] == ck_s["prompts"]
+
+
+def test_an_unreachable_ray_address_is_a_config_error_in_seconds(tmp_path):
+    """ray.init would retry a dead address for minutes; the trainer checks it first and writes nothing."""
+    import socket
+
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():  # a driver already connected ignores ray.address
+        ray.shutdown()
+
+    with socket.socket() as s:  # a port with no listener
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match=rf"ray.address: no Ray cluster answers at 127.0.0.1:{port} \(Connection refused\)"):
+        train(_cfg(tmp_path, "orchestration=ray", f"ray.address=127.0.0.1:{port}", "rollout.engine=hf"))
+    assert time.monotonic() - t0 < 30
+    assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "init_policy").exists()
+    with pytest.raises(ConfigError, match="'nohost' is not host:port, ray://host:port, auto or empty"):
+        train(_cfg(tmp_path, "orchestration=ray", "ray.address=nohost"))
 
 
 def _cli(*args, cwd=ROOT):

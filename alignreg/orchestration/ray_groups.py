@@ -102,6 +102,7 @@ class RayCluster:
             self.bundles["reference"] = [self._bundle(rc.num_cpus_per_actor, rc.num_gpus_per_learner, extra.get("reference", {}))]
         self.started = not ray.is_initialized()
         if self.started:
+            check_reachable(rc.address)
             env = {"PYTHONPATH": os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p),
                    "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(cfg.trainer.threads, 1))}
             ray.init(address=rc.address or "local", include_dashboard=False, logging_level=logging.WARNING,
@@ -345,6 +346,25 @@ class RayLearnerGroup:
         if self.reference is not None:
             ray.kill(self.reference)
             self.reference = None
+
+
+def check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """ConfigError when ``ray.address`` names a host:port (or ``ray://host:port``) that accepts no TCP
+    connection: ``ray.init`` would retry for minutes before failing. "", "local" and "auto" pass."""
+    import socket
+
+    if address in ("", "local", "auto"):
+        return
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ConfigError(f"ray.address: {address!r} is not host:port, ray://host:port, auto or empty (a new local cluster)")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(f"ray.address: no Ray cluster answers at {hostport} ({e.strerror or e}); start one there "
+                          "(ray start --head, launch/), use ray.address=auto for the one on this machine, or leave "
+                          "it empty for a new local cluster") from None
 
 
 # ------------------------------------------------------------------------------------------ engines

@@ -315,6 +315,13 @@ def _train(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]]) -> d
     run_dir = Path(cfg.trainer.run_dir)
     ckpt = _resolve_resume(cfg)
     changed = check_resume_config(cfg, ckpt) if ckpt is not None else []
+    if cfg.orchestration == "ray":  # an unreachable ray.address fails here, not after minutes of retries
+        import ray
+
+        from alignreg.orchestration.ray_groups import check_reachable
+
+        if not ray.is_initialized():
+            check_reachable(cfg.ray.address)
     run_dir.mkdir(parents=True, exist_ok=True)
     if changed:  # the config that trained the steps so far stays next to the new one
         kept = run_dir / f"config.{ckpt.name}.yaml"
