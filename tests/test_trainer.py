@@ -255,7 +255,7 @@ def test_an_unreachable_ray_address_is_a_config_error_in_seconds(tmp_path):
         train(_cfg(tmp_path, "orchestration=ray", f"ray.address=127.0.0.1:{port}", "rollout.engine=hf"))
     assert time.monotonic() - t0 < 30
     assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "init_policy").exists()
-    with pytest.raises(ConfigError, match="'nohost' is not host:port, ray://host:port, auto or empty"):
+    with pytest.raises(ConfigError, match=r"'nohost' is not host:port, ray://host:port or auto; ray.address= \(empty\) starts"):
         train(_cfg(tmp_path, "orchestration=ray", "ray.address=nohost"))
 
 

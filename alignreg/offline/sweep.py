@@ -108,6 +108,9 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
         if cfg.ray_address == "local":
             ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=False, log_to_driver=False)  # always a new local instance
         else:
+            from alignreg.orchestration.ray_groups import check_reachable
+
+            check_reachable(cfg.ray_address, key="ray_address", local="ray_address=local")  # seconds, where ray.init would retry for minutes
             ray.init(address=cfg.ray_address)
         task = ray.remote(num_cpus=cfg.cpus_per_task)(run_one)
         refs = {task.remote(oc, s, d, threads): (oc, s, d) for oc, s, d in jobs}

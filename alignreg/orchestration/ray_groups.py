@@ -348,7 +348,8 @@ class RayLearnerGroup:
             self.reference = None
 
 
-def check_reachable(address: str, timeout_s: float = 10.0) -> None:
+def check_reachable(address: str, key: str = "ray.address", local: str = "ray.address= (empty)",
+                    timeout_s: float = 10.0) -> None:
     """ConfigError when ``ray.address`` names a host:port (or ``ray://host:port``) that accepts no TCP
     connection: ``ray.init`` would retry for minutes before failing. "", "local" and "auto" pass."""
     import socket
@@ -358,13 +359,13 @@ def check_reachable(address: str, timeout_s: float = 10.0) -> None:
     hostport = address.removeprefix("ray://")
     host, sep, port = hostport.rpartition(":")
     if not sep or not port.isdigit():
-        raise ConfigError(f"ray.address: {address!r} is not host:port, ray://host:port, auto or empty (a new local cluster)")
+        raise ConfigError(f"{key}: {address!r} is not host:port, ray://host:port or auto; {local} starts a new local cluster")
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as e:
-        raise ConfigError(f"ray.address: no Ray cluster answers at {hostport} ({e.strerror or e}); start one there "
-                          "(ray start --head, launch/), use ray.address=auto for the one on this machine, or leave "
-                          "it empty for a new local cluster") from None
+        raise ConfigError(f"{key}: no Ray cluster answers at {hostport} ({e.strerror or e}); start one there "
+                          f"(ray start --head, launch/), use {key}=auto for the one on this machine, or {local} for a "
+                          "new local cluster") from None
 
 
 # ------------------------------------------------------------------------------------------ engines
