@@ -239,7 +239,7 @@ def test_async_rollout_trains_one_step_stale_batches_and_resumes_with_the_same_p
     assert ck_a["prompts"] == ck_s["prompts"]
 
 
-def test_an_unreachable_ray_address_is_a_config_error_in_seconds(tmp_path):
+def test_an_unreachable_ray_address_is_a_config_error_in_seconds(tmp_path, monkeypatch):
     """ray.init would retry a dead address for minutes; the trainer checks it first and writes nothing."""
     import socket
 
@@ -257,6 +257,10 @@ def test_an_unreachable_ray_address_is_a_config_error_in_seconds(tmp_path):
     assert not (tmp_path / "config.yaml").exists() and not (tmp_path / "init_policy").exists()
     with pytest.raises(ConfigError, match=r"'nohost' is not host:port, ray://host:port or auto; ray.address= \(empty\) starts"):
         train(_cfg(tmp_path, "orchestration=ray", "ray.address=nohost"))
+    # auto: the address Ray would pick (here RAY_ADDRESS; else the possibly stale record of the last `ray start`)
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    with pytest.raises(ConfigError, match=rf"no Ray cluster answers at 127.0.0.1:{port}"):
+        train(_cfg(tmp_path, "orchestration=ray", "ray.address=auto", "rollout.engine=hf"))
 
 
 def _cli(*args, cwd=ROOT):

@@ -351,11 +351,26 @@ class RayLearnerGroup:
 def check_reachable(address: str, key: str = "ray.address", local: str = "ray.address= (empty)",
                     timeout_s: float = 10.0) -> None:
     """ConfigError when ``ray.address`` names a host:port (or ``ray://host:port``) that accepts no TCP
-    connection: ``ray.init`` would retry for minutes before failing. "", "local" and "auto" pass."""
+    connection: ``ray.init`` would retry for minutes before failing. For "auto", the address Ray would
+    pick (``RAY_ADDRESS``, else the last ``ray start`` recorded in Ray's temp dir, possibly stale) is
+    checked. "" and "local" (a new local cluster) pass."""
     import socket
 
-    if address in ("", "local", "auto"):
+    if address in ("", "local"):
         return
+    if address == "auto":
+        try:
+            from ray._private.services import get_ray_address_from_environment  # how ray.init resolves "auto"
+
+            resolved = get_ray_address_from_environment("auto", None)
+        except ConnectionError:
+            raise ConfigError(f"{key}=auto: no Ray cluster is running on this machine; start one (ray start --head, "
+                              f"launch/), or {local} for a new local cluster") from None
+        except (ImportError, AttributeError, TypeError):  # another Ray version: leave it to ray.init
+            return
+        if resolved in (None, "auto"):
+            return
+        address = resolved
     hostport = address.removeprefix("ray://")
     host, sep, port = hostport.rpartition(":")
     if not sep or not port.isdigit():
