@@ -371,6 +371,8 @@ def check_reachable(address: str, key: str = "ray.address", local: str = "ray.ad
         if resolved in (None, "auto"):
             return
         address = resolved
+    if "://" in address and not address.startswith("ray://"):  # another scheme (a job server URL): Ray's to judge
+        return
     hostport = address.removeprefix("ray://")
     host, sep, port = hostport.rpartition(":")
     if not sep or not port.isdigit():
