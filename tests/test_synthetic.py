@@ -87,3 +87,7 @@ def test_prompt_iterator_resume_equals_uninterrupted():
     assert PromptIterator(records, 4, seed=4).next_batch() != PromptIterator(records, 4, seed=3).next_batch()
     with pytest.raises(ValueError, match="records"):
         PromptIterator(records[:5], 4, seed=3).load_state_dict(state)
+    edited = [dict(r) for r in records]
+    edited[7]["answer"] = "42"  # same count, a record edited in place
+    with pytest.raises(ValueError, match=r"the training prompts changed since the checkpoint \(same 10 records"):
+        PromptIterator(edited, 4, seed=3).load_state_dict(state)

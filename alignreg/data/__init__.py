@@ -100,16 +100,32 @@ class PromptIterator:
         while True:
             yield self.next_batch()
 
+    def fingerprint(self) -> str:
+        """SHA-256 of the records in order (a data file edited in place changes it); computed once."""
+        if getattr(self, "_fingerprint", None) is None:
+            import hashlib
+            import json
+
+            h = hashlib.sha256()
+            for r in self.records:
+                h.update(json.dumps(r, sort_keys=True, default=str).encode())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed,
-                "num_records": len(self.records)}
+                "num_records": len(self.records), "fingerprint": self.fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a position; refuses a checkpoint taken over a different dataset or seed."""
+        from alignreg.config import ConfigError
+
+        fix = ("restore the prompt data the run was started with, or start a new run in another trainer.run_dir")
         if state["num_records"] != len(self.records) or state["seed"] != self.seed:
-            raise ValueError(
-                f"prompt iterator state is for {state['num_records']} records / seed {state['seed']}, "
-                f"but this dataset has {len(self.records)} records / seed {self.seed}"
-            )
+            raise ConfigError(f"the checkpoint's prompt stream is over {state['num_records']} records / seed "
+                              f"{state['seed']}, this run's over {len(self.records)} records / seed {self.seed}; {fix}")
+        if state.get("fingerprint", self.fingerprint()) != self.fingerprint():  # older checkpoints: count only
+            raise ConfigError(f"the training prompts changed since the checkpoint (same {len(self.records)} records, "
+                              f"other content: a data file edited in place?); {fix}")
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
         self._order = self._permutation(self.epoch)

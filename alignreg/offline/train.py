@@ -135,6 +135,18 @@ def _check_resume(cfg: OfflineConfig, state: dict, ckpt: Path) -> None:
                           "trainer.out_dir")
 
 
+def data_fingerprint(transitions: dict) -> str:
+    """SHA-256 of the transitions' arrays (keys sorted): a resume refuses data other than the run's."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k in sorted(transitions):
+        a = np.ascontiguousarray(transitions[k])
+        h.update(f"{k}{a.dtype}{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()[:16]
+
+
 def train(cfg: OfflineConfig, out_dir: str | Path, log=print, handle_signals: bool = True) -> dict:
     """Train (or resume) one offline run into ``out_dir``; returns the results (also ``results.json``).
 
@@ -163,6 +175,11 @@ def _train(cfg: OfflineConfig, out_dir: str | Path, log, handle_signals: bool) -
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
     transitions, ref = load_transitions(cfg.data, log)
+    fingerprint = data_fingerprint(transitions)
+    if state is not None and state.get("data_fingerprint", fingerprint) != fingerprint:  # older checkpoints: none
+        raise ConfigError(f"the dataset changed since {ckpt} was written (same data settings, other transitions: "
+                          f"a file at data.path replaced or edited?); restore the data the run was trained on, or "
+                          "start a new run in another trainer.out_dir")
     data = OfflineData(transitions, normalize=cfg.data.normalize_states)
     torch.manual_seed(T.seed)
     learner = build_learner(cfg, data.state_dim, data.action_dim)
@@ -201,7 +218,7 @@ def _train(cfg: OfflineConfig, out_dir: str | Path, log, handle_signals: bool) -
 
     def save() -> None:  # ``acc``: a resume between two metrics lines averages the same iterations
         _atomic_save({"learner": learner.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
-                      "evals": evals, "acc": dict(acc), "config": to_dict(cfg)}, ckpt)
+                      "evals": evals, "acc": dict(acc), "config": to_dict(cfg), "data_fingerprint": fingerprint}, ckpt)
 
     t0, start = time.time(), learner.it
     bar = tqdm(range(learner.it, T.steps), initial=learner.it, total=T.steps, disable=not T.progress,

@@ -123,6 +123,13 @@ def test_resume_refuses_other_settings_and_damaged_checkpoints_and_resume_false_
               log=lambda *a: None)
     assert (tmp_path / "run" / "results.json").read_text() == saved
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    # the data file edited in place (same settings, other transitions): the resume refuses it
+    with h5py.File(d["data"]["path"], "r+") as f:
+        f["rewards"][0] += 1.0
+    with pytest.raises(ConfigError, match=r"the dataset changed since .*checkpoint.pt was written"):
+        train(from_dict(OfflineConfig, {**d, "trainer": {**d["trainer"], "steps": 100}}), tmp_path / "run",
+              log=lambda *a: None)
+    assert (tmp_path / "run" / "results.json").read_text() == saved
     # a damaged checkpoint (bytes flipped after it was written) is never loaded, and nothing is overwritten
     from alignreg.checkpoint import CheckpointError
     from tests.test_checkpoint import flip_tensor_bytes
