@@ -93,12 +93,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
         where = f" writing {e.filename!r}" if e.filename else ""
-        print(f"error: {e.strerror}{where}; make room and run the same command again (a run resumes from its "
-              "last complete checkpoint)", file=sys.stderr)
-        return 1
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"error: {e.strerror}{where}; make room and run the same command again (a run resumes from its "
+                  "last complete checkpoint)", file=sys.stderr)
+            return 1
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            print(f"error: {e.strerror}: {e.filename!r}; check its permissions, or use paths you can read and write "
+                  "(for outputs: trainer.run_dir / trainer.out_dir / output_dir / --out)", file=sys.stderr)
+            return 1
+        raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -135,6 +135,13 @@ def test_a_full_disk_is_one_line_from_the_cli(monkeypatch, capsys):
     assert err == ("error: No space left on device writing '/runs/x/metrics.jsonl'; make room and run the same "
                    "command again (a run resumes from its last complete checkpoint)")
 
+    def denied(argv):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/shared/runs/x")
+
+    monkeypatch.setitem(cli.COMMANDS, "rl", denied)
+    assert cli.main(["rl", "c.yaml"]) == 1
+    assert capsys.readouterr().err.startswith("error: Permission denied: '/shared/runs/x'; check its permissions")
+
 
 def test_a_run_directory_in_use_by_another_process_is_refused_before_anything_is_written(tmp_path):
     import subprocess
