@@ -448,7 +448,7 @@ class TrainerConfig:
     threads: int = 0  # torch intra-op CPU threads (0 = torch's default); 1 is fastest for tiny models on few cores
     run_dir: str = "runs/default"  # output directory (config, metrics, checkpoints, plots)
     save_every: int = 0  # checkpoint every N steps (0 = only at the end)
-    keep_checkpoints: int = 2  # number of most recent checkpoints kept
+    keep_checkpoints: int = 2  # number of most recent checkpoints kept (0 = all)
     resume: str = "auto"  # "auto": continue from the latest complete checkpoint in run_dir; "never"; or a checkpoint path
     log_every: int = 1  # write metrics every N steps
     progress: bool = True  # show a progress bar

@@ -51,7 +51,7 @@ class SFTRunConfig:
     output_dir: str = "runs/sft"  # checkpoint directory that alignreg rl model.path points to
     logging_steps: int = 10  # log the loss every N steps
     save_steps: int = 0  # TRL checkpoint in output_dir/trl every N steps (0 = none; SIGTERM / Ctrl-C still write one)
-    keep_checkpoints: int = 2  # most recent TRL checkpoints kept
+    keep_checkpoints: int = 2  # most recent TRL checkpoints kept (0 = all)
     resume: bool = True  # continue from the latest checkpoint in output_dir/trl when there is one
     correction_pairs: float = 0.0  # add this fraction (of the train set) of second-turn examples x1 + y1 + instruction -> answer (y1 right or perturbed); teaches the SCoRe episode format
     correction_instruction: str = " check:"  # instruction p_sc of those examples (= score.instruction of the RL run)
