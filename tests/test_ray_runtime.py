@@ -314,11 +314,14 @@ def test_missing_resources_are_one_line_config_error(cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ray_nodes_learners_and_engine_on_different_nodes(tmp_path):
+def test_two_ray_nodes_learners_and_engine_on_different_nodes(tmp_path, monkeypatch):
     """``ray start --head`` (node A, resource node_a) + ``ray start --address`` (node B, node_b):
     the learner rank is pinned to A and the engine to B by custom resources."""
     ray_bin = str(Path(sys.executable).parent / "ray")
     port = _free_port()
+    # `ray start` turns token auth on by itself when ~/.ray/auth_token exists (left by an earlier token-auth
+    # cluster on this machine) while ray.init clients stay off: pin one mode for the nodes and every client
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     if ray.is_initialized():
         ray.shutdown()
