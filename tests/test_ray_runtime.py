@@ -384,3 +384,36 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_token_auth_cluster_without_the_token_is_a_clear_config_error(tmp_path, monkeypatch):
+    """A cluster started with token authentication, a driver without the token: one line saying how to pass it
+    (ray.init's own error is a ConnectionError after retries)."""
+    import secrets
+
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    port = _free_port()
+    if ray.is_initialized():
+        ray.shutdown()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    log = open(tmp_path / "ray_start.log", "w")
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
+                             "--include-dashboard=false", "--disable-usage-stats"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and "--block" not in (tmp_path / "ray_start.log").read_text():
+            time.sleep(0.5)  # `ray start` prints its --block notice once the head is up
+        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+        monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.ray/auth_token of this machine
+        with pytest.raises(ConfigError, match=r"requires token authentication .* set RAY_AUTH_MODE=token"):
+            train(_cfg(tmp_path / "run", "orchestration=ray", f"ray.address=127.0.0.1:{port}", "rollout.engine=hf"))
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)

@@ -105,8 +105,12 @@ class RayCluster:
             check_reachable(rc.address)
             env = {"PYTHONPATH": os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p),
                    "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(cfg.trainer.threads, 1))}
-            ray.init(address=rc.address or "local", include_dashboard=False, logging_level=logging.WARNING,
-                     log_to_driver=os.environ.get("ALIGNREG_RAY_LOGS", "0") == "1", runtime_env={"env_vars": env})
+            try:
+                ray.init(address=rc.address or "local", include_dashboard=False, logging_level=logging.WARNING,
+                         log_to_driver=os.environ.get("ALIGNREG_RAY_LOGS", "0") == "1", runtime_env={"env_vars": env})
+            except Exception as e:  # noqa: BLE001
+                _raise_if_auth(e, rc.address)
+                raise
         try:
             nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
             check_resources(self.bundles, ray.cluster_resources(), nodes)
@@ -346,6 +350,18 @@ class RayLearnerGroup:
         if self.reference is not None:
             ray.kill(self.reference)
             self.reference = None
+
+
+def _raise_if_auth(e: BaseException, address: str) -> None:
+    """A cluster with token authentication refused this driver: say how to pass the token."""
+    while e is not None:
+        # the AuthenticationError reaches ray.init's ConnectionError as text inside its RuntimeError cause
+        if isinstance(e, ray.exceptions.AuthenticationError) or "InvalidAuthToken" in str(e):
+            raise ConfigError(f"ray.address: the Ray cluster at {address or 'auto'} requires token authentication and "
+                              "this process has no matching token; set RAY_AUTH_MODE=token and the cluster's token "
+                              "(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), as launch/ray_env.sh does. "
+                              "(`ray start` turns token auth on by itself when ~/.ray/auth_token exists)") from None
+        e = e.__cause__ or e.__context__
 
 
 def check_reachable(address: str, key: str = "ray.address", local: str = "ray.address= (empty)",
