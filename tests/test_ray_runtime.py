@@ -314,15 +314,17 @@ def test_missing_resources_are_one_line_config_error(cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ray_nodes_learners_and_engine_on_different_nodes(tmp_path, monkeypatch):
+def test_two_ray_nodes_learners_and_engine_on_different_nodes(tmp_path):
     """``ray start --head`` (node A, resource node_a) + ``ray start --address`` (node B, node_b):
     the learner rank is pinned to A and the engine to B by custom resources."""
     ray_bin = str(Path(sys.executable).parent / "ray")
     port = _free_port()
-    # `ray start` turns token auth on by itself when ~/.ray/auth_token exists (left by an earlier token-auth
-    # cluster on this machine) while ray.init clients stay off: pin one mode for the nodes and every client
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # `ray start` turns token auth on by itself when RAY_AUTH_MODE is unset and ~/.ray/auth_token exists; this
+    # process (the driver) fixed its mode when Ray first read it: start the nodes and the probe in the same mode
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    mode = "token" if get_authentication_mode() == AuthenticationMode.TOKEN else "disabled"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": mode}
     if ray.is_initialized():
         ray.shutdown()
     nodes = []  # `ray start --block` in its own session: stopping it (by its process group) stops its node
@@ -332,7 +334,7 @@ def test_two_ray_nodes_learners_and_engine_on_different_nodes(tmp_path, monkeypa
             log = open(tmp_path / f"ray_start_{len(nodes)}.log", "w")  # the reason, if a node does not come up
             nodes.append(subprocess.Popen([ray_bin, "start", "--block", "--num-cpus=2", "--disable-usage-stats", *args],
                                           env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
-            _wait_for_nodes(f"127.0.0.1:{port}", len(nodes), tmp_path)
+            _wait_for_nodes(f"127.0.0.1:{port}", len(nodes), tmp_path, env)
         cfg = load_config(RLConfig, DEMO, FAST + [f"trainer.run_dir={tmp_path}", "orchestration=ray",
                                                   f"ray.address=127.0.0.1:{port}", "rollout.engine=hf",
                                                   "learner.backend=torch", "ray.learner_ranks=1", "trainer.steps=2"])
@@ -366,11 +368,11 @@ def test_two_ray_nodes_learners_and_engine_on_different_nodes(tmp_path, monkeypa
                 os.killpg(p.pid, signal.SIGKILL)
 
 
-def _wait_for_nodes(address: str, n: int, logs: Path, timeout: float = 180.0) -> None:
+def _wait_for_nodes(address: str, n: int, logs: Path, env: dict, timeout: float = 180.0) -> None:
     code = f"import ray; ray.init(address={address!r}, logging_level='ERROR'); print(len([x for x in ray.nodes() if x['Alive']]))"
     deadline = time.time() + timeout
     while time.time() < deadline:
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
         if r.returncode == 0 and r.stdout.strip().splitlines()[-1:] == [str(n)]:
             return
         time.sleep(1)
