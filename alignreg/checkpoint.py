@@ -152,13 +152,27 @@ def latest_readable_checkpoint(run_dir: str | Path, warn) -> Optional[Path]:
     return None
 
 
-def load_checkpoint(path: str | Path, checked: bool = False) -> dict:
-    """The state in checkpoint ``path``; ``checked``: :func:`checkpoint_problem` already found none."""
+def require_resumable(path: str | Path, prefix: str = "") -> None:
+    """CheckpointError (its message starting with ``prefix``) when :func:`checkpoint_problem` finds one."""
     path = Path(path)
-    problem = None if checked else checkpoint_problem(path) if path.is_dir() else "it is not a directory"
+    problem = checkpoint_problem(path) if path.is_dir() else "it is not a directory"
     if problem is not None:
-        raise CheckpointError(f"checkpoint {str(path)!r} cannot be resumed from: {problem}. Pass another step_* "
-                              "directory, or trainer.resume=auto (which sets damaged checkpoints aside)")
+        raise CheckpointError(f"{prefix}checkpoint {str(path)!r} cannot be resumed from: {problem}. Pass another "
+                              "step_* directory, or trainer.resume=auto (which sets damaged checkpoints aside)")
+
+
+def checkpoint_config(path: str | Path) -> Path:
+    """The config that wrote checkpoint ``path``: its own ``config.yaml``, or for checkpoints written
+    before they carried one, the run directory's."""
+    path = Path(path)
+    return path / "config.yaml" if (path / "config.yaml").is_file() else path.parent.parent / "config.yaml"
+
+
+def load_checkpoint(path: str | Path, checked: bool = False) -> dict:
+    """The state in checkpoint ``path``; ``checked``: :func:`require_resumable` has passed already."""
+    path = Path(path)
+    if not checked:
+        require_resumable(path)
     return read_state(path / "state.pt", verify=False,
                       fix="rename that checkpoint directory (e.g. to <name>.unreadable) and run again to resume from "
                           "the checkpoint before it")

@@ -163,7 +163,7 @@ def load_training_checkpoint(path: str | Path, dtype: torch.dtype = torch.float3
     adapters (the ``lora`` section of the checkpoint's config) are merged into the base weights."""
     import transformers
 
-    from alignreg.checkpoint import load_checkpoint
+    from alignreg.checkpoint import checkpoint_config, load_checkpoint
     from alignreg.config import ConfigError, LoRAConfig, from_dict, load_yaml
 
     path = Path(path)
@@ -175,7 +175,7 @@ def load_training_checkpoint(path: str | Path, dtype: torch.dtype = torch.float3
     weights = load_checkpoint(path)["learner"]["model"]
     model = transformers.AutoModelForCausalLM.from_pretrained(init, local_files_only=True, dtype=dtype, attn_implementation="eager")
     if any("lora_" in k for k in weights):
-        stored = path / "config.yaml" if (path / "config.yaml").is_file() else run_dir / "config.yaml"
+        stored = checkpoint_config(path)
         model = apply_lora(model, from_dict(LoRAConfig, load_yaml(stored).get("lora", {}), path=f"{stored}: lora"))
         model.load_state_dict(weights)
         model = model.merge_and_unload()

@@ -101,8 +101,7 @@ class RayCluster:
         if separate_reference(cfg):  # one reference actor, sized like a learner rank
             self.bundles["reference"] = [self._bundle(rc.num_cpus_per_actor, rc.num_gpus_per_learner, extra.get("reference", {}))]
         self.started = not ray.is_initialized()
-        if self.started:
-            check_reachable(rc.address)
+        if self.started:  # the trainer has checked that rc.address answers (check_reachable)
             env = {"PYTHONPATH": os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p),
                    "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(cfg.trainer.threads, 1))}
             try:

@@ -20,8 +20,8 @@ import torch
 import yaml
 
 from alignreg.algorithms.advantages import compute_advantages
-from alignreg.checkpoint import (CheckpointError, checkpoint_problem, checkpoint_step, latest_checkpoint,
-                                 latest_readable_checkpoint, list_checkpoints, load_checkpoint, rng_state, save_checkpoint,
+from alignreg.checkpoint import (checkpoint_config, checkpoint_step, latest_checkpoint, latest_readable_checkpoint,
+                                 list_checkpoints, load_checkpoint, require_resumable, rng_state, save_checkpoint,
                                  set_rng_state)
 from alignreg.config import (ConfigError, RLConfig, RunError, WorkerError, describe_diff, load_yaml, save_config,
                              stored_config_diff, to_dict)
@@ -84,10 +84,7 @@ def _resolve_resume(cfg: RLConfig) -> Optional[Path]:
     path = Path(r)
     if not path.is_dir():
         raise ConfigError(f"trainer.resume: {r!r} is not a checkpoint directory; use auto, never or a step_* path")
-    problem = checkpoint_problem(path)
-    if problem is not None:
-        raise CheckpointError(f"trainer.resume: checkpoint {r!r} cannot be resumed from: {problem}. Pass another "
-                              "step_* directory, or trainer.resume=auto (which sets damaged checkpoints aside)")
+    require_resumable(path, prefix="trainer.resume: ")
     return path
 
 
@@ -104,9 +101,7 @@ def check_resume_config(cfg: RLConfig, ckpt: Path) -> list[tuple[str, Any, Any]]
     LoRA, warm start, task / data, seed) or a ``trainer.steps`` below the checkpoint's step; returns
     the other changes (learning rate, regularizer coefficients, SCoRe stage, ...), which apply from
     the resumed step on."""
-    path = ckpt / "config.yaml"
-    if not path.is_file():
-        path = ckpt.parent.parent / "config.yaml"
+    path = checkpoint_config(ckpt)
     done = checkpoint_step(ckpt)
     if done > cfg.trainer.steps:
         raise ConfigError(f"trainer.steps={cfg.trainer.steps} is below the step of the checkpoint it resumes "
@@ -140,7 +135,8 @@ def build_run(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = 
     regs = build_regularizers(cfg.regularizers)
     if cfg.rollout.engine == "vllm":  # before anything is trained or written
         _check_vllm(cfg)
-    if ckpt == "resolve":
+    if ckpt == "resolve":  # called on its own (train() has done both before writing anything)
+        _check_ray_address(cfg)
         ckpt = _resolve_resume(cfg)
     init_dir = run_dir / "init_policy"
 
@@ -194,6 +190,18 @@ def build_run(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = 
         run.close()
         raise
     return run
+
+
+def _check_ray_address(cfg: RLConfig) -> None:
+    """An unreachable ray.address fails here, in seconds, not in ray.init after minutes of retries (a driver
+    already connected to Ray uses that connection)."""
+    if cfg.orchestration == "ray":
+        import ray
+
+        from alignreg.orchestration.ray_groups import check_reachable
+
+        if not ray.is_initialized():
+            check_reachable(cfg.ray.address)
 
 
 def _check_vllm(cfg: RLConfig) -> None:
@@ -315,13 +323,7 @@ def _train(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]]) -> d
     run_dir = Path(cfg.trainer.run_dir)
     ckpt = _resolve_resume(cfg)
     changed = check_resume_config(cfg, ckpt) if ckpt is not None else []
-    if cfg.orchestration == "ray":  # an unreachable ray.address fails here, not after minutes of retries
-        import ray
-
-        from alignreg.orchestration.ray_groups import check_reachable
-
-        if not ray.is_initialized():
-            check_reachable(cfg.ray.address)
+    _check_ray_address(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     if changed:  # the config that trained the steps so far stays next to the new one
         kept = run_dir / f"config.{ckpt.name}.yaml"
