@@ -84,6 +84,22 @@ def test_out_of_range_values_name_the_key(section, values, needle):
         from_dict(RLConfig, {"regularizers": [{"name": "grpo_guard"}, {"name": "grpo_guard", "id": "g2"}]})
 
 
+def test_weight_sync_transport_choices_are_checked_against_the_layout():
+    with pytest.raises(ConfigError, match=r"config.sync.transport: 'collective' needs orchestration: ray"):
+        from_dict(RLConfig, {"sync": {"transport": "collective"}})
+    with pytest.raises(ConfigError, match=r"config.sync.collective_backend: 'nccl' needs GPUs on both sides"):
+        from_dict(RLConfig, {"orchestration": "ray", "sync": {"transport": "collective", "collective_backend": "nccl"},
+                             "ray": {"num_gpus_per_learner": 1}})
+    with pytest.raises(ConfigError, match=r"config.sync.transport: 'nccl' is not a valid choice; valid choices: 'auto', "
+                                          r"'shm', 'object_store', 'collective'"):
+        from_dict(RLConfig, {"sync": {"transport": "nccl"}})
+    with pytest.raises(ConfigError, match=r"config.sync.bucket_mb must be > 0"):
+        from_dict(RLConfig, {"sync": {"bucket_mb": 0}})
+    ok = from_dict(RLConfig, {"orchestration": "ray", "sync": {"transport": "collective", "collective_backend": "nccl"},
+                              "ray": {"num_gpus_per_learner": 1, "num_gpus_per_engine": 1}})
+    assert ok.sync.transport == "collective"
+
+
 def test_import_alignreg_stays_light():
     code = (
         "import sys, alignreg, alignreg.cli, alignreg.config, alignreg.regularizers, alignreg.losses.stats\n"

@@ -11,9 +11,11 @@
 * :class:`RayRolloutGroup`: N :class:`RolloutWorker` actors. ``generate``/``generate_scored`` split
   the prompts into N contiguous shards (engine ``i`` samples with ``seed + i``) and merge in order;
   rewards are computed inside the engine actors. ``load_weights`` ships the learner's weights by
-  ``/dev/shm`` (``weight_sync.SharedMemoryWeights``) when every engine shares learner rank 0's node,
-  else through the Ray object store (learner actor -> store -> engines, never through the driver),
-  then verifies every engine (checksum + log-prob parity probe, ``weight_sync.verify_sync``). A dead
+  ``sync.transport`` (:func:`resolve_transport`): ``/dev/shm`` (``weight_sync.SharedMemoryWeights``)
+  when every engine shares learner rank 0's node, the Ray object store (learner actor -> store ->
+  engines, never through the driver), or ``collective``: one process group per engine (learner rank 0
+  + the engine's workers; ``weight_sync.WeightGroup``, NCCL or gloo) in which rank 0 broadcasts the
+  weights it staged; then verifies every engine (checksum + log-prob parity probe, ``weight_sync.verify_sync``). A dead
   engine actor is restarted by Ray (``ray.max_restarts``), re-synced with the last weights,
   re-verified, and its shard of the step is generated again with the same seed.
 * :class:`RayLearnerGroup`: N :class:`LearnerWorker` actors = torch.distributed ranks (each sets
@@ -261,8 +263,12 @@ class RemoteWeights:
     ref: Any = None  # ObjectRef of list[(name, tensor)]
     shm_spec: Optional[dict] = None  # weight_sync.SharedMemoryWeights spec (same node only)
     node: str = ""  # Ray node id of learner rank 0
+    staged: Optional[dict] = None  # collective transport: {"meta", "checksum"} of the weights staged on rank 0
+    holder: Any = None  # collective transport: learner rank 0's actor (holds the staged weights)
 
     def __iter__(self):
+        if self.staged is not None:
+            return iter(ray.get(self.holder.staged_weights.remote()))
         if self.ref is None:
             from alignreg.orchestration.weight_sync import read_shared_weights
 
@@ -289,7 +295,7 @@ class RayLearnerGroup:
         addr, port = ray.get(self.actors[0].rendezvous.remote())
         ray.get([a.setup.remote(rank_cfg, model_dir, r, world, addr, port, self.reference) for r, a in enumerate(self.actors)])
         self.node = ray.get(self.actors[0].node_id.remote())
-        self.via_shm = False
+        self.transport = "object_store"  # set by the run from the rollout group (sync.transport resolved)
 
     def _all(self, method: str, *args) -> list:
         return self._get([getattr(a, method).remote(*args) for a in self.actors], method)
@@ -316,9 +322,13 @@ class RayLearnerGroup:
         return self._get([a.train_step.remote(p, step) for a, p in zip(self.actors, parts)], "train_step")[0]
 
     def export_weights(self) -> RemoteWeights:
-        """Full weights of rank 0 (every rank takes part: ZeRO-3 gathers). ``via_shm`` (set by the
-        run when every engine is on learner rank 0's node): through /dev/shm, else the object store."""
-        if self.via_shm:
+        """Full weights of rank 0 (every rank takes part: ZeRO-3 gathers), by ``transport``: written to
+        /dev/shm (``shm``), put in the object store (``object_store``), or staged on rank 0 for the
+        engines' weight groups (``collective``: nothing moves until the rollout group's sync)."""
+        if self.transport == "collective":
+            staged = self._all("stage_weights")[0]
+            return RemoteWeights(staged=staged, node=self.node, holder=self.actors[0])
+        if self.transport == "shm":
             specs = self._all("export_to_shm")
             return RemoteWeights(shm_spec=specs[0], node=self.node)
         calls = [a.export_weights_checked.options(num_returns=2).remote(r == 0) for r, a in enumerate(self.actors)]
@@ -428,6 +438,18 @@ class EngineActor(RolloutWorker):
         self.version = version
 
 
+def resolve_transport(cfg: RLConfig, same_node: bool) -> str:
+    """``sync.transport`` for this layout: ``auto`` is ``collective`` when learners and engines hold GPUs,
+    else ``shm`` when every engine shares learner rank 0's node, else ``object_store``. An explicit
+    ``shm`` with engines on other nodes goes through the object store (a file cannot cross nodes)."""
+    t = cfg.sync.transport
+    if t == "auto":
+        if cfg.ray.num_gpus_per_learner > 0 and cfg.ray.num_gpus_per_engine > 0:
+            return "collective"
+        t = "shm" if not torch.cuda.is_available() else "object_store"
+    return "object_store" if t == "shm" and not same_node else t
+
+
 @ray.remote
 def _checksum(named: list) -> float:
     return weights_checksum(named)
@@ -456,6 +478,13 @@ class RayRolloutGroup:
         self.actors = [actor_cls.options(**cluster.options("engine", i, max_restarts=cfg.ray.max_restarts, max_task_retries=0))
                        .remote(cfg, model_dir, cfg.trainer.seed + i) for i in range(cfg.ray.num_engines)]
         self.nodes = ray.get([a.node_id.remote() for a in self.actors])
+        self.transport = resolve_transport(cfg, self.same_node) if learner is not None else "object_store"
+        if self.transport == "collective":
+            from alignreg.orchestration.weight_sync import collective_backend
+
+            self.backend = collective_backend(cfg.sync, cfg.ray.num_gpus_per_learner, cfg.ray.num_gpus_per_engine)
+            self.receivers = ray.get([a.weight_receivers.remote() for a in self.actors])
+        self.group_ids: list[Optional[tuple]] = [None] * len(self.actors)  # collective: the group each engine joined
         self._last: Optional[RemoteWeights] = None
         self.version = 0  # weight syncs so far; every engine call checks the engine holds this version
         self._probe, self._probe_lp = None, None
@@ -486,6 +515,7 @@ class RayRolloutGroup:
 
     def _on_death(self, i: int) -> None:
         self.restarts += 1
+        self.group_ids[i] = None  # the collective group lost a member: the new instance joins a new one
         if self.restarts > self.max_restarts:
             raise WorkerError(f"rollout engine {i} died and the ray.max_restarts={self.max_restarts} restarts are used "
                               "up (raise ray.max_restarts to allow more)")
@@ -501,8 +531,13 @@ class RayRolloutGroup:
                                       f"{self.cfg.sync.timeout_s:g} s after its restart ({type(e).__name__})") from None
                 time.sleep(0.5)
         if self._last is not None:
+            restaged = self._last.staged is not None and not ray.get(self._last.holder.has_staged.remote())
+            if restaged:  # synchronous loop: the learner still holds exactly the synced weights
+                self._last = self.learner.export_weights()
             self._load_one(i, self._last)
             self._verify(i, self._last)
+            if restaged:
+                self._release_staged()
 
     def _split(self, prompts: list) -> list[tuple[int, int]]:
         n, k = len(prompts), len(self.actors)
@@ -555,7 +590,54 @@ class RayRolloutGroup:
         return self._merge([(off, rb) for off, (rb, _) in parts]), rewards
 
     # -------------------------------------------------------------- weights
+    def _open_group(self, i: int) -> None:
+        """Learner rank 0 (group rank 0, hosting the store on its node) and engine ``i``'s workers
+        (ranks 1..) form weight group ``i``; both sides join at once (each blocks until all joined)."""
+        host, port = ray.get(self.learner.actors[0].rendezvous.remote())
+        world, timeout = 1 + self.receivers[i], self.cfg.sync.timeout_s
+        join = self.actors[i].init_weight_group.remote(self.backend, host, port, 1, world, timeout)
+        host_side = self.learner.actors[0].init_weight_group.remote(i, self.backend, host, port, world, timeout)
+        self._both(i, join, host_side, "init_weight_group")
+        self.group_ids[i] = (host, port)
+
+    def _both(self, i: int, engine_ref, learner_ref, method: str) -> None:
+        """Wait for an engine call and the learner call it pairs with in a collective. A dead engine is
+        raised as such (the caller restarts it) once the learner's half has ended too (the group is gone,
+        so it fails; within sync.timeout_s at worst); a dead learner is a WorkerError."""
+        try:
+            ray.get(engine_ref, timeout=self.cfg.sync.timeout_s)
+        except _ENGINE_LOST:
+            ray.wait([learner_ref], timeout=self.cfg.sync.timeout_s + 10)
+            raise
+        except ray.exceptions.GetTimeoutError:
+            raise self._hung(i, method) from None
+        except ray.exceptions.RayTaskError:
+            ray.wait([learner_ref], timeout=5)
+            self.learner._get([learner_ref], method)  # a dead learner explains a failed collective
+            raise
+        self.learner._get([learner_ref], method)
+
+    def _release_staged(self) -> None:
+        """Drop learner rank 0's staged weights after a sync, or keep a host copy when async rollout may
+        re-sync a restarted engine while the learner trains on (its weights have moved on by then)."""
+        self.learner._get([self.learner.actors[0].release_staged.remote(self.cfg.trainer.async_rollout)], "release_staged")
+
     def _load_one(self, i: int, weights: RemoteWeights) -> None:
+        if weights.staged is not None:
+            # an instance Ray restarted while idle holds no group: check before the learner starts sending
+            joined = self.group_ids[i] is not None and ray.get(self.actors[i].weight_group_id.remote(),
+                                                               timeout=self.cfg.sync.timeout_s) == self.group_ids[i]
+            if not joined:
+                self._open_group(i)
+            bucket = int(self.cfg.sync.bucket_mb * 2**20)
+            recv = self.actors[i].load_at_version.remote(self.version, "load_weights_from_group", weights.staged["meta"],
+                                                         bucket, weights.staged["checksum"])
+            try:
+                self._both(i, recv, self.learner.actors[0].send_staged.remote(i, bucket), "load_weights")
+            except BaseException:
+                self.group_ids[i] = None  # a failed collective leaves the group unusable
+                raise
+            return
         if weights.shm_spec is not None and self.nodes[i] == weights.node:
             call = ("load_weights_from_spec", weights.shm_spec)
         else:
@@ -582,6 +664,8 @@ class RayRolloutGroup:
         return self._probe_lp
 
     def _expected_checksum(self, weights: RemoteWeights) -> float:
+        if weights.staged is not None:
+            return weights.staged["checksum"]
         if weights.shm_spec is not None:
             return weights.shm_spec["checksum"]
         if weights.ref is not None:
@@ -604,6 +688,8 @@ class RayRolloutGroup:
             m = self._verify(i, weights)
             for k, v in m.items():
                 metrics[k] = max(metrics.get(k, v), v) if k.endswith("diff") else v
+        if weights.staged is not None:
+            self._release_staged()
         metrics["sync/engine_restarts"] = float(self.restarts)
         return metrics
 

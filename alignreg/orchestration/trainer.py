@@ -244,7 +244,7 @@ def _ray_groups(cfg: RLConfig, init_dir: Path, vocab_size: int, resources):
         closers.insert(0, learner.shutdown)
         rollout = RayRolloutGroup(cluster, cfg, str(init_dir.resolve()), learner=learner, vocab_size=vocab_size)
         closers.insert(0, rollout.shutdown)
-        learner.via_shm = rollout.same_node and not torch.cuda.is_available()
+        learner.transport = rollout.transport
     except BaseException:
         for c in closers:
             c()

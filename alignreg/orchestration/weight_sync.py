@@ -1,7 +1,6 @@
 """Learner -> rollout-engine weight transport, and the checks that a sync really happened.
 
-Transports (both have ``push(named_tensors, timeout_s) -> checksum``; :func:`make_weight_sync`
-picks NCCL when CUDA is available, else shared memory):
+Transports:
 
 * :class:`SharedMemoryWeights` + :class:`ShmWeightSync` (CPU, one node): the learner copies every
   tensor into one file under ``/dev/shm`` (64-byte aligned slots) and sends only a small spec
@@ -9,10 +8,11 @@ picks NCCL when CUDA is available, else shared memory):
   the file and hands zero-copy views to ``reload_weights`` (:func:`read_shared_weights`). One buffer
   is reused across syncs; a sync must finish before the next ``write`` (the trainer loop is
   sequential). The file is removed by ``close()`` (or at interpreter exit).
-* :class:`NCCLWeightSync` (GPU only; **untested on CPU**, nothing here can run it): learner rank 0
-  and the engine workers form a stateless NCCL group (vLLM's ``StatelessProcessGroup`` +
-  ``PyNcclCommunicator``, so the learner's own ``torch.distributed`` world is not touched) and the
-  learner broadcasts each tensor, which the workers receive and load (``vllm_worker``).
+* :class:`WeightGroup` (:func:`open_weight_group`, :func:`send_weights`, :func:`receive_weights`;
+  Ray runs, ``sync.transport: collective``): learner rank 0 and one engine's workers form a process
+  group of their own and the learner broadcasts the weights in buckets, NCCL between GPUs, gloo
+  between CPU processes (any nodes). The protocol is the same for both backends and is tested here
+  with gloo; NCCL itself has not run on this project's machines (no GPU lent).
 
 Verification (:func:`verify_sync`): after a sync the engine's teacher-forced log-probs of a fixed
 probe sequence must equal the learner's within ``sync.parity_tol``, and the engine-side checksum
@@ -29,6 +29,7 @@ import os
 import tempfile
 import threading
 import uuid
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
@@ -247,44 +248,100 @@ class ShmWeightSync:
         self.buffer.close()
 
 
-class NCCLWeightSync:
-    """GPU only, UNTESTED on CPU: broadcast from learner rank 0 to the engine's workers over NCCL.
+# ---------------------------------------------------------------------------------------- collective group
+@dataclass
+class WeightGroup:
+    """One process's end of a learner -> engine weight group: learner rank 0 is group rank 0, the engine's
+    workers are ranks 1..n. A process group of its own (a ``TCPStore`` hosted by the learner + torch's
+    ``ProcessGroupGloo`` / ``ProcessGroupNCCL``), so neither side's ``torch.distributed`` world (the learner
+    ranks' DeepSpeed group, vLLM's own tensor-parallel group) is touched."""
 
-    ``engine_rpc_async(method, args)`` must start a worker-extension call on the engine without
-    waiting and return an object with ``.result(timeout)`` (``VLLMRolloutEngine.rpc_async``, or a
-    Ray ``ObjectRef`` wrapped accordingly): the workers' receive and the learner's broadcast have
-    to run at the same time. Group ranks: learner 0, engine worker ``i`` -> ``1 + i``. Call from
-    learner rank 0 only.
-    """
+    backend: str  # "gloo" (CPU tensors) or "nccl" (CUDA tensors)
+    rank: int
+    world: int
+    pg: Any
+    store: Any
 
-    def __init__(self, engine_rpc_async: Callable[[str, tuple], Any], num_workers: int,
-                 host: str = "127.0.0.1", port: int = 29555, timeout_s: float = 300.0):
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.utils import StatelessProcessGroup
-
-        self.engine_rpc_async, self.timeout_s = engine_rpc_async, timeout_s
-        pending = engine_rpc_async("alignreg_init_weight_update_group", (host, port, 1, 1 + num_workers))
-        pg = StatelessProcessGroup.create(host=host, port=port, rank=0, world_size=1 + num_workers)
-        self.comm = PyNcclCommunicator(pg, device=torch.device("cuda", torch.cuda.current_device()))
-        pending.result(timeout_s)
-
-    @torch.no_grad()
-    def push(self, named_tensors: Iterable[tuple[str, torch.Tensor]], timeout_s: Optional[float] = None) -> float:
-        named = [(n, t.detach().cuda().contiguous()) for n, t in named_tensors]
-        checksum = weights_checksum(named)
-        meta = [(n, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for n, t in named]
-        pending = self.engine_rpc_async("alignreg_update_weights_from_nccl", (meta, checksum))
-        stream = torch.cuda.current_stream()
-        for _, t in named:
-            self.comm.broadcast(t, src=0, stream=stream)
-        stream.synchronize()
-        pending.result(timeout_s or self.timeout_s)
-        return checksum
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
 
 
-def make_weight_sync(engine_rpc: Callable[[str, tuple], Any], engine_rpc_async=None, num_workers: int = 1,
-                     **nccl_kwargs):
-    """NCCL when CUDA is available (and an async RPC is given), else shared memory."""
-    if torch.cuda.is_available() and engine_rpc_async is not None:
-        return NCCLWeightSync(engine_rpc_async, num_workers, **nccl_kwargs)
-    return ShmWeightSync(engine_rpc)
+def open_weight_group(backend: str, host: str, port: int, rank: int, world: int, timeout_s: float) -> WeightGroup:
+    """Join (rank 0: host) the group at ``host:port``; blocks until all ``world`` members joined."""
+    import datetime
+
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(host, port, world, is_master=rank == 0, timeout=timeout)
+    prefixed = dist.PrefixStore("alignreg-weights", store)
+    if backend == "gloo":
+        pg = dist.ProcessGroupGloo(prefixed, rank, world, timeout)
+    elif backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        pg = dist.ProcessGroupNCCL(prefixed, rank, world, opts)
+    else:
+        raise ValueError(f"weight group backend must be 'gloo' or 'nccl', got {backend!r}")
+    return WeightGroup(backend, rank, world, pg, store)
+
+
+def tensor_meta(named: Sequence[tuple[str, torch.Tensor]]) -> list[tuple[str, str, tuple[int, ...]]]:
+    """``(name, dtype, shape)`` of each tensor, in send order: all a receiver needs to lay out the buckets."""
+    return [(n, str(t.dtype).removeprefix("torch."), tuple(t.shape)) for n, t in named]
+
+
+def bucket_plan(meta: Sequence[tuple[str, str, tuple[int, ...]]], bucket_bytes: int) -> list[list[tuple[int, int, int]]]:
+    """Split tensors (in order) into buckets of at most ``bucket_bytes`` (a larger tensor gets a bucket of
+    its own): per bucket ``[(tensor index, byte offset, nbytes)]``, offsets ``ALIGN``-aligned so that every
+    dtype view of a slice is aligned. Sender and receiver derive the same plan from the same meta."""
+    buckets: list[list[tuple[int, int, int]]] = []
+    cur: list[tuple[int, int, int]] = []
+    used = 0
+    for i, (_, dtype, shape) in enumerate(meta):
+        nbytes = math.prod(shape) * torch.empty((), dtype=getattr(torch, dtype)).element_size()
+        if cur and used + nbytes > bucket_bytes:
+            buckets.append(cur)
+            cur, used = [], 0
+        cur.append((i, used, nbytes))
+        used += -(-nbytes // ALIGN) * ALIGN
+    if cur:
+        buckets.append(cur)
+    return buckets
+
+
+def _bucket_size(bucket: list[tuple[int, int, int]]) -> int:
+    return max(ALIGN, bucket[-1][1] + bucket[-1][2])
+
+
+@torch.no_grad()
+def send_weights(group: WeightGroup, named: Sequence[tuple[str, torch.Tensor]], bucket_bytes: int) -> None:
+    """Group rank 0: broadcast ``named`` bucket by bucket (one collective per bucket, not per tensor:
+    a per-call cost times hundreds of small tensors would dominate on gloo)."""
+    for bucket in bucket_plan(tensor_meta(named), bucket_bytes):
+        buf = torch.empty(_bucket_size(bucket), dtype=torch.uint8, device=group.device)
+        for i, off, nbytes in bucket:
+            buf[off : off + nbytes].copy_(named[i][1].detach().contiguous().reshape(-1).view(torch.uint8))
+        group.pg.broadcast(buf, 0).wait()
+
+
+@torch.no_grad()
+def receive_weights(group: WeightGroup, meta: Sequence[tuple[str, str, tuple[int, ...]]],
+                    bucket_bytes: int) -> list[tuple[str, torch.Tensor]]:
+    """Group ranks >= 1: receive what :func:`send_weights` sends; views ``(name, tensor)`` into the buckets."""
+    out: list[Optional[tuple[str, torch.Tensor]]] = [None] * len(meta)
+    for bucket in bucket_plan(meta, bucket_bytes):
+        buf = torch.empty(_bucket_size(bucket), dtype=torch.uint8, device=group.device)
+        group.pg.broadcast(buf, 0).wait()
+        for i, off, nbytes in bucket:
+            name, dtype, shape = meta[i]
+            out[i] = (name, buf[off : off + nbytes].view(getattr(torch, dtype)).view(shape))
+    return out  # type: ignore[return-value]
+
+
+def collective_backend(cfg: SyncConfig, learner_gpus: float, engine_gpus: float) -> str:
+    """``sync.collective_backend`` resolved: ``auto`` is NCCL when learners and engines both hold GPUs."""
+    if cfg.collective_backend != "auto":
+        return cfg.collective_backend
+    return "nccl" if learner_gpus > 0 and engine_gpus > 0 else "gloo"

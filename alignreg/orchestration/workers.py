@@ -84,6 +84,41 @@ class RolloutWorker:
 
             self.engine.load_weights(read_shared_weights(spec))
 
+    # ------------------------------------------------------------------ collective weight group
+    def weight_receivers(self) -> int:
+        """Processes of this engine that join a collective weight sync (vLLM: its workers; HF: this one)."""
+        return int(getattr(self.engine, "weight_receivers", 1))
+
+    def init_weight_group(self, backend: str, host: str, port: int, rank_offset: int, world: int, timeout_s: float) -> None:
+        """Join the learner's weight group at ``host:port`` (this engine's processes: ranks ``rank_offset..``)."""
+        self._group_id = None
+        if hasattr(self.engine, "init_weight_group"):
+            self.engine.init_weight_group(backend, host, port, rank_offset, world, timeout_s)
+        else:
+            from alignreg.orchestration.weight_sync import open_weight_group
+
+            self._group = None
+            self._group = open_weight_group(backend, host, port, rank_offset, world, timeout_s)
+        self._group_id = (host, port)
+
+    def weight_group_id(self) -> Optional[tuple]:
+        """``(host, port)`` of the weight group this instance joined (None: none, e.g. after a restart)."""
+        return getattr(self, "_group_id", None)
+
+    def load_weights_from_group(self, meta: list, bucket_bytes: int, checksum: float) -> None:
+        """Receive learner rank 0's broadcast (``weight_sync.send_weights``) and load it."""
+        if hasattr(self.engine, "load_weights_from_group"):
+            self.engine.load_weights_from_group(meta, bucket_bytes, checksum)
+            return
+        from alignreg.orchestration.weight_sync import receive_weights
+
+        named = receive_weights(self._group, meta, bucket_bytes)
+        got = weights_checksum(named)
+        if got != checksum:
+            raise RuntimeError(f"weight transport corrupted the tensors: checksum {got!r} received, {checksum!r} sent")
+        self.engine.load_weights(named)
+        self._received_checksum = got
+
     def weights_checksum(self) -> float:
         return self.engine.weights_checksum()
 
@@ -191,6 +226,46 @@ class LearnerWorker:
         if getattr(self, "_shm", None) is None:
             self._shm = SharedMemoryWeights(path)
         return self._shm.write(named)
+
+    # ------------------------------------------------------------------ collective weight groups (rank 0)
+    def stage_weights(self) -> Optional[dict]:
+        """Gather the full weights (every rank: ZeRO-3 gathers) and keep them on rank 0 for
+        :meth:`send_staged`; rank 0 returns ``{"meta", "checksum"}``, the others None."""
+        named = self.export_weights(keep=self.rank == 0)
+        if self.rank != 0:
+            return None
+        from alignreg.orchestration.weight_sync import tensor_meta
+
+        self._staged = named
+        return {"meta": tensor_meta(named), "checksum": weights_checksum(named)}
+
+    def release_staged(self, keep_on_cpu: bool) -> None:
+        """After a sync: drop the staged weights, or keep a host copy (async rollout re-syncs a
+        restarted engine from it while the learner has moved on)."""
+        staged = getattr(self, "_staged", None)
+        self._staged = [(n, t.to("cpu")) for n, t in staged] if keep_on_cpu and staged is not None else None
+
+    def has_staged(self) -> bool:
+        return getattr(self, "_staged", None) is not None
+
+    def staged_weights(self) -> list[tuple[str, torch.Tensor]]:
+        return [(n, t.to("cpu")) for n, t in self._staged]
+
+    def init_weight_group(self, key: int, backend: str, host: str, port: int, world: int, timeout_s: float) -> None:
+        """Host (group rank 0) weight group ``key`` (one per engine); replaces an earlier group ``key``."""
+        from alignreg.orchestration.weight_sync import open_weight_group
+
+        groups = self.__dict__.setdefault("_groups", {})
+        groups.pop(key, None)
+        groups[key] = open_weight_group(backend, host, port, 0, world, timeout_s)
+
+    def send_staged(self, key: int, bucket_bytes: int) -> None:
+        """Broadcast the staged weights to the engine of group ``key``."""
+        from alignreg.orchestration.weight_sync import send_weights
+
+        if getattr(self, "_staged", None) is None:
+            raise RuntimeError("send_staged: nothing staged (stage_weights first)")
+        send_weights(self._groups[key], self._staged, bucket_bytes)
 
     def weights_checksum(self) -> float:
         return weights_checksum(self.export_weights())

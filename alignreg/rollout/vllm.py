@@ -38,7 +38,6 @@ Process layout and constraints (also inside a Ray actor):
 """
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import math
 import os
@@ -127,7 +126,7 @@ class VLLMRolloutEngine:
         )
         self._scale: Optional[float] = None
         self._sync = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm-rpc")
+        self.tp_size = cfg.tensor_parallel_size
         spin = cfg.idle_spin_s if cfg.idle_spin_s >= 0 else (None if torch.cuda.is_available() else CPU_IDLE_SPIN_S)
         if spin is not None:
             self.idle_spin_readers = set_idle_spin(spin) + int(self.collective_rpc("alignreg_set_idle_spin", (spin,))[0])
@@ -172,10 +171,6 @@ class VLLMRolloutEngine:
     def collective_rpc(self, method: str, args: tuple = (), timeout: Optional[float] = None) -> list:
         """Run a ``WorkerExtension`` method on every worker; one result per worker."""
         return self.llm.collective_rpc(method, timeout=timeout, args=args)
-
-    def rpc_async(self, method: str, args: tuple = ()) -> concurrent.futures.Future:
-        """``collective_rpc`` on a background thread (for ``NCCLWeightSync``)."""
-        return self._pool.submit(self.collective_rpc, method, args)
 
     def _set_temperature(self, temperature: float) -> None:
         scale = 1.0 / temperature
@@ -270,6 +265,21 @@ class VLLMRolloutEngine:
         self._scale = None
         return checksum
 
+    @property
+    def weight_receivers(self) -> int:
+        """Worker processes that receive a collective weight sync (one per tensor-parallel rank)."""
+        return self.tp_size
+
+    def init_weight_group(self, backend: str, host: str, port: int, rank_offset: int, world: int, timeout_s: float) -> None:
+        """Every worker joins the learner's weight group (``weight_sync.open_weight_group``)."""
+        self.collective_rpc("alignreg_init_weight_group", (backend, host, port, rank_offset, world, timeout_s))
+
+    def load_weights_from_group(self, meta: list, bucket_bytes: int, checksum: float) -> float:
+        """Receive a broadcast from learner rank 0 in every worker and load it (checksum checked there)."""
+        out = float(self.collective_rpc("alignreg_update_weights_from_group", (meta, bucket_bytes, checksum))[0])
+        self._scale = None
+        return out
+
     def sync_timings(self) -> dict[str, float]:
         """Where the last weight update's time went in worker 0 (``vllm_worker.alignreg_sync_timings``)."""
         return self.collective_rpc("alignreg_sync_timings")[0]
@@ -282,7 +292,6 @@ class VLLMRolloutEngine:
     def shutdown(self) -> None:
         if self._sync is not None:
             self._sync.close()
-        self._pool.shutdown(wait=False)
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
             llm.llm_engine.engine_core.shutdown()

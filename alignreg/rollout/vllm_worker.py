@@ -127,24 +127,26 @@ class WorkerExtension:
                 m._alignreg_base_scale = float(m.scale)
             m.scale = m._alignreg_base_scale * float(scale)
 
-    # ------------------------------------------------------------------ GPU path (untested on CPU)
-    def alignreg_init_weight_update_group(self, host: str, port: int, rank_offset: int, world_size: int) -> None:
-        """Join the learner's NCCL group as rank ``rank_offset + worker rank``. GPU only."""
-        from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
-        from vllm.distributed.utils import StatelessProcessGroup
+    # ------------------------------------------------------------------ collective group (sync.transport: collective)
+    def alignreg_init_weight_group(self, backend: str, host: str, port: int, rank_offset: int, world: int,
+                                   timeout_s: float) -> None:
+        """Join the learner's weight group (``weight_sync.open_weight_group``) as rank ``rank_offset +``
+        this worker's rank; a previous group of this worker is dropped."""
+        from alignreg.orchestration.weight_sync import open_weight_group
 
-        pg = StatelessProcessGroup.create(host=host, port=port, rank=rank_offset + self.rank, world_size=world_size)
-        self._alignreg_nccl = PyNcclCommunicator(pg, device=self.device)
+        self._alignreg_group = None
+        self._alignreg_group = open_weight_group(backend, host, port, rank_offset + int(getattr(self, "rank", 0) or 0),
+                                                 world, timeout_s)
 
-    def alignreg_update_weights_from_nccl(self, meta: list[tuple[str, str, tuple[int, ...]]], checksum: float | None = None) -> float:
-        """Receive tensors broadcast by learner rank 0 (group rank 0), in ``meta`` order, and load."""
-        named = []
-        for name, dtype, shape in meta:
-            t = torch.empty(shape, dtype=getattr(torch, dtype), device=self.device)
-            self._alignreg_nccl.broadcast(t, src=0, stream=torch.cuda.current_stream())
-            named.append((name, t))
-        torch.cuda.current_stream().synchronize()
-        return self._reload(named, expected=checksum)
+    def alignreg_update_weights_from_group(self, meta: list, bucket_bytes: int, checksum: float | None = None) -> float:
+        """Receive the buckets learner rank 0 broadcasts (``weight_sync.send_weights``) and load them."""
+        from alignreg.orchestration.weight_sync import receive_weights
+
+        group = getattr(self, "_alignreg_group", None)
+        if group is None:
+            raise RuntimeError("alignreg_update_weights_from_group: this worker joined no weight group "
+                               "(alignreg_init_weight_group first)")
+        return self._reload(receive_weights(group, meta, bucket_bytes), expected=checksum)
 
 
 def set_idle_spin(seconds: float) -> int:
