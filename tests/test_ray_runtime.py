@@ -375,7 +375,8 @@ def test_missing_resources_are_one_line_config_error(cluster, tmp_path):
 @pytest.mark.slow
 def test_two_ray_nodes_learners_and_engine_on_different_nodes(tmp_path):
     """``ray start --head`` (node A, resource node_a) + ``ray start --address`` (node B, node_b):
-    the learner rank is pinned to A and the engine to B by custom resources."""
+    the learner rank is pinned to A and the engine to B by custom resources; a run with each
+    transport that crosses nodes (object store, collective)."""
     ray_bin = str(Path(sys.executable).parent / "ray")
     port = _free_port()
     # `ray start` turns token auth on by itself when RAY_AUTH_MODE is unset and ~/.ray/auth_token exists; this
@@ -394,28 +395,32 @@ def test_two_ray_nodes_learners_and_engine_on_different_nodes(tmp_path):
             nodes.append(subprocess.Popen([ray_bin, "start", "--block", "--num-cpus=2", "--disable-usage-stats", *args],
                                           env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
             _wait_for_nodes(f"127.0.0.1:{port}", len(nodes), tmp_path, env)
-        cfg = load_config(RLConfig, DEMO, FAST + [f"trainer.run_dir={tmp_path}", "orchestration=ray",
-                                                  f"ray.address=127.0.0.1:{port}", "rollout.engine=hf",
-                                                  "learner.backend=torch", "ray.learner_ranks=1", "trainer.steps=2"])
         from alignreg.orchestration import ray_groups
 
-        seen = {}
-        original = ray_groups.RayRolloutGroup.__init__
+        # auto: the object store (no shared /dev/shm across nodes); collective: a gloo group across the nodes
+        for transport, expected in (("auto", "object_store"), ("collective", "collective")):
+            run_dir = tmp_path / transport
+            cfg = load_config(RLConfig, DEMO, FAST + [f"trainer.run_dir={run_dir}", "orchestration=ray",
+                                                      f"ray.address=127.0.0.1:{port}", "rollout.engine=hf",
+                                                      "learner.backend=torch", "ray.learner_ranks=1", "trainer.steps=2",
+                                                      f"sync.transport={transport}", "sync.verify=true"])
+            seen = {}
+            original = ray_groups.RayRolloutGroup.__init__
 
-        def init(self, *a, **k):
-            original(self, *a, **k)
-            seen["engine_nodes"] = list(self.nodes)
-            seen["learner_node"] = self.learner.node
-            seen["node_b"] = [n["NodeID"] for n in ray.nodes() if n["Alive"] and "node_b" in n["Resources"]]
+            def init(self, *a, **k):
+                original(self, *a, **k)
+                seen.update(engine_nodes=list(self.nodes), learner_node=self.learner.node, transport=self.transport,
+                            node_b=[n["NodeID"] for n in ray.nodes() if n["Alive"] and "node_b" in n["Resources"]])
 
-        ray_groups.RayRolloutGroup.__init__ = init
-        try:
-            summary = train(cfg, resources={"engine": {"node_b": 0.01}, "learner": {"node_a": 0.01}})
-        finally:
-            ray_groups.RayRolloutGroup.__init__ = original
-        assert summary["steps"] == 2
-        assert seen["engine_nodes"] == seen["node_b"] and seen["learner_node"] not in seen["node_b"]
-        _assert_trained(tmp_path, steps=2)
+            ray_groups.RayRolloutGroup.__init__ = init
+            try:
+                summary = train(cfg, resources={"engine": {"node_b": 0.01}, "learner": {"node_a": 0.01}})
+            finally:
+                ray_groups.RayRolloutGroup.__init__ = original
+            assert summary["steps"] == 2 and seen["transport"] == expected
+            assert seen["engine_nodes"] == seen["node_b"] and seen["learner_node"] not in seen["node_b"]
+            for r in _assert_trained(run_dir, steps=2)[1:]:
+                assert r["sync/probe_max_abs_diff"] <= cfg.sync.parity_tol
     finally:
         if ray.is_initialized():
             ray.shutdown()
