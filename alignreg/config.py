@@ -507,11 +507,11 @@ class SyncConfig:
     probe_tokens: int = 16  # tokens of the fixed probe sequence
     timeout_s: float = 300.0  # a weight sync (or probe) slower than this is an error, not a hang
     verify: bool = True  # run the parity probe and checksum after every sync
-    # Ray runs: how weights reach the engines. auto = collective when learners and engines hold GPUs
-    # (NCCL), else shm for engines on learner rank 0's node and the object store for the others;
+    # Ray runs: how weights reach the engines. auto = collective when learners and engines hold whole
+    # GPUs (NCCL), else shm for engines on learner rank 0's node and the object store for the others;
     # collective = a process group per engine (learner rank 0 broadcasts; gloo between CPUs, any node)
     transport: Literal["auto", "shm", "object_store", "collective"] = "auto"
-    collective_backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl when both sides hold GPUs, else gloo
+    collective_backend: Literal["auto", "gloo", "nccl"] = "auto"  # auto: nccl when both sides hold whole GPUs, else gloo
     bucket_mb: float = 256.0  # collective transport: MiB per broadcast (tensors are packed into buckets)
 
     def validate(self, path: str) -> None:
@@ -564,9 +564,10 @@ class RLConfig:
         _check(self.orchestration == "ray" or self.sync.transport in ("auto", "shm"),
                f"{path}.sync.transport: {self.sync.transport!r} needs orchestration: ray (one process syncs through "
                "shared memory or in place); use auto")
-        _check(self.sync.collective_backend != "nccl" or (self.ray.num_gpus_per_learner > 0 and self.ray.num_gpus_per_engine > 0),
-               f"{path}.sync.collective_backend: 'nccl' needs GPUs on both sides (ray.num_gpus_per_learner and "
-               "ray.num_gpus_per_engine > 0); use gloo (or auto) on CPUs")
+        _check(self.sync.collective_backend != "nccl" or (self.ray.num_gpus_per_learner >= 1 and self.ray.num_gpus_per_engine >= 1),
+               f"{path}.sync.collective_backend: 'nccl' needs whole GPUs on both sides (ray.num_gpus_per_learner and "
+               "ray.num_gpus_per_engine >= 1: with fractions a learner and an engine may share a device, and NCCL cannot "
+               "connect two ranks on one device); use gloo (or auto)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -87,9 +87,10 @@ def test_out_of_range_values_name_the_key(section, values, needle):
 def test_weight_sync_transport_choices_are_checked_against_the_layout():
     with pytest.raises(ConfigError, match=r"config.sync.transport: 'collective' needs orchestration: ray"):
         from_dict(RLConfig, {"sync": {"transport": "collective"}})
-    with pytest.raises(ConfigError, match=r"config.sync.collective_backend: 'nccl' needs GPUs on both sides"):
-        from_dict(RLConfig, {"orchestration": "ray", "sync": {"transport": "collective", "collective_backend": "nccl"},
-                             "ray": {"num_gpus_per_learner": 1}})
+    for gpus in ({"num_gpus_per_learner": 1}, {"num_gpus_per_learner": 1, "num_gpus_per_engine": 0.5}):
+        with pytest.raises(ConfigError, match=r"config.sync.collective_backend: 'nccl' needs whole GPUs on both sides"):
+            from_dict(RLConfig, {"orchestration": "ray", "sync": {"transport": "collective", "collective_backend": "nccl"},
+                                 "ray": gpus})
     with pytest.raises(ConfigError, match=r"config.sync.transport: 'nccl' is not a valid choice; valid choices: 'auto', "
                                           r"'shm', 'object_store', 'collective'"):
         from_dict(RLConfig, {"sync": {"transport": "nccl"}})
@@ -98,6 +99,10 @@ def test_weight_sync_transport_choices_are_checked_against_the_layout():
     ok = from_dict(RLConfig, {"orchestration": "ray", "sync": {"transport": "collective", "collective_backend": "nccl"},
                               "ray": {"num_gpus_per_learner": 1, "num_gpus_per_engine": 1}})
     assert ok.sync.transport == "collective"
+    from alignreg.orchestration.weight_sync import collective_backend
+
+    assert [collective_backend(ok.sync.__class__(), lg, eg) for lg, eg in ((1, 1), (0.5, 0.5), (0, 0), (2, 1))] == \
+        ["nccl", "gloo", "gloo", "nccl"]
 
 
 def test_import_alignreg_stays_light():

@@ -242,6 +242,21 @@ def test_vllm_engine_over_the_collective_transport(cluster, tmp_path, monkeypatc
         assert r["sync/probe_max_abs_diff"] <= cfg.sync.parity_tol
 
 
+def test_auto_transport_follows_the_layout():
+    from alignreg.orchestration.ray_groups import resolve_transport
+
+    def pick(same_node, *over):
+        return resolve_transport(load_config(RLConfig, DEMO, ["orchestration=ray", *over]), same_node)
+
+    whole = ["ray.num_gpus_per_learner=1", "ray.num_gpus_per_engine=1"]
+    half = ["ray.num_gpus_per_learner=0.5", "ray.num_gpus_per_engine=0.5"]
+    assert pick(True, *whole) == pick(False, *whole) == "collective"  # NCCL, device to device
+    assert pick(True) == "shm" and pick(False) == "object_store"  # CPU learners and engines
+    assert pick(False, *half) == "object_store"  # fractional GPUs may share a device: no NCCL
+    assert pick(False, "sync.transport=shm") == "object_store"  # a /dev/shm file cannot cross nodes
+    assert pick(True, "sync.transport=collective") == "collective"
+
+
 # ------------------------------------------------------------------------------------------ faults
 @pytest.mark.slow
 @pytest.mark.parametrize("async_rollout,transport", [(False, "auto"), (True, "auto"), (False, "collective"),

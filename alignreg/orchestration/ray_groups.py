@@ -439,12 +439,12 @@ class EngineActor(RolloutWorker):
 
 
 def resolve_transport(cfg: RLConfig, same_node: bool) -> str:
-    """``sync.transport`` for this layout: ``auto`` is ``collective`` when learners and engines hold GPUs,
-    else ``shm`` when every engine shares learner rank 0's node, else ``object_store``. An explicit
+    """``sync.transport`` for this layout: ``auto`` is ``collective`` when learners and engines hold whole GPUs
+    (NCCL), else ``shm`` when every engine shares learner rank 0's node, else ``object_store``. An explicit
     ``shm`` with engines on other nodes goes through the object store (a file cannot cross nodes)."""
     t = cfg.sync.transport
     if t == "auto":
-        if cfg.ray.num_gpus_per_learner > 0 and cfg.ray.num_gpus_per_engine > 0:
+        if cfg.ray.num_gpus_per_learner >= 1 and cfg.ray.num_gpus_per_engine >= 1:
             return "collective"
         t = "shm" if not torch.cuda.is_available() else "object_store"
     return "object_store" if t == "shm" and not same_node else t

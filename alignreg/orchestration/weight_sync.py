@@ -341,7 +341,8 @@ def receive_weights(group: WeightGroup, meta: Sequence[tuple[str, str, tuple[int
 
 
 def collective_backend(cfg: SyncConfig, learner_gpus: float, engine_gpus: float) -> str:
-    """``sync.collective_backend`` resolved: ``auto`` is NCCL when learners and engines both hold GPUs."""
+    """``sync.collective_backend`` resolved: ``auto`` is NCCL when learners and engines each hold whole GPUs
+    (with fractions they may share a device, and NCCL cannot connect two ranks on one device)."""
     if cfg.collective_backend != "auto":
         return cfg.collective_backend
-    return "nccl" if learner_gpus > 0 and engine_gpus > 0 else "gloo"
+    return "nccl" if learner_gpus >= 1 and engine_gpus >= 1 else "gloo"
