@@ -338,6 +338,39 @@ def test_a_dead_learner_rank_stops_the_run_with_one_line_naming_the_checkpoint(c
                         "resumes from it)"), msg
 
 
+@pytest.mark.slow
+def test_a_learner_dying_in_a_collective_sync_stops_the_run_with_one_line(cluster, tmp_path):
+    """``sync.transport: collective``: learner rank 0 dies while the engine waits in the broadcast. The
+    engine's receive fails (its peer is gone) instead of hanging, and the run stops with one line that
+    names the dead learner and the checkpoint to resume from."""
+    from alignreg.config import RunError
+    from alignreg.orchestration import ray_groups
+
+    cfg = _cfg(tmp_path, "orchestration=ray", "learner.backend=torch", "ray.learner_ranks=1", "trainer.steps=3",
+               "rollout.engine=hf", "trainer.save_every=1", "eval.every=0", "sync.transport=collective",
+               "sync.timeout_s=60")
+    original, calls = ray_groups.RayRolloutGroup._both, []
+
+    def both(self, i, engine_ref, learner_ref, method):
+        calls.append(method)
+        if method == "load_weights" and calls.count("load_weights") == 2:  # the second step's sync
+            ray.kill(self.learner.actors[0], no_restart=True)
+        return original(self, i, engine_ref, learner_ref, method)
+
+    ray_groups.RayRolloutGroup._both = both
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(RunError) as err:
+            train(cfg)
+    finally:
+        ray_groups.RayRolloutGroup._both = original
+    msg = str(err.value)
+    assert time.monotonic() - t0 < 120  # not a hang until a timeout
+    assert "a learner rank's actor died during load_weights" in msg and "\n" not in msg, msg
+    assert msg.endswith(f"the latest checkpoint: {tmp_path / 'checkpoints' / 'step_00000001'} (the same command "
+                        "resumes from it)"), msg
+
+
 def _driver(run_dir, address, steps, extra=()):
     args = [f"trainer.run_dir={run_dir}", f"trainer.steps={steps}", "orchestration=ray", f"ray.address={address}",
             "learner.backend=torch", "ray.learner_ranks=1", "trainer.save_every=1", *FAST[:-1], *extra]
