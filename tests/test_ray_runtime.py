@@ -310,11 +310,25 @@ def test_engine_killed_mid_run_is_restarted_and_resynced(cluster, tmp_path, asyn
     assert [r["rollout/policy_lag"] for r in rows[1:]] == ([0.0] + [1.0] * 3 if async_rollout else [0.0] * 4)
 
 
+def _assert_learner_death_stops_the_run(cfg, tmp_path, during: str) -> None:
+    """The run fails with one line (RunError: exit 1 from the CLI) naming the dead learner's call and the
+    checkpoint the same command resumes from (step 1: these runs checkpoint every step), within seconds."""
+    from alignreg.config import RunError
+
+    t0 = time.monotonic()
+    with pytest.raises(RunError) as err:
+        train(cfg)
+    assert time.monotonic() - t0 < 120  # not a hang until a timeout
+    msg = str(err.value)
+    assert f"a learner rank's actor died during {during}" in msg and "\n" not in msg, msg
+    assert msg.endswith(f"the latest checkpoint: {tmp_path / 'checkpoints' / 'step_00000001'} (the same command "
+                        "resumes from it)"), msg
+
+
 @pytest.mark.slow
-def test_a_dead_learner_rank_stops_the_run_with_one_line_naming_the_checkpoint(cluster, tmp_path):
+def test_a_dead_learner_rank_stops_the_run_with_one_line_naming_the_checkpoint(cluster, tmp_path, monkeypatch):
     """Learner ranks share optimizer state and collectives, so a dead one is not restarted alone: the run
     stops with a RunError (one line, exit 1 from the CLI) naming the checkpoint the same command resumes from."""
-    from alignreg.config import RunError
     from alignreg.orchestration import ray_groups
 
     cfg = _cfg(tmp_path, "orchestration=ray", "learner.backend=torch", "ray.learner_ranks=1", "trainer.steps=3",
@@ -326,24 +340,15 @@ def test_a_dead_learner_rank_stops_the_run_with_one_line_naming_the_checkpoint(c
             ray.kill(self.actors[0], no_restart=True)
         return original(self, batch, step)
 
-    ray_groups.RayLearnerGroup.train_step = train_step
-    try:
-        with pytest.raises(RunError) as err:
-            train(cfg)
-    finally:
-        ray_groups.RayLearnerGroup.train_step = original
-    msg = str(err.value)
-    assert "a learner rank's actor died during train_step" in msg and "\n" not in msg, msg
-    assert msg.endswith(f"the latest checkpoint: {tmp_path / 'checkpoints' / 'step_00000001'} (the same command "
-                        "resumes from it)"), msg
+    monkeypatch.setattr(ray_groups.RayLearnerGroup, "train_step", train_step)
+    _assert_learner_death_stops_the_run(cfg, tmp_path, "train_step")
 
 
 @pytest.mark.slow
-def test_a_learner_dying_in_a_collective_sync_stops_the_run_with_one_line(cluster, tmp_path):
+def test_a_learner_dying_in_a_collective_sync_stops_the_run_with_one_line(cluster, tmp_path, monkeypatch):
     """``sync.transport: collective``: learner rank 0 dies while the engine waits in the broadcast. The
     engine's receive fails (its peer is gone) instead of hanging, and the run stops with one line that
     names the dead learner and the checkpoint to resume from."""
-    from alignreg.config import RunError
     from alignreg.orchestration import ray_groups
 
     cfg = _cfg(tmp_path, "orchestration=ray", "learner.backend=torch", "ray.learner_ranks=1", "trainer.steps=3",
@@ -357,18 +362,8 @@ def test_a_learner_dying_in_a_collective_sync_stops_the_run_with_one_line(cluste
             ray.kill(self.learner.actors[0], no_restart=True)
         return original(self, i, engine_ref, learner_ref, method)
 
-    ray_groups.RayRolloutGroup._both = both
-    t0 = time.monotonic()
-    try:
-        with pytest.raises(RunError) as err:
-            train(cfg)
-    finally:
-        ray_groups.RayRolloutGroup._both = original
-    msg = str(err.value)
-    assert time.monotonic() - t0 < 120  # not a hang until a timeout
-    assert "a learner rank's actor died during load_weights" in msg and "\n" not in msg, msg
-    assert msg.endswith(f"the latest checkpoint: {tmp_path / 'checkpoints' / 'step_00000001'} (the same command "
-                        "resumes from it)"), msg
+    monkeypatch.setattr(ray_groups.RayRolloutGroup, "_both", both)
+    _assert_learner_death_stops_the_run(cfg, tmp_path, "load_weights")
 
 
 def _driver(run_dir, address, steps, extra=()):
