@@ -87,12 +87,13 @@ def _assert_trained(run_dir, steps=3):
 # ------------------------------------------------------------------------------------------ e2e
 @pytest.mark.slow
 @pytest.mark.skipif(not HAS_DS, reason="needs deepspeed (pip install 'alignreg[deepspeed]')")
-@pytest.mark.parametrize("stage", [2, 3])
-def test_ray_engine_and_two_deepspeed_ranks(cluster, tmp_path, stage):
-    # ZeRO-2 with vLLM when installed; ZeRO-3 with the HF engine (CI time: a vLLM actor starts in ~60 s)
+@pytest.mark.parametrize("stage,transport", [(2, "auto"), (3, "auto"), (3, "collective")])
+def test_ray_engine_and_two_deepspeed_ranks(cluster, tmp_path, stage, transport):
+    # ZeRO-2 with vLLM when installed; ZeRO-3 with the HF engine (CI time: a vLLM actor starts in ~60 s), its
+    # full weights gathered by both ranks for the shared-memory buffer or for rank 0's broadcast
     engine = [] if stage == 2 else ["rollout.engine=hf"]
     cfg = _cfg(tmp_path, "orchestration=ray", "learner.backend=deepspeed", f"deepspeed.zero_stage={stage}",
-               "ray.learner_ranks=2", "ray.num_engines=1", "sync.verify=true", *engine)
+               "ray.learner_ranks=2", "ray.num_engines=1", "sync.verify=true", f"sync.transport={transport}", *engine)
     summary = train(cfg)
     assert summary["steps"] == 3
     rows = _assert_trained(tmp_path)
