@@ -249,6 +249,10 @@ class LearnerWorker:
         return getattr(self, "_staged", None) is not None
 
     def staged_weights(self) -> list[tuple[str, torch.Tensor]]:
+        """Host copies of the staged weights (``RemoteWeights`` iterated outside a sync)."""
+        if getattr(self, "_staged", None) is None:
+            raise RuntimeError("staged_weights: nothing is staged (a sync releases them unless trainer.async_rollout "
+                               "keeps a host copy); export the weights again")
         return [(n, t.to("cpu")) for n, t in self._staged]
 
     def init_weight_group(self, key: int, backend: str, host: str, port: int, world: int, timeout_s: float) -> None:
