@@ -500,6 +500,12 @@ class RayConfig:
         _at_least(self, path, 1, "num_engines", "learner_ranks")
         _at_least(self, path, 0, "max_restarts", "num_cpus_per_actor", "num_gpus_per_engine", "num_gpus_per_learner")
 
+    @property
+    def whole_gpus(self) -> bool:
+        """Every learner and engine actor holds at least one GPU of its own: NCCL can connect them (with
+        fractions a learner and an engine may share a device, and NCCL cannot connect two ranks on one)."""
+        return self.num_gpus_per_learner >= 1 and self.num_gpus_per_engine >= 1
+
 
 @dataclass
 class SyncConfig:
@@ -564,7 +570,7 @@ class RLConfig:
         _check(self.orchestration == "ray" or self.sync.transport in ("auto", "shm"),
                f"{path}.sync.transport: {self.sync.transport!r} needs orchestration: ray (one process syncs through "
                "shared memory or in place); use auto")
-        _check(self.sync.collective_backend != "nccl" or (self.ray.num_gpus_per_learner >= 1 and self.ray.num_gpus_per_engine >= 1),
+        _check(self.sync.collective_backend != "nccl" or self.ray.whole_gpus,
                f"{path}.sync.collective_backend: 'nccl' needs whole GPUs on both sides (ray.num_gpus_per_learner and "
                "ray.num_gpus_per_engine >= 1: with fractions a learner and an engine may share a device, and NCCL cannot "
                "connect two ranks on one device); use gloo (or auto)")

@@ -68,15 +68,13 @@ def pack_time(named, repeats) -> float:
 
 def collective_time(eng, named, repeats) -> float:
     """Median seconds of a collective (gloo) sync into ``eng``: learner checksum + broadcast + load."""
-    import socket
     from concurrent.futures import ThreadPoolExecutor
 
+    from alignreg.learner.deepspeed import _free_port
     from alignreg.orchestration.weight_sync import open_weight_group, send_weights, tensor_meta
     from alignreg.rollout.base import weights_checksum
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     bucket = 256 * 2**20
     with ThreadPoolExecutor(1) as pool:  # the engine's half runs while this thread (rank 0) sends
         joined = pool.submit(eng.init_weight_group, "gloo", "127.0.0.1", port, 1, 1 + eng.weight_receivers, 120.0)

@@ -101,8 +101,10 @@ def test_weight_sync_transport_choices_are_checked_against_the_layout():
     assert ok.sync.transport == "collective"
     from alignreg.orchestration.weight_sync import collective_backend
 
-    assert [collective_backend(ok.sync.__class__(), lg, eg) for lg, eg in ((1, 1), (0.5, 0.5), (0, 0), (2, 1))] == \
-        ["nccl", "gloo", "gloo", "nccl"]
+    from alignreg.config import RayConfig, SyncConfig
+
+    assert [collective_backend(SyncConfig(), RayConfig(num_gpus_per_learner=lg, num_gpus_per_engine=eg))
+            for lg, eg in ((1, 1), (0.5, 0.5), (0, 0), (2, 1))] == ["nccl", "gloo", "gloo", "nccl"]
 
 
 def test_import_alignreg_stays_light():

@@ -4,11 +4,11 @@ bucket boundaries. The Ray runs that use it are in test_ray_runtime.py."""
 from __future__ import annotations
 
 import multiprocessing as mp
-import socket
 
 import pytest
 import torch
 
+from alignreg.learner.deepspeed import _free_port
 from alignreg.orchestration.weight_sync import ALIGN, bucket_plan, tensor_meta
 from alignreg.rollout.base import weights_checksum
 
@@ -37,12 +37,6 @@ def test_bucket_plan_covers_every_tensor_once_aligned_and_within_the_budget():
         assert len(b) == 1 or ends[-1] <= 4096  # only a lone tensor may exceed the budget
     assert [len(b) for b in plan if any(meta[i][0] == "c.big" for i, _, _ in b)] == [1]
     assert len(bucket_plan(meta, bucket_bytes=1 << 30)) == 1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _member(rank: int, port: int, bucket: int, out) -> None:

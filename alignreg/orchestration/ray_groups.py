@@ -444,7 +444,7 @@ def resolve_transport(cfg: RLConfig, same_node: bool) -> str:
     ``shm`` with engines on other nodes goes through the object store (a file cannot cross nodes)."""
     t = cfg.sync.transport
     if t == "auto":
-        if cfg.ray.num_gpus_per_learner >= 1 and cfg.ray.num_gpus_per_engine >= 1:
+        if cfg.ray.whole_gpus:
             return "collective"
         t = "shm" if not torch.cuda.is_available() else "object_store"
     return "object_store" if t == "shm" and not same_node else t
@@ -482,7 +482,7 @@ class RayRolloutGroup:
         if self.transport == "collective":
             from alignreg.orchestration.weight_sync import collective_backend
 
-            self.backend = collective_backend(cfg.sync, cfg.ray.num_gpus_per_learner, cfg.ray.num_gpus_per_engine)
+            self.backend = collective_backend(cfg.sync, cfg.ray)
             self.receivers = ray.get([a.weight_receivers.remote() for a in self.actors])
         self.group_ids: list[Optional[tuple]] = [None] * len(self.actors)  # collective: the group each engine joined
         self._last: Optional[RemoteWeights] = None

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
-from alignreg.config import SyncConfig, WorkerError
+from alignreg.config import RayConfig, SyncConfig, WorkerError
 from alignreg.rollout.base import RolloutBatch, weights_checksum
 
 ALIGN = 64  # byte alignment of each tensor slot (any dtype view is aligned)
@@ -340,9 +340,9 @@ def receive_weights(group: WeightGroup, meta: Sequence[tuple[str, str, tuple[int
     return out  # type: ignore[return-value]
 
 
-def collective_backend(cfg: SyncConfig, learner_gpus: float, engine_gpus: float) -> str:
+def collective_backend(sync: SyncConfig, ray_cfg: RayConfig) -> str:
     """``sync.collective_backend`` resolved: ``auto`` is NCCL when learners and engines each hold whole GPUs
-    (with fractions they may share a device, and NCCL cannot connect two ranks on one device)."""
-    if cfg.collective_backend != "auto":
-        return cfg.collective_backend
-    return "nccl" if learner_gpus >= 1 and engine_gpus >= 1 else "gloo"
+    (``RayConfig.whole_gpus``), else gloo."""
+    if sync.collective_backend != "auto":
+        return sync.collective_backend
+    return "nccl" if ray_cfg.whole_gpus else "gloo"

@@ -117,7 +117,6 @@ class RolloutWorker:
         if got != checksum:
             raise RuntimeError(f"weight transport corrupted the tensors: checksum {got!r} received, {checksum!r} sent")
         self.engine.load_weights(named)
-        self._received_checksum = got
 
     def weights_checksum(self) -> float:
         return self.engine.weights_checksum()
