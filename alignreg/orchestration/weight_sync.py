@@ -8,7 +8,7 @@ Transports:
   the file and hands zero-copy views to ``reload_weights`` (:func:`read_shared_weights`). One buffer
   is reused across syncs; a sync must finish before the next ``write`` (the trainer loop is
   sequential). The file is removed by ``close()`` (or at interpreter exit).
-* :class:`WeightGroup` (:func:`open_weight_group`, :func:`send_weights`, :func:`receive_weights`;
+* :class:`WeightGroup` (:func:`open_weight_group`, :func:`send_weights`, :func:`iter_received_weights`;
   Ray runs, ``sync.transport: collective``): learner rank 0 and one engine's workers form a process
   group of their own and the learner broadcasts the weights in buckets, NCCL between GPUs, gloo
   between CPU processes (any nodes). The protocol is the same for both backends and is tested here
@@ -30,7 +30,7 @@ import tempfile
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -326,18 +326,64 @@ def send_weights(group: WeightGroup, named: Sequence[tuple[str, torch.Tensor]], 
         group.pg.broadcast(buf, 0).wait()
 
 
+class BucketLedger:
+    """Bytes of received buckets that are still alive, and their peak over one receive.
+
+    A bucket counts as alive while any ``(name, tensor)`` view yielded from it is referenced (by the
+    loader that buffers a layer's weights until the layer is complete, or by the checksum thread). This
+    measures what the streamed receive is for: the engine holds a few buckets at a time, not a second
+    copy of the model."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._refs: dict[int, int] = {}
+        self._sizes: dict[int, int] = {}
+        self.live = 0  # bytes of buckets alive now
+        self.peak = 0  # most bytes alive at once
+        self.total = 0  # bytes received
+
+    def opened(self, key: int, nbytes: int, views: Sequence[torch.Tensor]) -> None:
+        import weakref
+
+        with self._lock:
+            self._refs[key], self._sizes[key] = len(views), nbytes
+            self.live += nbytes
+            self.total += nbytes
+            self.peak = max(self.peak, self.live)
+        for v in views:
+            weakref.finalize(v, self._dropped, key)
+
+    def _dropped(self, key: int) -> None:
+        with self._lock:
+            self._refs[key] -= 1
+            if self._refs[key] == 0:
+                self.live -= self._sizes.pop(key)
+                del self._refs[key]
+
+
 @torch.no_grad()
-def receive_weights(group: WeightGroup, meta: Sequence[tuple[str, str, tuple[int, ...]]],
-                    bucket_bytes: int) -> list[tuple[str, torch.Tensor]]:
-    """Group ranks >= 1: receive what :func:`send_weights` sends; views ``(name, tensor)`` into the buckets."""
-    out: list[Optional[tuple[str, torch.Tensor]]] = [None] * len(meta)
-    for bucket in bucket_plan(meta, bucket_bytes):
+def iter_received_weights(group: WeightGroup, meta: Sequence[tuple[str, str, tuple[int, ...]]], bucket_bytes: int,
+                          ledger: Optional[BucketLedger] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Group ranks >= 1: receive what :func:`send_weights` sends, one bucket at a time, yielding
+    ``(name, view)`` into the current bucket. The next bucket is received only when the consumer asks for
+    its first tensor, and a bucket is freed once the consumer has dropped its views, so a consumer that
+    loads as it goes (vLLM's layer-wise ``reload_weights``) never holds a second full copy of the weights."""
+    for k, bucket in enumerate(bucket_plan(meta, bucket_bytes)):
         buf = torch.empty(_bucket_size(bucket), dtype=torch.uint8, device=group.device)
         group.pg.broadcast(buf, 0).wait()
-        for i, off, nbytes in bucket:
-            name, dtype, shape = meta[i]
-            out[i] = (name, buf[off : off + nbytes].view(getattr(torch, dtype)).view(shape))
-    return out  # type: ignore[return-value]
+        views = [(meta[i][0], buf[off : off + nbytes].view(getattr(torch, meta[i][1])).view(meta[i][2]))
+                 for i, off, nbytes in bucket]
+        if ledger is not None:
+            ledger.opened(k, buf.numel(), [v for _, v in views])
+        del buf
+        while views:
+            yield views.pop(0)  # hold no reference to what was handed out
+
+
+def receive_weights(group: WeightGroup, meta: Sequence[tuple[str, str, tuple[int, ...]]],
+                    bucket_bytes: int) -> list[tuple[str, torch.Tensor]]:
+    """:func:`iter_received_weights` collected: every tensor at once (a full copy of the weights)."""
+    return list(iter_received_weights(group, meta, bucket_bytes))
 
 
 def collective_backend(sync: SyncConfig, ray_cfg: RayConfig) -> str:

@@ -60,7 +60,8 @@ class RolloutEngine(Protocol):
         ...
 
 
-def _tensor_crc(item: tuple[str, torch.Tensor]) -> int:
+def tensor_crc(item: tuple[str, torch.Tensor]) -> int:
+    """CRC-32 of one tensor's name, dtype, shape and raw bytes (the per-tensor part of :func:`weights_checksum`)."""
     name, t = item
     head = f"{name}|{str(t.dtype).removeprefix('torch.')}|{tuple(t.shape)}".encode()
     data = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
@@ -82,7 +83,15 @@ def weights_checksum(named_tensors: Iterable[tuple[str, torch.Tensor]], threads:
     workers = threads if threads is not None else min(8, os.cpu_count() or 1)
     if workers > 1 and len(items) > 1:
         with ThreadPoolExecutor(workers) as pool:
-            crcs = list(pool.map(_tensor_crc, items))
+            crcs = list(pool.map(tensor_crc, items))
     else:
-        crcs = [_tensor_crc(kv) for kv in items]
+        crcs = [tensor_crc(kv) for kv in items]
+    return checksum_of_crcs(zip((n for n, _ in items), crcs))
+
+
+def checksum_of_crcs(named_crcs: Iterable[tuple[str, int]]) -> float:
+    """:func:`weights_checksum` from per-tensor CRCs (``tensor_crc``) computed in any order, e.g. as the
+    tensors of a streamed sync arrive."""
+    crcs = [c for _, c in sorted(named_crcs, key=lambda nc: nc[0])]
     return float(zlib.crc32(struct.pack(f"<{len(crcs)}I", *crcs)))
+

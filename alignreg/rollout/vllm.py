@@ -275,7 +275,10 @@ class VLLMRolloutEngine:
         self.collective_rpc("alignreg_init_weight_group", (backend, host, port, rank_offset, world, timeout_s))
 
     def load_weights_from_group(self, meta: list, bucket_bytes: int, checksum: float) -> float:
-        """Receive a broadcast from learner rank 0 in every worker and load it (checksum checked there)."""
+        """Receive a broadcast from learner rank 0 in every worker and load it as it arrives (checksum checked
+        there). Names and shapes are checked against the checkpoint first, from ``meta``, because a streamed
+        load cannot be checked in full before it starts."""
+        self._check_names([(n, torch.empty(shape, device="meta")) for n, _, shape in meta])
         out = float(self.collective_rpc("alignreg_update_weights_from_group", (meta, bucket_bytes, checksum))[0])
         self._scale = None
         return out

@@ -14,8 +14,8 @@ restores checkpoint layout, loads and re-runs the post-processing. Older vLLM wi
 builds only, where nothing is repacked) fall back to ``model.load_weights``.
 
 Checksum: ``alignreg_weights_checksum`` returns :func:`alignreg.rollout.base.weights_checksum` over the
-tensors *as this worker received them* (names as sent by the learner), computed on a side thread
-while ``reload_weights`` reads the same buffer; before the first update, over the checkpoint's safetensors
+tensors *as this worker received them* (names as sent by the learner), computed per tensor on side
+threads as ``reload_weights`` consumes them (the collective transport streams them bucket by bucket); before the first update, over the checkpoint's safetensors
 (checkpoint names). It cannot be computed over the model's parameters after loading, because the
 fused (``qkv_proj``, ``gate_up_proj``) and repacked parameters have other names and layouts. So the
 checksum proves that the transport delivered the learner's bytes to the worker; that the load
@@ -38,7 +38,7 @@ from typing import Iterable
 
 import torch
 
-from alignreg.rollout.base import weights_checksum
+from alignreg.rollout.base import checksum_of_crcs, tensor_crc, weights_checksum
 
 
 class WorkerExtension:
@@ -57,29 +57,47 @@ class WorkerExtension:
         named = read_shared_weights(spec)  # views into the mapped file, no copy
         return self._reload(named, expected=spec.get("checksum"))
 
-    def _reload(self, named: list[tuple[str, torch.Tensor]], expected: float | None = None) -> float:
-        """Checksum the received tensors on a side thread WHILE vLLM loads them (zlib releases the
-        GIL; both only read the buffer), then compare. A mismatch is raised after the load: the run
-        stops with the error either way, and the overlap takes the checksum off the sync's
-        critical path (it was the largest worker-side cost after the reload itself)."""
+    def _reload(self, named: Iterable[tuple[str, torch.Tensor]], expected: float | None = None,
+                ledger=None) -> float:
+        """Load ``named`` (a list, or a stream that yields tensors as they arrive) through vLLM's in-place
+        reload, checksumming each tensor on a side thread pool as the reload consumes it (zlib releases the
+        GIL; both only read), then compare with ``expected``. A mismatch is raised after the load: the run
+        stops with the error either way, and the overlap takes the checksum off the sync's critical path.
+        Nothing here holds a tensor after its checksum, so a streamed bucket is freed as soon as vLLM has
+        loaded its layers (``ledger``: a ``weight_sync.BucketLedger`` that saw the buckets open)."""
         t0 = time.perf_counter()
-        side = ThreadPoolExecutor(1, thread_name_prefix="alignreg-checksum")
-        pending = side.submit(lambda: (weights_checksum(named), time.perf_counter()))
+        side = ThreadPoolExecutor(min(8, os.cpu_count() or 1), thread_name_prefix="alignreg-checksum")
+        crcs: list = []
+
+        def tapped():
+            for item in named:
+                crcs.append((item[0], side.submit(_timed_crc, item)))
+                yield item
+
+        stream = tapped()
         try:
             runner = self.model_runner
             params = inspect.signature(runner.reload_weights).parameters if hasattr(runner, "reload_weights") else {}
             if "weights_iterator" in params:
-                runner.reload_weights(weights_iterator=iter(named))
+                runner.reload_weights(weights_iterator=stream)
             else:  # vLLM without in-place reload (GPU, no repacked layers)
-                runner.get_model().load_weights(iter(named))
+                runner.get_model().load_weights(stream)
+            left = sum(1 for _ in stream)  # receive what the loader left (the sender would block on it), then fail
+            if left:
+                raise RuntimeError(f"vLLM's weight loader stopped after {len(crcs) - left} of {len(crcs)} tensors; "
+                                   f"the engine holds a partial update (restart it or re-sync)")
             t1 = time.perf_counter()
             _refresh_shared_packed_weights(runner.get_model())
             t2 = time.perf_counter()
-            checksum, t_sum = pending.result()
+            done = [(n, *f.result()) for n, f in crcs]
+            checksum = checksum_of_crcs((n, crc) for n, crc, _ in done)
+            t_sum = max((t for _, _, t in done), default=t0)
         finally:
             side.shutdown(wait=True)
         self._alignreg_timings = {"checksum_s": t_sum - t0, "reload_s": t1 - t0, "tied_refresh_s": t2 - t1,
                                   "total_s": time.perf_counter() - t0}
+        if ledger is not None:
+            self._alignreg_timings.update(peak_bucket_bytes=float(ledger.peak), received_bytes=float(ledger.total))
         self._alignreg_checksum = checksum
         if expected is not None and checksum != expected:
             raise RuntimeError(f"weight transport corrupted the tensors: checksum {checksum!r} in the "
@@ -88,8 +106,9 @@ class WorkerExtension:
         return checksum
 
     def alignreg_sync_timings(self) -> dict[str, float]:
-        """Seconds the last update spent in this worker: checksum (side thread, from the start),
-        vLLM reload, tied-head refresh, total."""
+        """Seconds the last update spent in this worker: checksum (side threads, from the start to the last
+        tensor's CRC), vLLM reload, tied-head refresh, total; after a collective update also the bytes
+        received and the peak bytes of received buckets alive at once."""
         return dict(getattr(self, "_alignreg_timings", {}))
 
     def alignreg_weights_checksum(self) -> float:
@@ -139,14 +158,21 @@ class WorkerExtension:
                                                  world, timeout_s)
 
     def alignreg_update_weights_from_group(self, meta: list, bucket_bytes: int, checksum: float | None = None) -> float:
-        """Receive the buckets learner rank 0 broadcasts (``weight_sync.send_weights``) and load them."""
-        from alignreg.orchestration.weight_sync import receive_weights
+        """Receive the buckets learner rank 0 broadcasts (``weight_sync.send_weights``) and load them as they
+        arrive: vLLM's layer-wise reload loads each layer once its tensors are in, so this worker holds a
+        few buckets at a time (``peak_bucket_bytes`` in :meth:`alignreg_sync_timings`), not a full copy."""
+        from alignreg.orchestration.weight_sync import BucketLedger, iter_received_weights
 
         group = getattr(self, "_alignreg_group", None)
         if group is None:
             raise RuntimeError("alignreg_update_weights_from_group: this worker joined no weight group "
                                "(alignreg_init_weight_group first)")
-        return self._reload(receive_weights(group, meta, bucket_bytes), expected=checksum)
+        ledger = BucketLedger()
+        return self._reload(iter_received_weights(group, meta, bucket_bytes, ledger), expected=checksum, ledger=ledger)
+
+
+def _timed_crc(item: tuple[str, torch.Tensor]) -> tuple[int, float]:
+    return tensor_crc(item), time.perf_counter()
 
 
 def set_idle_spin(seconds: float) -> int:
