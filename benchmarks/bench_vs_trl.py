@@ -5,7 +5,9 @@ code and saved once; char tokenizer, no download), the same synthetic task (``so
 exact-match reward), the same batch (``--prompts`` prompts x ``--group`` responses per step), the same
 response length cap, temperature 1, one on-policy optimizer step per batch with the same micro-batch
 (TRL: ``per_device_train_batch_size=micro``, ``gradient_accumulation_steps=batch/micro``), learning rate,
-clip range and no KL term (TRL ``beta=0``; alignreg: no regularizer). The model is not warm-started,
+clip range and no KL term (TRL ``beta=0``; alignreg: no regularizer), the same precision (float32, or
+with ``--bf16`` bfloat16 mixed precision on both sides: TRL ``bf16=True``, alignreg
+``learner.mixed_precision=bf16`` and a bfloat16 vLLM engine). The model is not warm-started,
 so neither policy emits EOS early: both generate the full ``--max-new`` tokens for every response and
 do the same amount of work per step (the table reports completion tokens/s too, to show it).
 
@@ -74,6 +76,9 @@ def run_alignreg(a, ckpt: str, ray: bool, engine: str = "vllm", extra: tuple[str
         "trainer.progress=false", "trainer.tensorboard=false", f"trainer.run_dir={run_dir}", f"trainer.threads={a.threads}",
     ]
     over += list(extra) + (a.set or [])
+    if a.bf16:  # bfloat16 autocast in the learner; the vLLM engine serves in bfloat16 (its log-probs differ
+        # from the float32 learner's by bf16 rounding, so the parity probe gets a bf16-sized tolerance)
+        over += ["learner.mixed_precision=bf16", "vllm.dtype=bfloat16", f"sync.parity_tol={a.bf16_parity_tol}"]
     if ray:
         over += ["orchestration=ray", f"rollout.engine={engine}", "ray.num_cpus_per_actor=0.5"]
     cfg = load_config(RLConfig, os.path.join(ROOT, "configs/rl/tiny_grpo_siren.yaml"), over)
@@ -106,7 +111,7 @@ def run_trl(a, ckpt: str, use_vllm: bool) -> dict:
     out = tempfile.mkdtemp(prefix="bench_trl_trl_")
     batch = a.prompts * a.group
     args = GRPOConfig(
-        output_dir=out, use_cpu=True, bf16=False, seed=0, report_to="none", save_strategy="no", logging_steps=10**6,
+        output_dir=out, use_cpu=True, bf16=a.bf16, seed=0, report_to="none", save_strategy="no", logging_steps=10**6,
         max_steps=a.steps, learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=1.0, per_device_train_batch_size=a.micro, gradient_accumulation_steps=batch // a.micro,
         num_generations=a.group, generation_batch_size=batch, max_completion_length=a.max_new, temperature=1.0,
@@ -151,6 +156,10 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = torch default)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="both sides in bfloat16 mixed precision: TRL bf16=True (autocast), alignreg "
+                         "learner.mixed_precision=bf16 and vllm.dtype=bfloat16")
+    ap.add_argument("--bf16-parity-tol", type=float, default=0.1, help=argparse.SUPPRESS)
     ap.add_argument("--set", action="append", help="extra alignreg config override key=value (repeatable)")
     ap.add_argument("--json", default="")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
@@ -172,11 +181,13 @@ def main():
     variants = a.variants.split(",") + (["trl-vllm"] if a.trl_vllm else [])
     batch = a.prompts * a.group
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} cpus={os.cpu_count()} load={os.getloadavg()} "
-          f"model h={a.hidden} L={a.layers}; batch {a.prompts}x{a.group}, max_new {a.max_new}, micro {a.micro}", flush=True)
+          f"model h={a.hidden} L={a.layers}; batch {a.prompts}x{a.group}, max_new {a.max_new}, micro {a.micro}; "
+          f"{'bfloat16 mixed precision' if a.bf16 else 'float32'}", flush=True)
     rows = []
     argv = [sys.executable, os.path.abspath(__file__), "--ckpt", ckpt] + [
         f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items()
-        if k in ("steps", "prompts", "group", "max_new", "micro", "hidden", "layers", "lr", "threads")] + [
+        if k in ("steps", "prompts", "group", "max_new", "micro", "hidden", "layers", "lr", "threads", "bf16_parity_tol")] + [
+        "--bf16"] * a.bf16 + [
         f"--set={kv}" for kv in a.set or []]
     for v in variants:
         t0 = time.perf_counter()

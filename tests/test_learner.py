@@ -98,6 +98,23 @@ def test_on_policy_ratio_is_exactly_one():
     assert m["reg/grpo_guard/post_ratio_mean"] == 1.0
 
 
+def test_bf16_mixed_precision_runs_the_body_in_bf16_and_keeps_float32_state():
+    """learner.mixed_precision=bf16: the transformer body (policy and reference) runs under bf16 autocast;
+    weights, gradients and Adam state stay float32, and the update differs from the float32 one only by
+    bf16 rounding. On-policy, the ratio is still exactly 1 (the no-grad and loss passes use the same kernels)."""
+    g32, m32 = _grads_after_step(4)
+    g16, m16 = _grads_after_step(4, learner={"mixed_precision": "bf16"})
+    assert g16.keys() == g32.keys()
+    num = sum(float((g16[n] - g32[n]).norm() ** 2) for n in g32) ** 0.5
+    den = sum(float(g32[n].norm() ** 2) for n in g32) ** 0.5
+    assert all(g.dtype == torch.float32 for g in g16.values())
+    assert 1e-4 < num / den < 0.05, num / den  # bf16 rounding: not zero (autocast is on), not large
+    assert m16["policy/ratio"] == 1.0 and m16["policy/clipfrac"] == 0.0
+    assert abs(m16["policy/entropy"] - m32["policy/entropy"]) < 1e-2 * abs(m32["policy/entropy"])
+    _, m = _grads_after_step(5, terms=[{"name": "grpo_guard", "coef": 1.0}], learner={"mixed_precision": "bf16"})
+    assert m["policy/ratio"] == 1.0 and m["reg/grpo_guard/post_ratio_mean"] == 1.0
+
+
 def test_zero_coefficient_drops_term_and_reference():
     tok = build_tokenizer()
     model = _model(tok)

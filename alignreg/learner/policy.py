@@ -37,9 +37,11 @@ from alignreg.regularizers.base import AggNorm, LossContext, RegularizerSet, Ste
 lm_parts = lm_head_and_body  # (body -> final-normed hidden states, lm-head weight [V, H], bias or None)
 
 
-def response_hidden(body, batch: TrainBatch) -> Tensor:
-    """Hidden states that predict each response token: [N, R, H]."""
-    h = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
+def response_hidden(body, batch: TrainBatch, autocast: Optional[torch.dtype] = None) -> Tensor:
+    """Hidden states that predict each response token: [N, R, H]. ``autocast``: run the body under
+    ``torch.autocast`` in that dtype (``learner.mixed_precision``); the weights stay as they are."""
+    with torch.autocast(batch.input_ids.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        h = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
     P, R = batch.prompt_len, batch.response_len
     return h[:, P - 1 : P - 1 + R]
 
@@ -167,6 +169,7 @@ class PolicyLearner:
             model.gradient_checkpointing_enable()
         _, w, _ = lm_parts(model)
         self.vocab = w.shape[0]
+        self.autocast = {"none": None, "bf16": torch.bfloat16}[cfg.learner.mixed_precision]
         self._pre: dict[tuple[int, int], tuple[Precomputed, Tensor]] = {}  # micro-batch rows -> no-grad pass stats
         self._reuse_counts = {True: 0, False: 0}
         self._nonfinite_run = 0  # consecutive optimizer updates with an inf/NaN gradient norm
@@ -201,7 +204,7 @@ class PolicyLearner:
     def _stats(self, model, batch: TrainBatch, spec: StatsSpec, chunk: int, ref_h=None, old_h=None, ref_model=None,
                pre: Optional[tuple[Precomputed, Tensor]] = None):
         body, w, b = lm_parts(model)
-        h = response_hidden(body, batch)
+        h = response_hidden(body, batch, self.autocast)
         valid = batch.mask > 0
         flat = h[valid]
         kw = {}
@@ -294,13 +297,13 @@ class PolicyLearner:
     def _wide_pass(self, mb: TrainBatch, spec: StatsSpec, chunk: int, r: range):
         """One no-grad pass for pi_old's and the first update's statistics (and the reference's)."""
         body, w, b = lm_parts(self.model)
-        h = response_hidden(body, mb)
+        h = response_hidden(body, mb, self.autocast)
         valid = mb.mask > 0
         flat = h[valid]
         kw, rh = {}, None
         if spec.kl_ref:
             rbody, rw, rb = lm_parts(self.ref_model)
-            rh = response_hidden(rbody, mb)
+            rh = response_hidden(rbody, mb, self.autocast)
             kw["ref"] = (rh[valid], rw, rb)
         pre = token_stats_forward(flat, w, mb.response_ids[valid], spec, bias=b, chunk_size=chunk, **kw)
         self._pre[(r.start, r.stop)] = (pre, fingerprint(flat))
