@@ -35,6 +35,9 @@ CHAT_TEMPLATE = (
 MAX_POSITIONS = 128
 
 
+AUTOCAST = {"none": None, "bf16": torch.bfloat16}  # learner.mixed_precision -> torch.autocast dtype (None: off)
+
+
 def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
     """A character-level WordLevel tokenizer with <pad>/<bos>/<eos>; BOS is prepended on encode.
 

@@ -53,6 +53,23 @@ def test_sampling_logprobs_match_teacher_forcing(policy, temperature, top_p, top
             assert all(t in logits[j].topk(top_k).indices for j, t in enumerate(r))
 
 
+def test_bf16_autocast_samples_from_the_policy_as_the_bf16_learner_computes_it(policy):
+    """``learner.mixed_precision=bf16``: the engine generates under the same autocast, so its sampling
+    log-probs equal a bf16-autocast teacher-forced forward (the learner's old log-probs), and differ from
+    the float32 forward by bf16 rounding."""
+    model, tok = policy
+    engine = HFRolloutEngine(model, tok, autocast=torch.bfloat16)
+    batch = engine.generate(encode_prompts(tok, PROMPTS), SamplingParams(n=3, max_new_tokens=10, seed=0))
+
+    def gap(bf16: bool) -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return max(float((torch.tensor(lp, dtype=torch.float64) - teacher_forced_logprobs(model, p, r, 1.0)).abs().max())
+                       for p, r, lp in zip(batch.prompt_ids, batch.response_ids, batch.logprobs))
+
+    assert gap(bf16=True) < 5e-4 < gap(bf16=False)
+    assert next(engine.model.parameters()).dtype == torch.float32
+
+
 def test_eos_cut_and_finished_flags(policy):
     model, tok = policy
     trained = load_policy(ModelConfig(), seed=0)[0]

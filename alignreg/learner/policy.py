@@ -30,7 +30,7 @@ from alignreg.losses.aggregate import aggregate
 from alignreg.losses.policy import clipped_pg_loss
 from alignreg.losses.stats import Precomputed, StatsSpec, auto_chunk_size, token_stats, token_stats_forward
 from alignreg.learner.batch import TrainBatch
-from alignreg.models import lm_head_and_body
+from alignreg.models import AUTOCAST, lm_head_and_body
 from alignreg.regularizers.base import AggNorm, LossContext, RegularizerSet, StepView
 
 
@@ -169,7 +169,7 @@ class PolicyLearner:
             model.gradient_checkpointing_enable()
         _, w, _ = lm_parts(model)
         self.vocab = w.shape[0]
-        self.autocast = {"none": None, "bf16": torch.bfloat16}[cfg.learner.mixed_precision]
+        self.autocast = AUTOCAST[cfg.learner.mixed_precision]
         self._pre: dict[tuple[int, int], tuple[Precomputed, Tensor]] = {}  # micro-batch rows -> no-grad pass stats
         self._reuse_counts = {True: 0, False: 0}
         self._nonfinite_run = 0  # consecutive optimizer updates with an inf/NaN gradient norm

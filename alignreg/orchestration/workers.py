@@ -54,6 +54,7 @@ class RolloutWorker:
 
             self.engine = VLLMRolloutEngine(model_dir, cfg.vllm, seed, _max_len(model_dir))
         else:
+            from alignreg.models import AUTOCAST
             from alignreg.rollout.hf import HFRolloutEngine
 
             if model is None:
@@ -61,7 +62,7 @@ class RolloutWorker:
 
                 model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, attn_implementation="eager",
                                                              dtype=torch.float32)
-            self.engine = HFRolloutEngine(model, tokenizer)
+            self.engine = HFRolloutEngine(model, tokenizer, autocast=AUTOCAST[cfg.learner.mixed_precision])
         self.temperature = cfg.rollout.temperature
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> RolloutBatch:

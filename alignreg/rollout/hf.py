@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import transformers
@@ -23,8 +23,13 @@ from alignreg.rollout.base import RolloutBatch, SamplingParams, weights_checksum
 
 
 class HFRolloutEngine:
-    def __init__(self, model: torch.nn.Module, tokenizer):
+    """``autocast``: run ``generate`` under ``torch.autocast`` in that dtype (the trainer passes the learner's
+    ``learner.mixed_precision``, so rollouts sample from the policy as the learner computes it); the
+    weights stay as loaded, and the parity probe's forward (``weight_sync.hf_logprobs_fn``) stays float32."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, autocast: Optional[torch.dtype] = None):
         self.model = copy.deepcopy(model).eval()  # deepcopy keeps tied embeddings tied
+        self.autocast = autocast
         self.model.requires_grad_(False)
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -61,8 +66,9 @@ class HFRolloutEngine:
         with rng:
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
-            out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                      generation_config=self._generation_config(sampling))
+            with torch.autocast(device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+                out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                          generation_config=self._generation_config(sampling))
         new_tokens = out.sequences[:, width:]  # [B*n, T_new]; finished rows padded with pad_id
         if new_tokens.shape[1] == 0:
             raise RuntimeError("generate produced no tokens; max_new_tokens must be >= 1")
