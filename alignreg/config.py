@@ -540,6 +540,9 @@ class WarmStartConfig:
         _at_least(self, path, 1, "batch_size")
 
 
+HALF_PARITY_TOL = 0.01  # below this, sync.parity_tol is a float32 tolerance (a bfloat16 engine's probe log-probs differ by more)
+
+
 @dataclass
 class RLConfig:
     model: ModelConfig = field(default_factory=ModelConfig)  # policy (and reference) model
@@ -575,6 +578,14 @@ class RLConfig:
                f"{path}.sync.collective_backend: 'nccl' needs whole GPUs on both sides (ray.num_gpus_per_learner and "
                "ray.num_gpus_per_engine >= 1: with fractions a learner and an engine may share a device, and NCCL cannot "
                "connect two ranks on one device); use gloo (or auto)")
+        half = self.rollout.engine == "vllm" and self.vllm.dtype in ("bfloat16", "float16", "half")
+        _check(not (half and self.sync.verify and self.sync.parity_tol < HALF_PARITY_TOL),
+               f"{path}.sync.parity_tol: {self.sync.parity_tol:g} is a float32 tolerance, but vllm.dtype={self.vllm.dtype} "
+               "serves in half precision, and the parity probe compares its log-probs with the learner's own forward "
+               "(other kernels, and float32 unless model.dtype is bfloat16), so the first sync would fail; "
+               f"set sync.parity_tol to at least {HALF_PARITY_TOL:g} (the tiny models built in "
+               "code differ by 0.001-0.006 in bfloat16, larger models by more: size it from the logged "
+               "sync/probe_max_abs_diff) or sync.verify=false")
 
 
 # --------------------------------------------------------------------------------------------

@@ -84,6 +84,18 @@ def test_out_of_range_values_name_the_key(section, values, needle):
         from_dict(RLConfig, {"regularizers": [{"name": "grpo_guard"}, {"name": "grpo_guard", "id": "g2"}]})
 
 
+def test_a_half_precision_vllm_engine_needs_a_half_precision_parity_tolerance():
+    with pytest.raises(ConfigError, match=r"config.sync.parity_tol: 0.001 is a float32 tolerance, but vllm.dtype=bfloat16 "
+                                          r"serves in half precision.*set sync.parity_tol to at least 0.01"):
+        from_dict(RLConfig, {"rollout": {"engine": "vllm"}, "vllm": {"dtype": "bfloat16"}})
+    for ok in ({"sync": {"parity_tol": 0.1}}, {"sync": {"verify": False}}, {"vllm": {"dtype": "float32"}},
+               {"rollout": {"engine": "hf"}}):
+        cfg = {"rollout": {"engine": "vllm"}, "vllm": {"dtype": "bfloat16"}}
+        for k, v in ok.items():
+            cfg[k] = {**cfg.get(k, {}), **v}
+        from_dict(RLConfig, cfg)
+
+
 def test_weight_sync_transport_choices_are_checked_against_the_layout():
     with pytest.raises(ConfigError, match=r"config.sync.transport: 'collective' needs orchestration: ray"):
         from_dict(RLConfig, {"sync": {"transport": "collective"}})
