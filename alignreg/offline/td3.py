@@ -61,6 +61,8 @@ class TD3Learner:
         self.it += 1
         if self.algo == "bc":
             return self._actor_step(b, critic=None)
+        if self.it % self.policy_freq == 0:
+            self._prefetch_actor_penalties(b)
         with torch.no_grad():
             noise = (torch.randn_like(b.actions) * self.policy_noise).clamp(-self.noise_clip, self.noise_clip)
             next_a = (self.actor_target(b.next_states) + noise).clamp(-self.max_action, self.max_action)
@@ -84,6 +86,17 @@ class TD3Learner:
                     for p, tp in zip(net.parameters(), targ.parameters()):
                         tp.lerp_(p, self.tau)
         return metrics
+
+    def _prefetch_actor_penalties(self, b: TransitionBatch) -> None:
+        """Let penalty terms start work that needs only pi(s) (PRDC's neighbour search) before the critic
+        update, which does not change the actor; they check that the actor step's pi(s) is the same."""
+        terms = [t.term for t in self.penalties.with_hook("actor_penalty")
+                 if getattr(t.term, "prefetch_actor_penalty", None) is not None]
+        if terms:
+            with torch.no_grad():
+                pi = self.actor(b.states)
+            for term in terms:
+                term.prefetch_actor_penalty(b.states, b.indices, pi)
 
     def actor_loss(self, b: TransitionBatch, critic) -> tuple[torch.Tensor, dict[str, float]]:
         """``-lambda * mean Q1(s, pi(s)) + sum_t coef_t * penalty_t`` (no Q term for ``algo=bc``)."""

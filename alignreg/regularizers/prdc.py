@@ -19,7 +19,11 @@ radius-bounded KD-tree query otherwise. Search settings that never change the re
 ``num_candidates=32`` candidates per row, ``index_cache`` (lists of datasets >= 100k rows are cached by
 content hash), ``max_index_build_s=900`` (a list build estimated to take longer is done in fewer
 principal axes of the state, which keeps the certificate exact but weaker; if even 4 axes do not fit,
-every row takes the tree search). Needs ``setup`` (the dataset) before the first actor step.
+every row takes the tree search), ``overlap_search=true`` (the learner computes pi(s) without grad
+before its critic update and this term searches on a side thread while the critic trains: the actor
+is not changed by the critic update, so the query is the same; the actor step checks that its pi(s) equals
+the prefetched one bit for bit and searches again otherwise). Needs ``setup`` (the dataset) before the
+first actor step.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ class PRDCParams:
     k: int = 1  # use the k-th nearest neighbour (official semantics: k-th only, not the k nearest)
     num_candidates: int = 32  # search only: state-space candidates per row for the exactness certificate (>= k)
     index_cache: str = "~/.cache/alignreg/prdc_index"  # candidate lists of datasets >= 100k rows are reused ("": off)
+    overlap_search: bool = True  # search on a side thread while the critic update runs (same neighbours; checked)
     max_index_build_s: float = 900.0  # build-time budget of the lists: fewer principal axes of the state if needed, none if 4 do not fit
 
     def validate(self, path: str) -> None:
@@ -57,6 +62,9 @@ class PRDC(Regularizer):
     def __init__(self, params, term_id):
         super().__init__(params, term_id)
         self.index = None
+        self._side = None  # one search thread (overlap_search)
+        self._pending = None  # (pi(s) the search was started for, its future)
+        self.prefetch_used = 0  # actor steps that took the overlapped search's answer
 
     def setup(self, ctx) -> None:
         from alignreg.offline.nn_search import JointNearestNeighbour
@@ -67,12 +75,30 @@ class PRDC(Regularizer):
                                            self.params.num_candidates, cache_dir=self.params.index_cache or None,
                                            log=print, max_build_s=self.params.max_index_build_s)
 
+    def prefetch_actor_penalty(self, states, indices, pi) -> None:
+        """Start the neighbour search for the coming actor step (``pi``: pi(s) without grad) on a side thread."""
+        if not self.params.overlap_search or self.index is None:
+            return
+        if self._side is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._side = ThreadPoolExecutor(1, thread_name_prefix="alignreg-prdc-search")
+        scaled = None if indices is not None else states.detach() * self.params.beta
+        self._pending = (pi, self._side.submit(self.index.query, indices, pi, scaled))
+
     def actor_penalty(self, batch):
         if self.index is None:
             raise RuntimeError("prdc: setup(dataset) must run before the first actor step")
         pi = batch.policy_actions
-        scaled = None if batch.indices is not None else batch.states.detach() * self.params.beta
-        idx, d2 = self.index.query(batch.indices, pi, scaled)
+        pending, self._pending = self._pending, None
+        if pending is not None and torch.equal(pending[0], pi.detach()):
+            idx, d2 = pending[1].result()
+            self.prefetch_used += 1
+        else:  # no prefetch, or pi(s) changed since (then the prefetched answer is discarded)
+            if pending is not None:
+                pending[1].result()
+            scaled = None if batch.indices is not None else batch.states.detach() * self.params.beta
+            idx, d2 = self.index.query(batch.indices, pi, scaled)
         a_nn = self.index.actions[idx].to(pi.dtype).to(pi.device)  # constant target (no grad)
         metrics = {"nn_dist": d2.sqrt().mean().item(), "certified": self.index.last_certified}
         return F.mse_loss(pi, a_nn), metrics

@@ -154,3 +154,40 @@ def test_prdc_setup_reports_index_build_decisions_below_the_cache_size(tmp_path,
     assert term.index.cand is None
     assert "would take" in out and "no candidate lists within max_index_build_s" in out
     assert list(tmp_path.iterdir()) == []  # nothing cached below 100k rows
+
+
+def test_overlapped_search_gives_the_serial_run_bit_for_bit():
+    """overlap_search: the search for the actor step runs on a side thread during the critic update, from
+    pi(s) computed before it. The run is identical to searching in the actor step; a prefetch whose pi(s)
+    no longer matches is discarded and the search is redone."""
+    from alignreg.offline.datasets import OfflineData
+    from alignreg.offline.td3 import TD3Learner
+
+    rng = np.random.default_rng(3)
+    s, a = dataset(rng, n=3000, S=5, A=2)
+    data = OfflineData({"observations": s, "actions": a, "next_observations": np.roll(s, -1, 0),
+                        "rewards": rng.normal(size=len(s)).astype(np.float32), "terminals": np.zeros(len(s), bool)})
+    runs = []
+    for overlap in (True, False):
+        torch.manual_seed(0)
+        terms = build_regularizers([RegularizerConfig(name="prdc", params={"num_candidates": 8, "overlap_search": overlap})],
+                                   hooks=("actor_penalty",))
+        L = TD3Learner(data.state_dim, data.action_dim, actor_hidden=[32, 32], critic_hidden=[32, 32], penalties=terms)
+        L.setup(OfflineSetup(data.states_np, data.actions.numpy(), data.state_dim, data.action_dim, 1.0, 0))
+        gen = torch.Generator().manual_seed(1)
+        metrics = [L.train_step(data.sample(64, gen)) for _ in range(30)]
+        runs.append((L, terms.terms[0].term, metrics))
+    (fast, term, m_fast), (slow, slow_term, m_slow) = runs
+    assert term.prefetch_used == 15 and slow_term.prefetch_used == 0  # every actor step (policy_freq 2) took it
+    for (n, p), q in zip(fast.state_dict()["actor"].items(), slow.state_dict()["actor"].values()):
+        assert torch.equal(p, q), n
+    assert [m.get("reg/prdc/nn_dist") for m in m_fast] == [m.get("reg/prdc/nn_dist") for m in m_slow]
+    # a stale prefetch (pi changed after it started) is not used
+    b = data.sample(64, torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        pi = fast.actor(b.states)
+    term.prefetch_actor_penalty(b.states, b.indices, pi + 0.5)
+    loss, _ = term.actor_penalty(ActorPenaltyBatch(b.states, b.actions, pi, None, b.indices, 1))
+    ref_idx, _, _ = brute_force(data.states_np, data.actions.numpy(), 2.0, b.indices.numpy(), pi.double().numpy(), 1)
+    assert term.prefetch_used == 15
+    assert loss.item() == pytest.approx(((pi.numpy() - data.actions.numpy()[ref_idx]) ** 2).mean(), rel=1e-6)
