@@ -416,6 +416,7 @@ class LearnerConfig:
     log_entropy: bool = True  # log the full-vocabulary policy entropy (computed in the no-grad pass)
     single_pass: bool = True  # on-policy (one update per batch) and no term that needs pi_old / reference statistics of the whole batch first: skip the no-grad pass (old log-probs = the detached current ones, ratio 1; exact)
     reuse_forward: bool = True  # first update of a step: take the loss statistics from the no-grad pass (pi = pi_old) and run only their backward (exact; checked per micro-batch by a hidden-state fingerprint)
+    share_prompt: bool = True  # rows with the same prompt (a GRPO group) run its tokens once: the prompt pass fills a key/value cache the responses continue from (same values up to float rounding, same gradients; off under gradient checkpointing, where HF keeps no cache)
     mixed_precision: Literal["none", "bf16"] = "none"  # "bf16": the policy's (and reference's) transformer body runs under torch.autocast(bfloat16) with float32 weights, gradients and optimizer state; the lm-head statistics (log-probs, entropies, KL) stay in float32
     max_nonfinite_updates: int = 3  # torch backend: an update whose gradient norm is inf/NaN is skipped (weights and Adam state unchanged; optim/nonfinite_skipped); more than this many in a row stop the run with an error (DeepSpeed: the first stops it)
 

@@ -136,16 +136,26 @@ def lm_head_and_body(model) -> tuple[Callable[..., Tensor], Tensor, Optional[Ten
 
     ``body(input_ids, attention_mask=None, position_ids=None)`` returns the final hidden states
     ``[B, T, H]`` after the final norm (``model.model(...).last_hidden_state``), so that
-    ``hidden @ weight.T (+ bias)`` equals the model's logits. With tied embeddings the weight *is*
+    ``hidden @ weight.T (+ bias)`` equals the model's logits. ``cache`` (from ``body.new_cache()``)
+    is an HF ``DynamicCache`` the call appends its keys/values to, with autograd intact: a second
+    call continues the sequences of the first (``alignreg.learner.policy.response_hidden`` runs a
+    group's shared prompt once this way). With tied embeddings the weight *is*
     the input embedding, so gradients through it reach the embedding as in ``model(...)``.
     """
     decoder = model.get_decoder()
     head = model.get_output_embeddings()
 
     def body(input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-             position_ids: Optional[Tensor] = None) -> Tensor:
-        out = decoder(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=position_ids, use_cache=False)
+             position_ids: Optional[Tensor] = None, cache=None) -> Tensor:
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      past_key_values=cache, use_cache=cache is not None)
         return out.last_hidden_state
 
+    body.new_cache = lambda: transformers.DynamicCache(config=decoder.config)
+    # A remote reference (``orchestration.ray_groups.RemoteReference``) runs response_hidden itself.
+    body.response_hidden = getattr(decoder, "response_hidden", None)
+    # HF drops the cache in training mode under gradient checkpointing (its layers recompute
+    # without it), so a prompt pass cannot hand its keys/values on then.
+    body.can_cache = lambda: getattr(decoder, "config", None) is not None and not (
+        getattr(decoder, "gradient_checkpointing", False) and decoder.training)
     return body, head.weight, getattr(head, "bias", None)

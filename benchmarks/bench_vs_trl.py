@@ -20,6 +20,8 @@ callbacks (generation, reward, loss, optimizer step). samples/s = responses per 
 Variants: ``alignreg`` (vLLM engine actor + learner actor on a local Ray cluster), ``alignreg-local``
 (the same loop in one process with the HF engine), ``alignreg-local-two-pass`` (as ``alignreg-local``
 with ``learner.single_pass=false``: the learner's separate no-grad pass before each update),
+``alignreg-no-share`` / ``alignreg-local-no-share`` (as ``alignreg`` / ``alignreg-local`` with
+``learner.share_prompt=false``: every response row runs its group's prompt tokens again),
 ``alignreg-async`` / ``alignreg-local-async`` (as ``alignreg`` / ``alignreg-local`` with
 ``trainer.async_rollout=true``: the next batch is generated while the learner trains; one-step
 off-policy), ``trl`` (TRL with ``transformers.generate``) and,
@@ -170,6 +172,8 @@ def main():
               "alignreg-local": lambda: run_alignreg(a, a.ckpt, ray=False),
               "alignreg-ray-hf": lambda: run_alignreg(a, a.ckpt, ray=True, engine="hf"),
               "alignreg-local-two-pass": lambda: run_alignreg(a, a.ckpt, ray=False, extra=("learner.single_pass=false",)),
+              "alignreg-no-share": lambda: run_alignreg(a, a.ckpt, ray=True, extra=("learner.share_prompt=false",)),
+              "alignreg-local-no-share": lambda: run_alignreg(a, a.ckpt, ray=False, extra=("learner.share_prompt=false",)),
               "alignreg-async": lambda: run_alignreg(a, a.ckpt, ray=True, extra=("trainer.async_rollout=true",)),
               "alignreg-local-async": lambda: run_alignreg(a, a.ckpt, ray=False, extra=("trainer.async_rollout=true",)),
               "trl": lambda: run_trl(a, a.ckpt, use_vllm=False),

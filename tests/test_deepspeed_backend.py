@@ -43,6 +43,8 @@ from alignreg.regularizers import build_regularizers  # noqa: E402
 from tests.test_learner import ALL_TERMS, _batch, _model, _perturbed_ref  # noqa: E402
 
 TERMS = ALL_TERMS[:3]  # kl_ref full + k3 (reference model), entropy: every stats path with a gradient
+# Batches share each group's prompt, so the learner's shared-prompt pass (two decoder calls through a
+# key/value cache per forward) runs under ZeRO-3's parameter gathering.
 STEPS = 2
 
 
@@ -107,7 +109,7 @@ def _ds_worker(rank: int, world: int, port: int, stage: int, out_dir: str, lora:
     learner = PolicyLearner(backend.learner_model, cfg, build_regularizers(cfg.regularizers), ref_model=_ref(ref, backend),
                             backend=backend)
     for step in range(STEPS):
-        batch = _batch(tok, seed=step)
+        batch = _batch(tok, seed=step, shared=True)
         half = len(batch) // world
         norms.append(learner.train_step(batch.rows(slice(rank * half, (rank + 1) * half)), step)["optim/grad_norm"])
     weights = dict(backend.export_weights())
@@ -116,7 +118,7 @@ def _ds_worker(rank: int, world: int, port: int, stage: int, out_dir: str, lora:
     fresh = DeepSpeedBackend(_policy(tok, cfg, seed=1)[0], cfg, ds_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
     resumed = PolicyLearner(fresh.learner_model, cfg, build_regularizers(cfg.regularizers), ref_model=_ref(ref, fresh), backend=fresh)
     resumed.load_state_dict(state)
-    batch = _batch(tok, seed=STEPS)
+    batch = _batch(tok, seed=STEPS, shared=True)
     half = len(batch) // world
     resumed.train_step(batch.rows(slice(rank * half, (rank + 1) * half)), STEPS)
     after_resume = dict(fresh.export_weights())
@@ -153,10 +155,10 @@ def _torch_reference(lora: bool = False):
     model, ref = _policy(tok, cfg)
     backend = _Capture(model, cfg)
     learner = PolicyLearner(model, cfg, build_regularizers(cfg.regularizers), ref_model=_ref(ref, backend), backend=backend)
-    norms = [learner.train_step(_batch(tok, seed=s), s)["optim/grad_norm"] for s in range(STEPS)]
+    norms = [learner.train_step(_batch(tok, seed=s, shared=True), s)["optim/grad_norm"] for s in range(STEPS)]
     weights = dict(merged_weights(model)) if lora else {n: p.detach().clone() for n, p in model.named_parameters()}
     state = copy.deepcopy(learner.state_dict())  # AdamW's state_dict references live tensors
-    learner.train_step(_batch(tok, seed=STEPS), STEPS)
+    learner.train_step(_batch(tok, seed=STEPS, shared=True), STEPS)
     after = dict(merged_weights(model)) if lora else {n: p.detach().clone() for n, p in model.named_parameters()}
     return backend.grads, norms, weights, state, after
 

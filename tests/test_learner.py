@@ -34,12 +34,14 @@ def _cfg(micro: int, terms=ALL_TERMS, learner=None, **alg) -> RLConfig:
     })
 
 
-def _batch(tok, seed=0, n=16):
+def _batch(tok, seed=0, n=16, shared=False):
+    """Random rows in groups of 4; ``shared``: a group's rows share one prompt (as in GRPO)."""
     g = torch.Generator().manual_seed(seed)
     V = len(tok)
     prompts, responses, lps = [], [], []
     for i in range(n):
         p = torch.randint(3, V, (int(torch.randint(2, 5, (1,), generator=g)),), generator=g).tolist()
+        p = prompts[i - i % 4] if shared and i % 4 else p
         r = torch.randint(3, V, (int(torch.randint(1, 7, (1,), generator=g)),), generator=g).tolist()
         prompts.append(p)
         responses.append(r)
@@ -53,15 +55,19 @@ def _model(tok, seed=0):
     return build_model(RLConfig().model, len(tok), seed, tok)
 
 
-def _grads_after_step(micro: int, terms=ALL_TERMS, learner=None, **alg):
+def _grads_after_step(micro: int, terms=ALL_TERMS, learner=None, shared=False, tokens=None, **alg):
+    """Gradients and metrics of one step; ``tokens``: a list that gets the number of token
+    positions each policy forward pass embedded."""
     torch.manual_seed(0)
     tok = build_tokenizer()
     model = _model(tok)
+    if tokens is not None:
+        model.get_input_embeddings().register_forward_pre_hook(lambda m, a: tokens.append(a[0].numel()))
     cfg = _cfg(micro, terms, learner, **alg)
     regs = build_regularizers(cfg.regularizers)
     backend = _GradCapture(model, cfg)
     learner = PolicyLearner(model, cfg, regs, ref_model=_perturbed_ref(model), backend=backend)
-    metrics = learner.train_step(_batch(tok), step=0)
+    metrics = learner.train_step(_batch(tok, shared=shared), step=0)
     return backend.grads, metrics
 
 
@@ -113,6 +119,67 @@ def test_bf16_mixed_precision_runs_the_body_in_bf16_and_keeps_float32_state():
     assert abs(m16["policy/entropy"] - m32["policy/entropy"]) < 1e-2 * abs(m32["policy/entropy"])
     _, m = _grads_after_step(5, terms=[{"name": "grpo_guard", "coef": 1.0}], learner={"mixed_precision": "bf16"})
     assert m["policy/ratio"] == 1.0 and m["reg/grpo_guard/post_ratio_mean"] == 1.0
+
+
+@pytest.mark.parametrize("micro", [16, 3])
+def test_shared_prompt_pass_gives_the_full_pass_gradients(micro):
+    """learner.share_prompt: a group's prompt runs once and its responses continue from the cached
+    keys/values. Same gradients and metrics as the full pass (every term, reference included; with
+    micro-batches of 3, groups are split across micro-batches), on fewer embedded positions."""
+    t_on, t_off = [], []
+    g_on, m_on = _grads_after_step(micro, shared=True, tokens=t_on)
+    g_off, m_off = _grads_after_step(micro, shared=True, learner={"share_prompt": False}, tokens=t_off)
+    assert g_on.keys() == g_off.keys() and len(g_on) > 0
+    for n in g_on:
+        torch.testing.assert_close(g_on[n], g_off[n], rtol=1e-4, atol=1e-6, msg=n)
+    # Lp-Reg regularises a low token when log pi < its min-p proxy; where the filter keeps every
+    # token the proxy *is* log pi and float rounding decides the comparison (with a ~0 penalty), so
+    # its counters may differ by such ties.
+    ties = {"reg/lp_reg/reg_frac", "reg/lp_reg/kl3"}
+    for k, v in m_off.items():
+        if k not in ties:
+            assert m_on[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k
+    assert len(t_on) > len(t_off) and sum(t_on) < 0.9 * sum(t_off), (t_on, t_off)
+
+
+def test_shared_prompt_hidden_states_equal_the_full_pass():
+    """response_hidden with share_prompt: the same values and parameter gradients up to float32
+    rounding (left-padded prompts of different lengths, right-padded responses, a one-token response); without
+    shared prompts, and in training under gradient checkpointing (HF keeps no cache there), the plain
+    pass runs."""
+    from alignreg.learner.policy import lm_parts, response_hidden
+
+    tok = build_tokenizer()
+    model = _model(tok)
+    seen = []
+    model.get_input_embeddings().register_forward_pre_hook(lambda m, a: seen.append(tuple(a[0].shape)))
+    body, _, _ = lm_parts(model)
+    batch = _batch(tok, seed=3, shared=True)
+    w = torch.randn(batch.response_ids.shape + (model.config.hidden_size,), generator=torch.Generator().manual_seed(0))
+
+    def run(share):
+        model.zero_grad()
+        seen.clear()
+        h = response_hidden(body, batch, share_prompt=share)
+        (h * w).sum().backward()
+        return h.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, list(seen)
+
+    h0, g0, s0 = run(False)
+    h1, g1, s1 = run(True)
+    P, R = batch.prompt_len, batch.response_len
+    assert s0 == [(16, P + R)] and s1 == [(4, P), (16, R - 1)]
+    torch.testing.assert_close(h1, h0, rtol=1e-5, atol=1e-5)
+    for n in g0:  # per tensor: float32 rounding of sums in a different order
+        assert float((g1[n] - g0[n]).norm()) <= 1e-5 * float(g0[n].norm()) + 1e-7, n
+    assert run(True)[2] == s1  # deterministic path choice
+    seen.clear()
+    response_hidden(body, _batch(tok, seed=3), share_prompt=True)  # distinct prompts: one plain pass
+    assert seen == [(16, _batch(tok, seed=3).input_ids.shape[1])]
+    model.gradient_checkpointing_enable()
+    model.train()
+    h2, g2, s2 = run(True)
+    assert s2 == s0
+    torch.testing.assert_close(h2, h0, rtol=1e-5, atol=1e-5)
 
 
 def test_zero_coefficient_drops_term_and_reference():

@@ -59,6 +59,11 @@ class _AdapterFreeDecoder:
         with self._peft.disable_adapter():
             return self._decoder(*args, **kwargs)
 
+    # what lm_head_and_body reads to run a shared prompt through a key/value cache
+    config = property(lambda self: self._decoder.config)
+    training = property(lambda self: self._decoder.training)
+    gradient_checkpointing = property(lambda self: getattr(self._decoder, "gradient_checkpointing", False))
+
 
 class BaseModelView:
     """The reference policy of a LoRA run without a second copy of the weights: the learner's own

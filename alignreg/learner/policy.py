@@ -37,13 +37,51 @@ from alignreg.regularizers.base import AggNorm, LossContext, RegularizerSet, Ste
 lm_parts = lm_head_and_body  # (body -> final-normed hidden states, lm-head weight [V, H], bias or None)
 
 
-def response_hidden(body, batch: TrainBatch, autocast: Optional[torch.dtype] = None) -> Tensor:
+def response_hidden(body, batch: TrainBatch, autocast: Optional[torch.dtype] = None,
+                    share_prompt: bool = False) -> Tensor:
     """Hidden states that predict each response token: [N, R, H]. ``autocast``: run the body under
-    ``torch.autocast`` in that dtype (``learner.mixed_precision``); the weights stay as they are."""
+    ``torch.autocast`` in that dtype (``learner.mixed_precision``); the weights stay as they are.
+    ``share_prompt`` (``learner.share_prompt``): rows with the same prompt run it once, see
+    :func:`shared_prompt_hidden`; the same values up to float rounding, and the same gradients."""
+    remote = getattr(body, "response_hidden", None)
+    if remote is not None:  # a reference model in its own Ray actor
+        return remote(batch, autocast, share_prompt)
     with torch.autocast(batch.input_ids.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+        if share_prompt and getattr(body, "can_cache", lambda: False)():
+            h = shared_prompt_hidden(body, batch)
+            if h is not None:
+                return h
         h = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
     P, R = batch.prompt_len, batch.response_len
     return h[:, P - 1 : P - 1 + R]
+
+
+def shared_prompt_hidden(body, batch: TrainBatch) -> Optional[Tensor]:
+    """:func:`response_hidden` with each distinct prompt of the batch run once: a GRPO group's G
+    responses share their prompt, whose hidden states and keys/values do not depend on the response
+    (causal attention). The distinct prompts (equal ids and padding) run first, filling a key/value
+    cache; the cache rows are then gathered per response and the responses run on top of it. Autograd
+    sums each prompt's gradient over its responses through the gather, so the gradient equals the
+    full pass's. Saves (G - 1) / G of the prompt tokens' forward and backward. None when no two rows
+    share a prompt (then the plain pass is as cheap)."""
+    P, R, n = batch.prompt_len, batch.response_len, batch.input_ids.shape[0]
+    key = torch.cat([batch.input_ids[:, :P], batch.attention_mask[:, :P]], 1)
+    _, inv = torch.unique(key, dim=0, return_inverse=True)
+    groups = int(inv.max()) + 1
+    if groups == n:
+        return None
+    first = torch.full((groups,), n, dtype=torch.long, device=inv.device)
+    first.scatter_reduce_(0, inv, torch.arange(n, device=inv.device), reduce="amin")  # one row per prompt
+    cache = body.new_cache()
+    hp = body(input_ids=batch.input_ids[first, :P], attention_mask=batch.attention_mask[first, :P],
+              position_ids=batch.position_ids[first, :P], cache=cache)
+    last = hp[inv, P - 1 : P]  # predicts response token 0
+    if R == 1:
+        return last
+    cache.batch_select_indices(inv)  # [groups, ...] -> [n, ...], differentiable indexing
+    hr = body(input_ids=batch.input_ids[:, P : P + R - 1], attention_mask=batch.attention_mask[:, : P + R - 1],
+              position_ids=batch.position_ids[:, P : P + R - 1], cache=cache)
+    return torch.cat([last, hr], 1)
 
 
 def fingerprint(flat: Tensor) -> Tensor:
@@ -170,6 +208,7 @@ class PolicyLearner:
         _, w, _ = lm_parts(model)
         self.vocab = w.shape[0]
         self.autocast = AUTOCAST[cfg.learner.mixed_precision]
+        self.share_prompt = cfg.learner.share_prompt
         self._pre: dict[tuple[int, int], tuple[Precomputed, Tensor]] = {}  # micro-batch rows -> no-grad pass stats
         self._reuse_counts = {True: 0, False: 0}
         self._nonfinite_run = 0  # consecutive optimizer updates with an inf/NaN gradient norm
@@ -204,7 +243,7 @@ class PolicyLearner:
     def _stats(self, model, batch: TrainBatch, spec: StatsSpec, chunk: int, ref_h=None, old_h=None, ref_model=None,
                pre: Optional[tuple[Precomputed, Tensor]] = None):
         body, w, b = lm_parts(model)
-        h = response_hidden(body, batch, self.autocast)
+        h = response_hidden(body, batch, self.autocast, self.share_prompt)
         valid = batch.mask > 0
         flat = h[valid]
         kw = {}
@@ -297,13 +336,13 @@ class PolicyLearner:
     def _wide_pass(self, mb: TrainBatch, spec: StatsSpec, chunk: int, r: range):
         """One no-grad pass for pi_old's and the first update's statistics (and the reference's)."""
         body, w, b = lm_parts(self.model)
-        h = response_hidden(body, mb, self.autocast)
+        h = response_hidden(body, mb, self.autocast, self.share_prompt)
         valid = mb.mask > 0
         flat = h[valid]
         kw, rh = {}, None
         if spec.kl_ref:
             rbody, rw, rb = lm_parts(self.ref_model)
-            rh = response_hidden(rbody, mb, self.autocast)
+            rh = response_hidden(rbody, mb, self.autocast, self.share_prompt)
             kw["ref"] = (rh[valid], rw, rb)
         pre = token_stats_forward(flat, w, mb.response_ids[valid], spec, bias=b, chunk_size=chunk, **kw)
         self._pre[(r.start, r.stop)] = (pre, fingerprint(flat))

@@ -185,7 +185,8 @@ class LearnerActor(LearnerWorker):
 
 class ReferenceActor:
     """The frozen reference policy in its own actor (``ray.colocate_ref: false``): the learner ranks
-    send it their micro-batches and get back its final hidden states; its lm head (fixed) is
+    send it their micro-batches and get back its final hidden states at the response positions
+    (``learner.policy.response_hidden``, with the learner's autocast and shared-prompt pass); its lm head (fixed) is
     fetched once. Saves one full model copy per learner rank."""
 
     def __init__(self, cfg: RLConfig, model_dir: str):
@@ -204,11 +205,15 @@ class ReferenceActor:
         return self.weight.detach().cpu(), None if self.bias is None else self.bias.detach().cpu()
 
     @torch.no_grad()
-    def hidden(self, input_ids: torch.Tensor, attention_mask=None, position_ids=None) -> torch.Tensor:
-        def dev(t):
-            return None if t is None else t.to(self.device)
+    def response_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                        prompt_len: int, response_len: int, autocast: Optional[str], share_prompt: bool) -> torch.Tensor:
+        """``learner.policy.response_hidden`` of the learner's micro-batch, run here (the same
+        autocast and shared-prompt pass as a colocated reference)."""
+        from alignreg.learner.policy import response_hidden
 
-        return self.body(dev(input_ids), attention_mask=dev(attention_mask), position_ids=dev(position_ids)).cpu()
+        rows = SimpleNamespace(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
+                               position_ids=position_ids.to(self.device), prompt_len=prompt_len, response_len=response_len)
+        return response_hidden(self.body, rows, autocast and getattr(torch, autocast), share_prompt).cpu()
 
 
 class _RemoteHead:
@@ -220,12 +225,14 @@ class _RemoteBody:
     def __init__(self, actor):
         self.actor = actor
 
-    def __call__(self, input_ids: torch.Tensor, attention_mask=None, position_ids=None, use_cache=False):
-        def cpu(t):
-            return None if t is None else t.detach().cpu()
-
-        h = ray.get(self.actor.hidden.remote(cpu(input_ids), cpu(attention_mask), cpu(position_ids)))
-        return SimpleNamespace(last_hidden_state=h.to(input_ids.device))
+    def response_hidden(self, batch, autocast: Optional[torch.dtype], share_prompt: bool) -> torch.Tensor:
+        """Run ``learner.policy.response_hidden`` in the reference actor (picked up through
+        ``lm_head_and_body``'s ``body.response_hidden``)."""
+        dtype = None if autocast is None else str(autocast).removeprefix("torch.")
+        h = ray.get(self.actor.response_hidden.remote(
+            batch.input_ids.cpu(), batch.attention_mask.cpu(), batch.position_ids.cpu(), batch.prompt_len,
+            batch.response_len, dtype, share_prompt))
+        return h.to(batch.input_ids.device)
 
 
 class RemoteReference:
