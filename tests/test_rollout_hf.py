@@ -152,3 +152,24 @@ def test_load_weights_syncs_and_is_strict(policy):
     alias = {("lm_head.weight" if k == "model.embed_tokens.weight" else k): v for k, v in named.items()}
     engine.load_weights(alias.items())
     assert engine.generate(prompts, sp).logprobs == before.logprobs
+
+
+def test_shared_prefill_gives_the_same_samples_on_fewer_positions(policy, monkeypatch):
+    """Each prompt's prefill runs once for its n samples (cache repeated in generate's order): the same
+    seeded samples and log-probs as generate's own prefill of every repeated row, on fewer positions."""
+    model, tok = policy
+    engine = HFRolloutEngine(model, tok)
+    seen = []
+    engine.model.get_input_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0].numel()))
+    prompts = encode_prompts(tok, PROMPTS)
+    sp = SamplingParams(temperature=1.0, max_new_tokens=6, n=4, seed=7)
+    shared = engine.generate(prompts, sp)
+    shared_positions, seen[:] = sum(seen), []
+    monkeypatch.setattr(engine, "_shared_prefill", lambda *a: {})
+    plain = engine.generate(prompts, sp)
+    plain_positions = sum(seen)
+    assert shared.response_ids == plain.response_ids and shared.prompt_index == plain.prompt_index
+    for a, b in zip(shared.logprobs, plain.logprobs):
+        assert a == pytest.approx(b, abs=1e-5)
+    width = max(len(p) for p in prompts)
+    assert plain_positions - shared_positions == (4 - 1) * len(prompts) * (width - 1)
