@@ -96,6 +96,13 @@ def test_a_half_precision_vllm_engine_needs_a_half_precision_parity_tolerance():
         from_dict(RLConfig, cfg)
 
 
+def test_vllm_cpu_threads_bind_values():
+    with pytest.raises(ConfigError, match=r"vllm.cpu_threads_bind must be 'auto', 'all', 'nobind' or CPU ids like '0-3'.*got 'every'"):
+        from_dict(RLConfig, {"vllm": {"cpu_threads_bind": "every"}})
+    for ok in ("auto", "all", "nobind", "0-3", "0,2,4-7", "1"):
+        assert from_dict(RLConfig, {"vllm": {"cpu_threads_bind": ok}}).vllm.cpu_threads_bind == ok
+
+
 def test_weight_sync_transport_choices_are_checked_against_the_layout():
     with pytest.raises(ConfigError, match=r"config.sync.transport: 'collective' needs orchestration: ray"):
         from_dict(RLConfig, {"sync": {"transport": "collective"}})

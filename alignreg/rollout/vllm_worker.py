@@ -116,6 +116,10 @@ class WorkerExtension:
             self._alignreg_checksum = weights_checksum(_checkpoint_tensors(self.model_config.model))
         return self._alignreg_checksum
 
+    def alignreg_threads(self) -> int:
+        """This worker's torch intra-op threads (``vllm.cpu_threads_bind``)."""
+        return torch.get_num_threads()
+
     # ------------------------------------------------------------------ idle spin
     def alignreg_set_idle_spin(self, seconds: float) -> int:
         """Busy-wait window of this worker's message-queue readers (see :func:`set_idle_spin`)."""
