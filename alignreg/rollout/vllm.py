@@ -124,10 +124,13 @@ class VLLMRolloutEngine:
             worker_extension_cls=WORKER_EXTENSION,
             generation_config="vllm",  # ignore generation_config.json defaults (top_k=50, extra EOS ids)
             logprobs_mode="raw_logprobs",  # exact with the temperature fold (module docstring)
-            enable_prefix_caching=False,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            **({"block_size": cfg.block_size} if cfg.block_size else {}),
         )
         self._scale: Optional[float] = None
         self._sync = None
+        # what vLLM made of vllm.enable_prefix_caching (it turns it off for some models and platforms)
+        self.prefix_caching = bool(self.llm.llm_engine.vllm_config.cache_config.enable_prefix_caching)
         self.tp_size = cfg.tensor_parallel_size
         spin = cfg.idle_spin_s if cfg.idle_spin_s >= 0 else (None if torch.cuda.is_available() else CPU_IDLE_SPIN_S)
         if spin is not None:
@@ -272,12 +275,20 @@ class VLLMRolloutEngine:
         if self._sync is None:
             self._sync = ShmWeightSync(lambda m, a: self.collective_rpc(m, a))
         self._sync.push(named, timeout_s=None)  # bound by verify_sync / the caller
-        self._scale = None  # re-apply the temperature fold after a reload, whatever reload rebuilt
+        self._after_load()
+
+    def _after_load(self) -> None:
+        """After new weights: drop every cached prefix block (computed with the old weights) and
+        re-apply the temperature fold, whatever the reload rebuilt."""
+        if self.prefix_caching and not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM could not reset its prefix cache after a weight load (requests still "
+                               "running?); its cached blocks hold keys/values of the old weights")
+        self._scale = None
 
     def load_weights_from_spec(self, spec: dict) -> float:
         """Load a buffer another process wrote with ``SharedMemoryWeights.write`` (same node)."""
         checksum = float(self.collective_rpc("alignreg_update_weights_from_shm", (spec,))[0])
-        self._scale = None
+        self._after_load()
         return checksum
 
     @property
@@ -295,7 +306,7 @@ class VLLMRolloutEngine:
         load cannot be checked in full before it starts."""
         self._check_names([(n, torch.empty(shape, device="meta")) for n, _, shape in meta])
         out = float(self.collective_rpc("alignreg_update_weights_from_group", (meta, bucket_bytes, checksum))[0])
-        self._scale = None
+        self._after_load()
         return out
 
     def sync_timings(self) -> dict[str, float]:
