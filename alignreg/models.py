@@ -38,6 +38,11 @@ MAX_POSITIONS = 128
 AUTOCAST = {"none": None, "bf16": torch.bfloat16}  # learner.mixed_precision -> torch.autocast dtype (None: off)
 
 
+def autocast(device_type: str, dtype: Optional[torch.dtype]) -> torch.autocast:
+    """``torch.autocast`` in ``dtype`` (a value of :data:`AUTOCAST`), or a disabled one for None."""
+    return torch.autocast(device_type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 def build_tokenizer() -> transformers.PreTrainedTokenizerFast:
     """A character-level WordLevel tokenizer with <pad>/<bos>/<eos>; BOS is prepended on encode.
 

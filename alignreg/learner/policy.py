@@ -30,7 +30,7 @@ from alignreg.losses.aggregate import aggregate
 from alignreg.losses.policy import clipped_pg_loss
 from alignreg.losses.stats import Precomputed, StatsSpec, auto_chunk_size, token_stats, token_stats_forward
 from alignreg.learner.batch import TrainBatch
-from alignreg.models import AUTOCAST, lm_head_and_body
+from alignreg.models import AUTOCAST, autocast as autocast_ctx, lm_head_and_body
 from alignreg.regularizers.base import AggNorm, LossContext, RegularizerSet, StepView
 
 
@@ -46,7 +46,7 @@ def response_hidden(body, batch: TrainBatch, autocast: Optional[torch.dtype] = N
     remote = getattr(body, "response_hidden", None)
     if remote is not None:  # a reference model in its own Ray actor
         return remote(batch, autocast, share_prompt)
-    with torch.autocast(batch.input_ids.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+    with autocast_ctx(batch.input_ids.device.type, autocast):
         if share_prompt and getattr(body, "can_cache", lambda: False)():
             h = shared_prompt_hidden(body, batch)
             if h is not None:

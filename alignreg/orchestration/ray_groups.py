@@ -206,14 +206,14 @@ class ReferenceActor:
 
     @torch.no_grad()
     def response_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
-                        prompt_len: int, response_len: int, autocast: Optional[str], share_prompt: bool) -> torch.Tensor:
+                        prompt_len: int, response_len: int, autocast: Optional[torch.dtype], share_prompt: bool) -> torch.Tensor:
         """``learner.policy.response_hidden`` of the learner's micro-batch, run here (the same
         autocast and shared-prompt pass as a colocated reference)."""
         from alignreg.learner.policy import response_hidden
 
         rows = SimpleNamespace(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
                                position_ids=position_ids.to(self.device), prompt_len=prompt_len, response_len=response_len)
-        return response_hidden(self.body, rows, autocast and getattr(torch, autocast), share_prompt).cpu()
+        return response_hidden(self.body, rows, autocast, share_prompt).cpu()
 
 
 class _RemoteHead:
@@ -228,10 +228,9 @@ class _RemoteBody:
     def response_hidden(self, batch, autocast: Optional[torch.dtype], share_prompt: bool) -> torch.Tensor:
         """Run ``learner.policy.response_hidden`` in the reference actor (picked up through
         ``lm_head_and_body``'s ``body.response_hidden``)."""
-        dtype = None if autocast is None else str(autocast).removeprefix("torch.")
         h = ray.get(self.actor.response_hidden.remote(
             batch.input_ids.cpu(), batch.attention_mask.cpu(), batch.position_ids.cpu(), batch.prompt_len,
-            batch.response_len, dtype, share_prompt))
+            batch.response_len, autocast, share_prompt))
         return h.to(batch.input_ids.device)
 
 

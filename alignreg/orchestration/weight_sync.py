@@ -29,6 +29,7 @@ import os
 import tempfile
 import threading
 import uuid
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
@@ -343,8 +344,6 @@ class BucketLedger:
         self.total = 0  # bytes received
 
     def opened(self, key: int, nbytes: int, views: Sequence[torch.Tensor]) -> None:
-        import weakref
-
         with self._lock:
             self._refs[key], self._sizes[key] = len(views), nbytes
             self.live += nbytes

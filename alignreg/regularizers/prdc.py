@@ -65,6 +65,8 @@ class PRDC(Regularizer):
         self._side = None  # one search thread (overlap_search)
         self._pending = None  # (pi(s) the search was started for, its future)
         self.prefetch_used = 0  # actor steps that took the overlapped search's answer
+        if not self.params.overlap_search:  # the learner then skips its no-grad pi(s) pass (offline.td3)
+            self.prefetch_actor_penalty = None
 
     def setup(self, ctx) -> None:
         from alignreg.offline.nn_search import JointNearestNeighbour
@@ -77,14 +79,18 @@ class PRDC(Regularizer):
 
     def prefetch_actor_penalty(self, states, indices, pi) -> None:
         """Start the neighbour search for the coming actor step (``pi``: pi(s) without grad) on a side thread."""
-        if not self.params.overlap_search or self.index is None:
+        if self.index is None:  # actor_penalty raises the error
             return
         if self._side is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._side = ThreadPoolExecutor(1, thread_name_prefix="alignreg-prdc-search")
+        self._pending = (pi, self._side.submit(self._search, indices, states, pi))
+
+    def _search(self, indices, states, pi):
+        """``(index, squared distance)`` of each row's k-th neighbour of ``(beta * s, pi)``."""
         scaled = None if indices is not None else states.detach() * self.params.beta
-        self._pending = (pi, self._side.submit(self.index.query, indices, pi, scaled))
+        return self.index.query(indices, pi, scaled)
 
     def actor_penalty(self, batch):
         if self.index is None:
@@ -97,8 +103,7 @@ class PRDC(Regularizer):
         else:  # no prefetch, or pi(s) changed since (then the prefetched answer is discarded)
             if pending is not None:
                 pending[1].result()
-            scaled = None if batch.indices is not None else batch.states.detach() * self.params.beta
-            idx, d2 = self.index.query(batch.indices, pi, scaled)
+            idx, d2 = self._search(batch.indices, batch.states, pi)
         a_nn = self.index.actions[idx].to(pi.dtype).to(pi.device)  # constant target (no grad)
         metrics = {"nn_dist": d2.sqrt().mean().item(), "certified": self.index.last_certified}
         return F.mse_loss(pi, a_nn), metrics

@@ -19,6 +19,7 @@ from typing import Iterable, Optional
 import torch
 import transformers
 
+from alignreg.models import autocast
 from alignreg.rollout.base import RolloutBatch, SamplingParams, weights_checksum
 
 
@@ -66,7 +67,7 @@ class HFRolloutEngine:
         with rng:
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
-            with torch.autocast(device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            with autocast(device.type, self.autocast):
                 out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
                                           generation_config=self._generation_config(sampling),
                                           **self._shared_prefill(input_ids, attention_mask, sampling.n))

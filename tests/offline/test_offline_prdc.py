@@ -159,7 +159,8 @@ def test_prdc_setup_reports_index_build_decisions_below_the_cache_size(tmp_path,
 def test_overlapped_search_gives_the_serial_run_bit_for_bit():
     """overlap_search: the search for the actor step runs on a side thread during the critic update, from
     pi(s) computed before it. The run is identical to searching in the actor step; a prefetch whose pi(s)
-    no longer matches is discarded and the search is redone."""
+    no longer matches is discarded and the search is redone. Without the overlap the learner runs no
+    pi(s) pass for it."""
     from alignreg.offline.datasets import OfflineData
     from alignreg.offline.td3 import TD3Learner
 
@@ -174,11 +175,15 @@ def test_overlapped_search_gives_the_serial_run_bit_for_bit():
                                    hooks=("actor_penalty",))
         L = TD3Learner(data.state_dim, data.action_dim, actor_hidden=[32, 32], critic_hidden=[32, 32], penalties=terms)
         L.setup(OfflineSetup(data.states_np, data.actions.numpy(), data.state_dim, data.action_dim, 1.0, 0))
+        calls = []
+        hook = L.actor.register_forward_hook(lambda m, a, o: calls.append(1))
         gen = torch.Generator().manual_seed(1)
         metrics = [L.train_step(data.sample(64, gen)) for _ in range(30)]
-        runs.append((L, terms.terms[0].term, metrics))
-    (fast, term, m_fast), (slow, slow_term, m_slow) = runs
+        hook.remove()
+        runs.append((L, terms.terms[0].term, metrics, len(calls)))
+    (fast, term, m_fast, fast_calls), (slow, slow_term, m_slow, slow_calls) = runs
     assert term.prefetch_used == 15 and slow_term.prefetch_used == 0  # every actor step (policy_freq 2) took it
+    assert fast_calls - slow_calls == 15  # one no-grad pi(s) per actor step, only with the overlap
     for (n, p), q in zip(fast.state_dict()["actor"].items(), slow.state_dict()["actor"].values()):
         assert torch.equal(p, q), n
     assert [m.get("reg/prdc/nn_dist") for m in m_fast] == [m.get("reg/prdc/nn_dist") for m in m_slow]
