@@ -107,6 +107,23 @@ def test_sampling_logprobs_match_teacher_forcing(engine, policy, temperature, to
     assert stats["rollout/logprob_abs_diff_max"] < 1e-3 and stats["rollout/tis_clip_frac"] == 0.0
 
 
+def test_seeded_samples_are_independent_across_prompts(engine, policy):
+    """A seeded call draws every sample from its own stream: the same prompt twice in one batch gets two
+    different groups (vLLM seeds sample j of a request with seed + j, so one seed for every request would
+    repeat the first group), and the call is reproducible from its seed."""
+    from alignreg.rollout.vllm import request_seeds
+
+    _, tok = policy
+    prompt = encode_prompts(tok, ["3+5="])[0]
+    sp = SamplingParams(temperature=1.0, max_new_tokens=8, n=4, seed=11)
+    out = engine.generate([prompt, prompt], sp)
+    first, second = out.response_ids[:4], out.response_ids[4:]
+    assert first != second
+    assert engine.generate([prompt, prompt], sp).response_ids == out.response_ids
+    seeds = request_seeds(11, 64) + request_seeds(12, 64)  # nearby call seeds (the trainer's per-step seeds)
+    assert len({s + j for s in seeds for j in range(64)}) == 128 * 64 and all(0 <= s < 2**62 for s in seeds)
+
+
 def test_greedy_matches_hf(engine, policy):
     model, tok = policy
     prompts = encode_prompts(tok, PROMPTS)

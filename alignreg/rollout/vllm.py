@@ -93,6 +93,26 @@ def check_vllm_version(version: Optional[str] = None) -> str:
     return version
 
 
+def request_seeds(seed: int, n_prompts: int) -> list[int]:
+    """vLLM seeds for one seeded ``generate`` call: one per prompt, spread by a 64-bit mix of
+    ``(seed, prompt index)`` (splitmix64's finaliser) into [0, 2**62).
+
+    vLLM gives the ``j``-th of a request's ``n`` samples the seed ``request seed + j`` (its
+    ``ParentRequest``), and each seed drives that sample's own generator. Passing the call's seed to every
+    prompt would give sample ``j`` of every prompt the same random draws: the samples of a batch would be
+    correlated across prompts (with a near-uniform policy, nearly the same tokens). Mixed seeds keep the
+    batch reproducible from ``seed`` while no two samples of the call, nor of calls with nearby seeds
+    (the trainer's per-step seeds are consecutive), share a stream."""
+    mask = 2**64 - 1
+    out = []
+    for i in range(n_prompts):
+        z = (seed * 0x9E3779B97F4A7C15 + (i + 1) * 0xD1B54A32D192ED03) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        out.append((z ^ (z >> 31)) >> 2)
+    return out
+
+
 class VLLMRolloutEngine:
     """``RolloutEngine`` on a ``vllm.LLM`` loaded from ``model_dir`` (an HF ``save_pretrained`` dir).
 
@@ -214,6 +234,10 @@ class VLLMRolloutEngine:
                   top_k=sampling.top_k if sampling.top_k > 0 and not sampling.greedy else -1,  # -1: off in all versions
                   max_tokens=sampling.max_new_tokens, seed=sampling.seed, logprobs=0,
                   stop_token_ids=[self.eos_id], ignore_eos=False, detokenize=False)
+        if sampling.seed is not None and not sampling.greedy:  # one seed per prompt (request_seeds)
+            vsp = [vsp.clone() for _ in prompts]
+            for v, s in zip(vsp, request_seeds(sampling.seed, len(prompts))):
+                v.seed = s
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=list(p)) for p in prompts], vsp, use_tqdm=False)
         batch = RolloutBatch()
         for i, out in enumerate(outs):  # outputs come back in prompt order
