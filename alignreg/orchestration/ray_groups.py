@@ -427,7 +427,7 @@ _ENGINE_LOST = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableErr
 
 class EngineActor(RolloutWorker):
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, own_process=True, **kwargs)
         self.version = 0  # weight syncs applied to this instance; a restart by Ray runs __init__ again
 
     def node_id(self) -> str:

@@ -37,9 +37,10 @@ def _threads(cfg: RLConfig) -> None:
 
 class RolloutWorker:
     """One engine. ``model``/``tokenizer`` given: an HF engine on a copy of that model (local runs);
-    otherwise the engine loads ``model_dir`` (an HF ``save_pretrained`` directory)."""
+    otherwise the engine loads ``model_dir`` (an HF ``save_pretrained`` directory). ``own_process``: this
+    process holds nothing else (a Ray engine actor; see ``vllm.executor``)."""
 
-    def __init__(self, cfg: RLConfig, model_dir: str, seed: int, model=None, tokenizer=None):
+    def __init__(self, cfg: RLConfig, model_dir: str, seed: int, model=None, tokenizer=None, own_process: bool = False):
         _threads(cfg)
         if tokenizer is None:
             from transformers import AutoTokenizer
@@ -52,7 +53,7 @@ class RolloutWorker:
         if cfg.rollout.engine == "vllm":
             from alignreg.rollout.vllm import VLLMRolloutEngine
 
-            self.engine = VLLMRolloutEngine(model_dir, cfg.vllm, seed, _max_len(model_dir))
+            self.engine = VLLMRolloutEngine(model_dir, cfg.vllm, seed, _max_len(model_dir), own_process=own_process)
         else:
             from alignreg.models import AUTOCAST
             from alignreg.rollout.hf import HFRolloutEngine

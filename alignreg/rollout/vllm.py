@@ -22,10 +22,12 @@ several threads.
 Process layout and constraints (also inside a Ray actor):
 
 * The engine core runs in the calling process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, set here if
-  unset) and the model runs in one spawned worker process (``distributed_executor_backend="mp"``),
-  chosen explicitly: vLLM would pick its Ray executor inside a Ray placement group, and an
-  in-process worker would initialise ``torch.distributed``, bind threads and replace
-  ``torch.set_num_threads`` in the caller (the learner's process in local runs).
+  unset). The model runs in one spawned worker process (``distributed_executor_backend="mp"``) or,
+  in a process that holds only the engine (a Ray engine actor, tensor-parallel size 1), in the
+  calling process (``"uni"``): :func:`executor_for`, ``vllm.executor``. Always chosen explicitly:
+  vLLM would pick its Ray executor inside a Ray placement group, and an in-process worker
+  initialises ``torch.distributed``, binds threads and replaces ``torch.set_num_threads`` in the
+  caller, which must not be the learner's process (local runs use ``mp``).
 * No ``if __name__ == "__main__"`` is needed in the host: nothing here relies on being the main
   module. A plain script that builds the engine at import time still needs the guard, because
   vLLM's worker is started with ``spawn``, which re-imports ``__main__``.
@@ -113,14 +115,29 @@ def request_seeds(seed: int, n_prompts: int) -> list[int]:
     return out
 
 
+def executor_for(cfg: VLLMConfig, own_process: bool) -> str:
+    """vLLM's ``distributed_executor_backend`` for ``vllm.executor``. ``auto``: ``uni`` (the model in the
+    calling process) when that process is the engine's own and one worker serves it, else ``mp``.
+
+    ``uni`` saves, on every decode step, the message queue between vLLM's scheduler and its worker and
+    the scheduler's spin while it waits (a whole core on a small CPU node). It is never chosen for a
+    process that holds anything else: the worker initialises ``torch.distributed``, binds the threads
+    and replaces ``torch.set_num_threads`` of the process it runs in (the learner's, in a local run)."""
+    if cfg.executor != "auto":
+        return cfg.executor
+    return "uni" if own_process and cfg.tensor_parallel_size == 1 else "mp"
+
+
 class VLLMRolloutEngine:
     """``RolloutEngine`` on a ``vllm.LLM`` loaded from ``model_dir`` (an HF ``save_pretrained`` dir).
 
     ``max_len`` is prompt + response tokens (used when ``cfg.max_model_len`` is 0); ``seed`` seeds
     requests with ``SamplingParams.seed=None`` (vLLM's own RNG: reproducible per engine).
+    ``own_process``: the calling process holds nothing but this engine (a Ray engine actor), so
+    ``vllm.executor: auto`` may run the model in it (:func:`executor_for`).
     """
 
-    def __init__(self, model_dir: str, cfg: VLLMConfig, seed: int, max_len: int):
+    def __init__(self, model_dir: str, cfg: VLLMConfig, seed: int, max_len: int, own_process: bool = False):
         check_vllm_version()
         self.model_dir = str(model_dir)
         hf_cfg = json.loads((Path(model_dir) / "config.json").read_text())
@@ -134,13 +151,14 @@ class VLLMRolloutEngine:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(cfg.cpu_kvcache_gb)))
             self._bind_threads(cfg.cpu_threads_bind)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        self.executor = executor_for(cfg, own_process)
         from vllm import LLM
 
         self.llm = LLM(
             model=self.model_dir, skip_tokenizer_init=True, seed=seed,
             dtype=self._dtype(cfg.dtype, hf_cfg), max_model_len=cfg.max_model_len or max_len,
             tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
-            enforce_eager=cfg.enforce_eager, distributed_executor_backend="mp",
+            enforce_eager=cfg.enforce_eager, distributed_executor_backend=self.executor,
             worker_extension_cls=WORKER_EXTENSION,
             generation_config="vllm",  # ignore generation_config.json defaults (top_k=50, extra EOS ids)
             logprobs_mode="raw_logprobs",  # exact with the temperature fold (module docstring)

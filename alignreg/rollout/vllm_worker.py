@@ -116,6 +116,10 @@ class WorkerExtension:
             self._alignreg_checksum = weights_checksum(_checkpoint_tensors(self.model_config.model))
         return self._alignreg_checksum
 
+    def alignreg_pid(self) -> int:
+        """This worker's process id (the engine's own with ``vllm.executor: uni``)."""
+        return os.getpid()
+
     def alignreg_threads(self) -> int:
         """This worker's torch intra-op threads (``vllm.cpu_threads_bind``)."""
         return torch.get_num_threads()
