@@ -17,7 +17,10 @@ time/train_s + time/sync_s`` of each step row (rollout incl. rewards, learner st
 its verification: checksum + parity probe). TRL: the wall time between consecutive ``on_step_end``
 callbacks (generation, reward, loss, optimizer step). samples/s = responses per step / s per step.
 
-Variants: ``alignreg`` (vLLM engine actor + learner actor on a local Ray cluster), ``alignreg-local``
+Variants: ``alignreg`` (vLLM engine actor + learner actor on a local Ray cluster; the engine compiled by
+vLLM and given every core: ``VLLM_SERVING``), ``alignreg-eager`` (the same with the config defaults:
+eager engine, vLLM's own thread binding), ``alignreg-mp`` (as ``alignreg`` with ``vllm.executor=mp``: the
+model in a worker process of its own instead of the engine actor's, as before ``vllm.executor``), ``alignreg-local``
 (the same loop in one process with the HF engine), ``alignreg-local-two-pass`` (as ``alignreg-local``
 with ``learner.single_pass=false``: the learner's separate no-grad pass before each update),
 ``alignreg-no-share`` / ``alignreg-local-no-share`` (as ``alignreg`` / ``alignreg-local`` with
@@ -63,6 +66,14 @@ def task_records(a):
 
 
 # ----------------------------------------------------------------------------------------- alignreg
+# The vLLM engine as one serves with it (the shipped GPU configs set enforce_eager: false too): the model
+# compiled by vLLM (torch.compile, start-up excluded from the timing like TRL's) and, on this 2-core box,
+# both cores for the model instead of one kept for vLLM's scheduler. ``alignreg-eager`` runs the config
+# defaults (eager, vLLM's own binding) for comparison.
+VLLM_SERVING = ("vllm.enforce_eager=false", "vllm.cpu_threads_bind=all")
+EAGER = ("vllm.enforce_eager=true", "vllm.cpu_threads_bind=auto")
+
+
 def run_alignreg(a, ckpt: str, ray: bool, engine: str = "vllm", extra: tuple[str, ...] = ()) -> dict:
     from alignreg.config import RLConfig, load_config
     from alignreg.logging import read_metrics
@@ -77,6 +88,8 @@ def run_alignreg(a, ckpt: str, ray: bool, engine: str = "vllm", extra: tuple[str
         "algorithm.eps_low=0.2", "algorithm.eps_high=0.2", f"trainer.steps={a.steps}", "trainer.save_every=0",
         "trainer.progress=false", "trainer.tensorboard=false", f"trainer.run_dir={run_dir}", f"trainer.threads={a.threads}",
     ]
+    if ray and engine == "vllm":  # vLLM's serving mode (compiled, every core); alignreg-eager overrides it
+        over += list(VLLM_SERVING)
     over += list(extra) + (a.set or [])
     if a.bf16:  # bfloat16 autocast in the learner; the vLLM engine serves in bfloat16 (its log-probs differ
         # from the float32 learner's by bf16 rounding, so the parity probe gets a bf16-sized tolerance)
@@ -169,6 +182,8 @@ def main():
     a = ap.parse_args()
     if a.worker:
         fn = {"alignreg": lambda: run_alignreg(a, a.ckpt, ray=True),
+              "alignreg-eager": lambda: run_alignreg(a, a.ckpt, ray=True, extra=EAGER),
+              "alignreg-mp": lambda: run_alignreg(a, a.ckpt, ray=True, extra=("vllm.executor=mp",)),
               "alignreg-local": lambda: run_alignreg(a, a.ckpt, ray=False),
               "alignreg-ray-hf": lambda: run_alignreg(a, a.ckpt, ray=True, engine="hf"),
               "alignreg-local-two-pass": lambda: run_alignreg(a, a.ckpt, ray=False, extra=("learner.single_pass=false",)),

@@ -154,7 +154,7 @@ def test_load_weights_syncs_and_is_strict(policy):
     assert engine.generate(prompts, sp).logprobs == before.logprobs
 
 
-def test_shared_prefill_gives_the_same_samples_on_fewer_positions(policy, monkeypatch):
+def test_shared_prefill_gives_the_same_samples_on_fewer_positions(policy):
     """Each prompt's prefill runs once for its n samples (cache repeated in generate's order): the same
     seeded samples and log-probs as generate's own prefill of every repeated row, on fewer positions."""
     model, tok = policy
@@ -165,7 +165,7 @@ def test_shared_prefill_gives_the_same_samples_on_fewer_positions(policy, monkey
     sp = SamplingParams(temperature=1.0, max_new_tokens=6, n=4, seed=7)
     shared = engine.generate(prompts, sp)
     shared_positions, seen[:] = sum(seen), []
-    monkeypatch.setattr(engine, "_shared_prefill", lambda *a: {})
+    engine.shared_prefill = False  # generate's own prefill of every repeated row
     plain = engine.generate(prompts, sp)
     plain_positions = sum(seen)
     assert shared.response_ids == plain.response_ids and shared.prompt_index == plain.prompt_index

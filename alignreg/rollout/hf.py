@@ -26,11 +26,15 @@ from alignreg.rollout.base import RolloutBatch, SamplingParams, weights_checksum
 class HFRolloutEngine:
     """``autocast``: run ``generate`` under ``torch.autocast`` in that dtype (the trainer passes the learner's
     ``learner.mixed_precision``, so rollouts sample from the policy as the learner computes it); the
-    weights stay as loaded, and the parity probe's forward (``weight_sync.hf_logprobs_fn``) stays float32."""
+    weights stay as loaded, and the parity probe's forward (``weight_sync.hf_logprobs_fn``) stays float32.
+    ``shared_prefill``: each prompt's prefill runs once for its ``n`` samples (``_shared_prefill``); False
+    lets ``generate`` prefill every sample (``benchmarks/bench_rollout.py`` times both)."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, autocast: Optional[torch.dtype] = None):
+    def __init__(self, model: torch.nn.Module, tokenizer, autocast: Optional[torch.dtype] = None,
+                 shared_prefill: bool = True):
         self.model = copy.deepcopy(model).eval()  # deepcopy keeps tied embeddings tied
         self.autocast = autocast
+        self.shared_prefill = shared_prefill
         self.model.requires_grad_(False)
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -86,7 +90,7 @@ class HFRolloutEngine:
         token run once per prompt (positions as ``generate`` numbers them), the cache rows are repeated
         in ``generate``'s order, and ``generate`` runs only the last prompt token and the new ones on
         top. Same logits up to float rounding, (n - 1) / n less prefill work."""
-        if n < 2 or input_ids.shape[1] < 2:
+        if not self.shared_prefill or n < 2 or input_ids.shape[1] < 2:
             return {}
         pos = attention_mask.long().cumsum(-1) - 1
         pos.masked_fill_(attention_mask == 0, 1)
