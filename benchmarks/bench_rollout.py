@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -111,7 +110,7 @@ def main():
     if unknown:
         ap.error(f"unknown variants {unknown}; valid: {', '.join(VARIANTS)}")
     sys.path.insert(0, HERE)
-    from bench_vs_trl import build_checkpoint
+    from bench_vs_trl import build_checkpoint, record, run_worker
 
     ckpt = tempfile.mkdtemp(prefix="bench_rollout_ckpt_")
     build_checkpoint(a, ckpt)
@@ -123,19 +122,10 @@ def main():
         if k in ("prompts", "group", "max_new", "hidden", "layers", "threads", "warmup", "repeats")]
     rows = []
     for v in a.variants.split(","):
-        p = subprocess.run(argv + ["--worker", v], capture_output=True, text=True, cwd=ROOT,
-                           env={**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"})
-        line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-        if not line:
-            print(f"{v}: failed rc={p.returncode}\n" + "\n".join(p.stderr.strip().splitlines()[-15:]), flush=True)
-            continue
-        r = json.loads(line[-1][7:])
-        r.update(gen_s_median=statistics.median(r["gen_s"]), load=os.getloadavg()[0])
-        rows.append(r)
-        print(json.dumps(r), flush=True)
-        if a.json:
-            with open(a.json, "a") as f:
-                f.write(json.dumps(r) + "\n")
+        r = run_worker(argv, v)
+        if r is not None:
+            r.update(gen_s_median=statistics.median(r["gen_s"]), load=os.getloadavg()[0])
+            record(rows, r, a.json)
     base = {r["variant"]: r for r in rows}.get("hf")
     print("\n| variant | s / generate (median) | min - max | tokens | tokens/s | time vs hf | start-up s |")
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -42,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -157,6 +158,27 @@ def run_trl(a, ckpt: str, use_vllm: bool) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- driver
+def run_worker(argv: list[str], variant: str) -> Optional[dict]:
+    """Run one variant in a fresh process (``argv + --worker variant``); its ``RESULT`` line, or None
+    after printing why it failed."""
+    p = subprocess.run(argv + ["--worker", variant], capture_output=True, text=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"})
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not line:
+        print(f"{variant}: failed rc={p.returncode}\n" + "\n".join(p.stderr.strip().splitlines()[-15:]), flush=True)
+        return None
+    return json.loads(line[-1][7:])
+
+
+def record(rows: list[dict], row: dict, json_path: str) -> None:
+    """Keep ``row``, print it, and append it to ``json_path`` (if given) as it comes."""
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+    if json_path:
+        with open(json_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", default="alignreg,alignreg-local,trl")
@@ -210,13 +232,9 @@ def main():
         f"--set={kv}" for kv in a.set or []]
     for v in variants:
         t0 = time.perf_counter()
-        p = subprocess.run(argv + ["--worker", v], capture_output=True, text=True, cwd=ROOT,
-                           env={**os.environ, "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"})
-        line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-        if not line:
-            print(f"{v}: failed rc={p.returncode}\n" + "\n".join(p.stderr.strip().splitlines()[-15:]), flush=True)
+        r = run_worker(argv, v)
+        if r is None:
             continue
-        r = json.loads(line[-1][7:])
         steady = r["step_s"][a.warmup:]
         s = statistics.median(steady)
         lens = r["response_len"]  # per step (alignreg) or one run-level mean (TRL logs once)
@@ -229,11 +247,7 @@ def main():
                    response_len=r["response_len"], step_s=r["step_s"], rollout_s=r.get("rollout_s"),
                    train_s=r.get("train_s"), sync_s=r["sync_s"], process_s=time.perf_counter() - t0,
                    load=os.getloadavg()[0])
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        if a.json:
-            with open(a.json, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        record(rows, row, a.json)
     base = {r["variant"]: r for r in rows}.get("trl")
     print("\n| variant | s / step (median) | samples/s | samples/s vs TRL | tokens/s | tokens/s vs TRL | rollout s | train s | sync s | process wall s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
