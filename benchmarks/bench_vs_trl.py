@@ -13,7 +13,8 @@ do the same amount of work per step (the table reports completion tokens/s too, 
 
 Timed: the steady-state seconds per training step after ``--warmup`` steps (start-up, model load,
 engine start, first-step compilation excluded on both sides). alignreg: ``time/rollout_s +
-time/train_s + time/sync_s`` of each step row (rollout incl. rewards, learner step, weight sync WITH
+time/train_s + time/sync_s`` of each step row (rollout incl. rewards, learner step (``time/learner_s``: the
+part inside the learner, without the call and the batch's transfer), weight sync WITH
 its verification: checksum + parity probe). TRL: the wall time between consecutive ``on_step_end``
 callbacks (generation, reward, loss, optimizer step). samples/s = responses per step / s per step.
 
@@ -106,7 +107,8 @@ def run_alignreg(a, ckpt: str, ray: bool, engine: str = "vllm", extra: tuple[str
     sync = [r["time/sync_s"] for r in rows]
     lens = [r.get("rollout/response_len", float("nan")) for r in rows]
     return dict(step_s=steps, sync_s=sync, response_len=lens, total_s=total,
-                rollout_s=[r["time/rollout_s"] for r in rows], train_s=[r["time/train_s"] for r in rows])
+                rollout_s=[r["time/rollout_s"] for r in rows], train_s=[r["time/train_s"] for r in rows],
+                learner_s=[r["time/learner_s"] for r in rows])
 
 
 # ----------------------------------------------------------------------------------------- TRL
@@ -244,18 +246,21 @@ def main():
                    sync_s_median=statistics.median(r["sync_s"][a.warmup:]) if r["sync_s"] else 0.0,
                    rollout_s_median=statistics.median(r["rollout_s"][a.warmup:]) if r.get("rollout_s") else float("nan"),
                    train_s_median=statistics.median(r["train_s"][a.warmup:]) if r.get("train_s") else float("nan"),
+                   learner_s_median=statistics.median(r["learner_s"][a.warmup:]) if r.get("learner_s") else float("nan"),
                    response_len=r["response_len"], step_s=r["step_s"], rollout_s=r.get("rollout_s"),
                    train_s=r.get("train_s"), sync_s=r["sync_s"], process_s=time.perf_counter() - t0,
                    load=os.getloadavg()[0])
         record(rows, row, a.json)
     base = {r["variant"]: r for r in rows}.get("trl")
-    print("\n| variant | s / step (median) | samples/s | samples/s vs TRL | tokens/s | tokens/s vs TRL | rollout s | train s | sync s | process wall s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| variant | s / step (median) | samples/s | samples/s vs TRL | tokens/s | tokens/s vs TRL | rollout s | train s "
+          "| of it in the learner s | sync s | process wall s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         rel = f"**{r['samples_per_s'] / base['samples_per_s']:.2f}x**" if base else "-"
         trel = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         print(f"| {r['variant']} | {r['step_s_median']:.3f} | {r['samples_per_s']:.1f} | {rel} | {r['tokens_per_s']:.0f} | {trel} "
-              f"| {r['rollout_s_median']:.3f} | {r['train_s_median']:.3f} | {r['sync_s_median']:.3f} | {r['process_s']:.0f} |")
+              f"| {r['rollout_s_median']:.3f} | {r['train_s_median']:.3f} | {r['learner_s_median']:.3f} | {r['sync_s_median']:.3f} "
+              f"| {r['process_s']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ In a local run the trainer holds one of each; ``orchestration: ray`` wraps N of 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -203,7 +204,12 @@ class LearnerWorker:
         return dist.get_rank() if dist.is_initialized() else 0
 
     def train_step(self, batch, step: int) -> dict[str, float]:
-        return self.learner.train_step(batch, step)
+        """The learner's step; ``time/learner_s`` is its time inside this worker (with Ray, the driver's
+        ``time/train_s`` adds the batch's transfer and the call)."""
+        t0 = time.perf_counter()
+        metrics = self.learner.train_step(batch, step)
+        metrics["time/learner_s"] = time.perf_counter() - t0
+        return metrics
 
     def export_weights(self, keep: bool = True) -> list[tuple[str, torch.Tensor]]:
         """Full weights (collective under ZeRO-3: every rank calls; ``keep=False`` returns [])."""
