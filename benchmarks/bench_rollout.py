@@ -31,6 +31,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
+from bench_vs_trl import build_checkpoint, record, run_worker, task_records  # noqa: E402 - the same checkpoint and task
+
 VARIANTS = ("hf", "hf-no-share", "vllm-eager-auto", "vllm-eager-all", "vllm-compiled-auto", "vllm-compiled-all",
             "vllm-eager-all-uni", "vllm-compiled-all-uni")
 
@@ -39,9 +42,6 @@ def prompts_of(a, ckpt: str) -> list[list[int]]:
     from transformers import AutoTokenizer
 
     from alignreg.models import encode_prompts
-
-    sys.path.insert(0, HERE)
-    from bench_vs_trl import task_records
 
     tok = AutoTokenizer.from_pretrained(ckpt, local_files_only=True)
     return encode_prompts(tok, [r["prompt"] for r in task_records(a)[: a.prompts]])
@@ -109,9 +109,6 @@ def main():
     unknown = sorted(set(a.variants.split(",")) - set(VARIANTS))
     if unknown:
         ap.error(f"unknown variants {unknown}; valid: {', '.join(VARIANTS)}")
-    sys.path.insert(0, HERE)
-    from bench_vs_trl import build_checkpoint, record, run_worker
-
     ckpt = tempfile.mkdtemp(prefix="bench_rollout_ckpt_")
     build_checkpoint(a, ckpt)
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} cpus={os.cpu_count()} load={os.getloadavg()} "
