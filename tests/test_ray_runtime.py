@@ -383,23 +383,28 @@ def test_a_dead_learner_rank_stops_the_run_with_one_line_naming_the_checkpoint(c
 
 @pytest.mark.slow
 def test_a_learner_dying_in_a_collective_sync_stops_the_run_with_one_line(cluster, tmp_path, monkeypatch):
-    """``sync.transport: collective``: learner rank 0 dies while the engine waits in the broadcast. The
-    engine's receive fails (its peer is gone) instead of hanging, and the run stops with one line that
-    names the dead learner and the checkpoint to resume from."""
+    """``sync.transport: collective``: learner rank 0 is dead when a sync starts, so the engine waits in a
+    broadcast whose sender is gone. The engine's receive fails instead of hanging, and the run stops with
+    one line that names the dead learner and the checkpoint to resume from. (Killing rank 0 after its send
+    was submitted raced with the send: a fast broadcast could finish first, and the death then surfaced in
+    the parity probe.)"""
     from alignreg.orchestration import ray_groups
 
     cfg = _cfg(tmp_path, "orchestration=ray", "learner.backend=torch", "ray.learner_ranks=1", "trainer.steps=3",
                "rollout.engine=hf", "trainer.save_every=1", "eval.every=0", "sync.transport=collective",
                "sync.timeout_s=60")
-    original, calls = ray_groups.RayRolloutGroup._both, []
+    original, calls = ray_groups.RayRolloutGroup._load_one, []
 
-    def both(self, i, engine_ref, learner_ref, method):
-        calls.append(method)
-        if method == "load_weights" and calls.count("load_weights") == 2:  # the second step's sync
-            ray.kill(self.learner.actors[0], no_restart=True)
-        return original(self, i, engine_ref, learner_ref, method)
+    def load_one(self, i, weights):
+        calls.append(i)
+        if len(calls) == 2:  # the second step's sync: rank 0 is dead (not merely being killed) before it sends
+            rank0 = self.learner.actors[0]
+            ray.kill(rank0, no_restart=True)
+            with pytest.raises(ray.exceptions.RayActorError):
+                ray.get(rank0.node_id.remote(), timeout=60)
+        return original(self, i, weights)
 
-    monkeypatch.setattr(ray_groups.RayRolloutGroup, "_both", both)
+    monkeypatch.setattr(ray_groups.RayRolloutGroup, "_load_one", load_one)
     _assert_learner_death_stops_the_run(cfg, tmp_path, "load_weights")
 
 
