@@ -347,6 +347,22 @@ def test_engine_killed_mid_run_is_restarted_and_resynced(cluster, tmp_path, asyn
     assert [r["rollout/policy_lag"] for r in rows[1:]] == ([0.0] + [1.0] * 3 if async_rollout else [0.0] * 4)
 
 
+def _kill_until_dead(actor) -> None:
+    """Kill a learner actor and return once it is dead: ray.kill is asynchronous, and a call submitted
+    just after it may still run (it did in CI), so poll until a call fails."""
+    ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            ray.get(actor.node_id.remote(), timeout=10)
+        except ray.exceptions.RayActorError:
+            return
+        except ray.exceptions.GetTimeoutError:
+            pass
+        assert time.monotonic() < deadline, "the killed learner rank still answers"
+        time.sleep(0.1)
+
+
 def _assert_learner_death_stops_the_run(cfg, tmp_path, during: str) -> None:
     """The run fails with one line (RunError: exit 1 from the CLI) naming the dead learner's call and the
     checkpoint the same command resumes from (step 1: these runs checkpoint every step), within seconds."""
@@ -374,7 +390,7 @@ def test_a_dead_learner_rank_stops_the_run_with_one_line_naming_the_checkpoint(c
 
     def train_step(self, batch, step):
         if step == 1:  # the second step: step 1 is checkpointed
-            ray.kill(self.actors[0], no_restart=True)
+            _kill_until_dead(self.actors[0])
         return original(self, batch, step)
 
     monkeypatch.setattr(ray_groups.RayLearnerGroup, "train_step", train_step)
@@ -398,10 +414,7 @@ def test_a_learner_dying_in_a_collective_sync_stops_the_run_with_one_line(cluste
     def load_one(self, i, weights):
         calls.append(i)
         if len(calls) == 2:  # the second step's sync: rank 0 is dead (not merely being killed) before it sends
-            rank0 = self.learner.actors[0]
-            ray.kill(rank0, no_restart=True)
-            with pytest.raises(ray.exceptions.RayActorError):
-                ray.get(rank0.node_id.remote(), timeout=60)
+            _kill_until_dead(self.learner.actors[0])
         return original(self, i, weights)
 
     monkeypatch.setattr(ray_groups.RayRolloutGroup, "_load_one", load_one)
