@@ -3,6 +3,7 @@ between two processes (learner rank 0 broadcasting, an engine receiving) with mi
 bucket boundaries. The Ray runs that use it are in test_ray_runtime.py."""
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 
 import pytest
@@ -49,8 +50,10 @@ def _member(rank: int, port: int, bucket: int, out) -> None:
             send_weights(group, named, bucket)
         else:
             got = receive_weights(group, tensor_meta(named), bucket)
-    if rank:
-        out.put((rank, [(n, t.clone()) for n, t in got]))
+    if rank:  # as bytes: a tensor put on the queue is shared through this process, which may exit before it is read
+        buf = io.BytesIO()
+        torch.save([(n, t.clone()) for n, t in got], buf)
+        out.put((rank, buf.getvalue()))
 
 
 @pytest.mark.parametrize("bucket", [4096, 1 << 20])
@@ -60,7 +63,7 @@ def test_gloo_group_delivers_every_byte_to_every_receiver(bucket):
     procs = [ctx.Process(target=_member, args=(r, port, bucket, out)) for r in range(3)]
     for p in procs:
         p.start()
-    got = dict(out.get(timeout=120) for _ in range(2))
+    got = {rank: torch.load(io.BytesIO(raw)) for rank, raw in (out.get(timeout=120) for _ in range(2))}
     for p in procs:
         p.join(60)
         assert p.exitcode == 0
