@@ -52,3 +52,15 @@ def test_demo_config(path):
 def test_sft_configs(path):
     cfg = load_config(SFTRunConfig, path)
     assert cfg.steps > 0 and cfg.output_dir
+
+
+@pytest.mark.parametrize("path", [p for p in REAL if p.stem.endswith("_siren")], ids=lambda p: p.stem)
+def test_siren_configs_use_the_official_script_values(path):
+    """siren.sh (REGULARIZERS.md §3.1-3.2): advantages without std normalisation, clip 0.28 / dual-clip 3,
+    seq-mean-token-sum-norm, wd 0.1, 8-prompt mini-batches (16 updates per 128-prompt step)."""
+    cfg = load_config(RLConfig, path)
+    a, lc = cfg.algorithm, cfg.learner
+    assert a.advantage == "drgrpo" and a.eps_low == a.eps_high == 0.28 and a.dual_clip_c == 3.0
+    assert a.loss_agg_mode == "seq-mean-token-sum-norm" and lc.lr == 1e-6 and lc.weight_decay == 0.1
+    assert lc.mini_batch_size == 8 * cfg.rollout.group_size
+    assert cfg.rollout.prompts_per_step * cfg.rollout.group_size // lc.mini_batch_size == 16
