@@ -580,10 +580,25 @@ class RLConfig:
     def validate(self, path: str) -> None:
         from alignreg.regularizers import build_regularizers  # validates names and params
 
-        build_regularizers(self.regularizers, path=f"{path}.regularizers")
+        regs = build_regularizers(self.regularizers, path=f"{path}.regularizers")
         bs = self.rollout.prompts_per_step * self.rollout.group_size
         mb = self.learner.mini_batch_size or bs
         _check(bs % mb == 0, f"{path}.learner.mini_batch_size ({mb}) must divide the batch size {bs}")
+        from alignreg.regularizers.base import REGULARIZERS
+
+        episodic = {REGULARIZERS.get(n): n for n in ("score", "score_kl")}  # read the attempt of each row
+        for t in regs:
+            _check(self.score.enabled or type(t.term) not in episodic,
+                   f"{path}.regularizers: {t.term.id!r} ({episodic.get(type(t.term))}) needs SCoRe's two-attempt episodes; "
+                   "set score.enabled: true")
+            if t.term.needs_whole_groups():
+                g, ranks = self.rollout.group_size, self.ray.learner_ranks if self.orchestration == "ray" else 1
+                share = mb // ranks if mb % ranks == 0 else mb / ranks
+                _check(self.learner.micro_batch_size % g == 0 and share % g == 0,
+                       f"{path}.regularizers: {t.term.id!r} standardises over prompt groups, so each micro-batch and each "
+                       f"rank's share of a mini-batch must hold whole groups: learner.micro_batch_size "
+                       f"({self.learner.micro_batch_size}) and learner.mini_batch_size / ray.learner_ranks ({mb} / {ranks}) "
+                       f"must be multiples of rollout.group_size ({g})")
         _check(self.orchestration == "ray" or self.sync.transport in ("auto", "shm"),
                f"{path}.sync.transport: {self.sync.transport!r} needs orchestration: ray (one process syncs through "
                "shared memory or in place); use auto")

@@ -191,3 +191,11 @@ def test_regularizers_listing_shows_every_default(capsys):
     out = capsys.readouterr().out
     assert "vae_hidden=[750, 750]" in out and "value_hidden=[256, 256, 256, 256]" in out  # list defaults (factories)
     assert "MISSING" not in out and "siren" in out and "top_p=0.8" in out
+
+
+@pytest.mark.parametrize("name", ["score", "score_kl"])
+def test_score_terms_need_two_attempt_episodes(name):
+    """Outside SCoRe there is no attempt structure: score_kl would penalise every other prompt group."""
+    with pytest.raises(ConfigError, match=f"'{name}' \\({name}\\) needs SCoRe's two-attempt episodes; set score.enabled: true"):
+        from_dict(RLConfig, {"regularizers": [{"name": name, "coef": 0.1}]})
+    from_dict(RLConfig, {"regularizers": [{"name": name, "coef": 0.1}], "score": {"enabled": True}})

@@ -441,7 +441,7 @@ def test_lp_reg_gradient_finite_when_exp_overflows():
 # ------------------------------------------------------------------------------------------------
 # GRPO-Guard
 # ------------------------------------------------------------------------------------------------
-def brute_standardize(x, m, seg, target_std, eps):
+def brute_standardize(x, m, seg, target_std, eps, min_std):
     out = torch.zeros_like(x)
     B, T = x.shape
     groups: dict = {}
@@ -453,13 +453,13 @@ def brute_standardize(x, m, seg, target_std, eps):
         v = [float(x.detach()[bt]) for bt in members]
         mu, sd = statistics.fmean(v), statistics.pstdev(v)
         for bt in members:
-            out[bt] = target_std * (x[bt] - mu) / (sd + eps)
+            out[bt] = target_std * (x[bt] - mu) / max(sd + eps, min_std)
     return out
 
 
 @pytest.mark.parametrize("variant", ["kl_correct", "seq_standardize", "group_standardize", "position_standardize"])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_grpo_guard(seed, variant):
+@pytest.mark.parametrize("seed,min_std", [(0, None), (1, None), (0, 0.0), (1, 0.05)])
+def test_grpo_guard(seed, variant, min_std):
     B, T, G = 6, 5, 3
     d0 = rand_batch(seed, B=B, T=T, group_size=G)
     m = d0["mask"]
@@ -467,7 +467,7 @@ def test_grpo_guard(seed, variant):
     log_ratio = torch.randn(B, T, generator=g, dtype=F64) * 0.1
     kl = torch.rand(B, T, generator=g, dtype=F64) * 1e-2
     group_index = d0["group_index"] + 4  # offsets must not matter
-    term = GrpoGuard(GrpoGuardParams(variant=variant, target_std=0.2, eps=1e-8), "grpo_guard")
+    term = GrpoGuard(GrpoGuardParams(variant=variant, target_std=0.2, eps=1e-8, min_std=min_std), "grpo_guard")
     assert [r.name for r in term.needs()] == (["kl_old_full"] if variant == "kl_correct" else [])
     lr = log_ratio.clone().requires_grad_()
     ctx = make_ctx(d0["logprobs"], m, {"kl_old_full": kl.clone().requires_grad_()}, advantages=d0["advantages"],
@@ -480,7 +480,7 @@ def test_grpo_guard(seed, variant):
     else:
         seg = {"seq_standardize": lambda b, t: b, "group_standardize": lambda b, t: gi[b],
                "position_standardize": lambda b, t: (gi[b], t)}[variant]
-        want = brute_standardize(lrb, m, seg, 0.2, 1e-8)
+        want = brute_standardize(lrb, m, seg, 0.2, 1e-8, 0.2 if min_std is None else min_std)
     close(out, want, what="value")
     assert out.shape == log_ratio.shape
     up = torch.randn(B, T, generator=g, dtype=F64)
@@ -513,6 +513,51 @@ def test_grpo_guard_identity_at_pi_old(variant, dtype):
     assert torch.equal(out, torch.zeros_like(out)) and torch.equal(torch.exp(out), torch.ones_like(out))
     assert metrics["post_ratio_mean"] == 1.0 and metrics["post_ratio_std"] == 0.0
     assert metrics["clipfrac_pos"] == metrics["clipfrac_neg"] == 0.0
+
+
+@pytest.mark.parametrize("variant", ["seq_standardize", "group_standardize", "position_standardize"])
+def test_grpo_guard_standardize_never_amplifies_the_gradient_by_default(variant):
+    """On-policy every log-ratio is exactly 0 (std 0): the default floor (min_std = target_std) keeps the
+    gradient of log r_hat at <= 1x that of log r; the literal form (min_std 0) scales it by target_std / eps."""
+    d0 = rand_batch(3, B=6, T=5, group_size=2)
+    m = d0["mask"]
+    for min_std, scale in ((None, 1.0), (0.0, 0.1 / 1e-8)):
+        lr = torch.zeros(6, 5, dtype=F64, requires_grad=True)
+        ctx = make_ctx(d0["logprobs"], m, {}, advantages=d0["advantages"], group_index=d0["group_index"])
+        term = GrpoGuard(GrpoGuardParams(variant=variant, min_std=min_std), "grpo_guard")
+        out, _ = term.transform_log_ratio(lr, ctx)
+        assert torch.equal(out, torch.zeros_like(out))
+        g = grad_of(out.sum(), lr)
+        close(g, scale * (m > 0).to(F64), tol=1e-6, what=str(min_std))  # mean and std are detached
+    g = torch.Generator().manual_seed(4)
+    lr = (torch.randn(6, 5, generator=g, dtype=F64) * torch.tensor([0.01, 0.05, 1.0, 3.0, 0.5, 0.02], dtype=F64)[:, None])
+    ctx = make_ctx(d0["logprobs"], m, {}, advantages=d0["advantages"], group_index=d0["group_index"])
+    out, _ = GrpoGuard(GrpoGuardParams(variant="seq_standardize"), "grpo_guard").transform_log_ratio(lr, ctx)
+    shrunk = 0
+    for b in range(6):
+        v = m[b] > 0
+        if int(v.sum()) > 1:
+            sd = float(lr[b][v].std(unbiased=False))
+            close(out[b][v].std(unbiased=False), 0.1 * sd / max(sd + 1e-8, 0.1), tol=1e-9, what=f"row {b}")
+            shrunk += sd > 0.1
+    assert shrunk >= 1  # wide rows are shrunk to target_std, narrow ones only centred
+
+
+def test_grpo_guard_config_checks():
+    from alignreg.config import ConfigError, RLConfig, from_dict
+
+    with pytest.raises(ConfigError, match="min_std: 0 with eps 0"):
+        from_dict(RLConfig, {"regularizers": [{"name": "grpo_guard", "params": {"variant": "seq_standardize", "min_std": 0, "eps": 0}}]})
+    group = [{"name": "grpo_guard", "params": {"variant": "group_standardize"}}]
+    base = {"rollout": {"group_size": 8, "prompts_per_step": 16}, "regularizers": group}
+    with pytest.raises(ConfigError, match=r"micro_batch_size \(4\).*multiples of rollout.group_size \(8\)"):
+        from_dict(RLConfig, {**base, "learner": {"micro_batch_size": 4}})
+    with pytest.raises(ConfigError, match=r"mini_batch_size / ray.learner_ranks \(32 / 8\)"):
+        from_dict(RLConfig, {**base, "learner": {"micro_batch_size": 8, "mini_batch_size": 32},
+                             "orchestration": "ray", "ray": {"learner_ranks": 8}})
+    from_dict(RLConfig, {**base, "learner": {"micro_batch_size": 16, "mini_batch_size": 64},
+                         "orchestration": "ray", "ray": {"learner_ranks": 4}})
+    from_dict(RLConfig, {**base, "learner": {"micro_batch_size": 4}, "regularizers": [{"name": "grpo_guard"}]})  # kl_correct: per token
 
 
 # ------------------------------------------------------------------------------------------------

@@ -148,6 +148,11 @@ class Regularizer:
         """Statistics this term reads from ``ctx.stats`` / ``StepView.stats``."""
         return []
 
+    def needs_whole_groups(self) -> bool:
+        """Whether the term reads statistics over a prompt group's rows, so every micro-batch (and
+        every rank's share of a mini-batch) must hold whole groups; the config checks it."""
+        return False
+
     def prepass_needs(self) -> list[StatRequest]:
         """Current-policy statistics needed over the whole mini-batch before its micro-batches
         (no grad); non-empty only for terms whose selection scope is global. ``"logprobs"`` is
