@@ -188,6 +188,22 @@ def test_local_and_ray_runs_match(cluster, tmp_path):
         torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300, method="thread")  # a hang sits in ray.get, which SIGALRM does not interrupt
+def test_object_store_sync_with_every_cpu_held_and_a_bfloat16_hf_engine(cluster, tmp_path):
+    """The actors' bundles hold all 8 CPUs of the cluster: the sync's checksum must not need a Ray task
+    of its own (it waited for a free CPU forever). ``model.dtype=bfloat16``: the HF engine actor loads
+    the learner's dtype (it loaded float32, and every sync failed its check)."""
+    cfg = _cfg(tmp_path, "orchestration=ray", "rollout.engine=hf", "learner.backend=torch", "ray.learner_ranks=1",
+               "ray.num_engines=1", "ray.num_cpus_per_actor=4", "sync.transport=object_store", "sync.verify=true",
+               "model.dtype=bfloat16", "trainer.steps=2")
+    assert train(cfg)["steps"] == 2
+    rows = _assert_trained(tmp_path, steps=2)
+    for r in rows[1:]:
+        assert r["sync/probe_max_abs_diff"] == 0.0 and "sync/checksum" in r  # same dtype, same kernels
+    assert next(iter(_final_weights(tmp_path).values())).dtype == torch.bfloat16
+
+
 def _record_sync(monkeypatch) -> list:
     """Record (transport, weight groups) of every RayRolloutGroup.load_weights call."""
     from alignreg.orchestration import ray_groups

@@ -177,10 +177,12 @@ class LearnerActor(LearnerWorker):
         ref = RemoteReference(reference) if reference is not None else None
         LearnerWorker.__init__(self, cfg, model_dir=model_dir, ref_model=ref)
 
-    def export_weights_checked(self, keep: bool) -> tuple[bool, list]:
-        """``(True, export_weights(keep))``, called with ``num_returns=2``: the driver waits on the small
-        first value, so a dead rank 0 is seen without fetching the weights."""
-        return True, self.export_weights(keep)
+    def export_weights_checked(self, keep: bool) -> tuple[Optional[float], list]:
+        """``(checksum, export_weights(keep))``, called with ``num_returns=2``: the driver waits on the small
+        first value (``weights_checksum`` of what rank 0 exports, None on the other ranks), so a dead rank 0
+        is seen without fetching the weights, and the sync's check needs no task of its own."""
+        named = self.export_weights(keep)
+        return (weights_checksum(named) if keep else None), named
 
 
 class ReferenceActor:
@@ -270,6 +272,7 @@ class RemoteWeights:
     shm_spec: Optional[dict] = None  # weight_sync.SharedMemoryWeights spec (same node only)
     node: str = ""  # Ray node id of learner rank 0
     staged: Optional[dict] = None  # collective transport: {"meta", "checksum"} of the weights staged on rank 0
+    checksum: Optional[float] = None  # object store: weights_checksum of the tensors behind ``ref``
     holder: Any = None  # collective transport: learner rank 0's actor (holds the staged weights)
 
     def __iter__(self):
@@ -338,8 +341,8 @@ class RayLearnerGroup:
             specs = self._all("export_to_shm")
             return RemoteWeights(shm_spec=specs[0], node=self.node)
         calls = [a.export_weights_checked.options(num_returns=2).remote(r == 0) for r, a in enumerate(self.actors)]
-        self._get([done for done, _ in calls], "export_weights")
-        return RemoteWeights(ref=calls[0][1], node=self.node)
+        checksum = self._get([first for first, _ in calls], "export_weights")[0]
+        return RemoteWeights(ref=calls[0][1], node=self.node, checksum=checksum)
 
     def probe_logprobs(self, prompt_ids: list[int], response_ids: list[int], temperature: float = 1.0) -> list[float]:
         return self._all("probe_logprobs", prompt_ids, response_ids, temperature)[0]
@@ -454,11 +457,6 @@ def resolve_transport(cfg: RLConfig, same_node: bool) -> str:
             return "collective"
         t = "shm" if not torch.cuda.is_available() else "object_store"
     return "object_store" if t == "shm" and not same_node else t
-
-
-@ray.remote
-def _checksum(named: list) -> float:
-    return weights_checksum(named)
 
 
 class _EngineProbe:
@@ -674,15 +672,18 @@ class RayRolloutGroup:
             return weights.staged["checksum"]
         if weights.shm_spec is not None:
             return weights.shm_spec["checksum"]
-        if weights.ref is not None:
-            return ray.get(_checksum.remote(weights.ref))
-        return weights_checksum(list(weights))
+        if weights.checksum is not None:
+            return weights.checksum
+        return weights_checksum(list(weights))  # in the driver: a Ray task for it could wait for a free CPU forever
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, float]:
         """Sync every engine and verify it; returns ``sync/*`` metrics (worst engine)."""
-        weights = named_tensors if isinstance(named_tensors, RemoteWeights) else RemoteWeights(ref=ray.put(list(named_tensors)))
+        if not isinstance(named_tensors, RemoteWeights):
+            named = list(named_tensors)
+            named_tensors = RemoteWeights(ref=ray.put(named), checksum=weights_checksum(named))
+        weights = named_tensors
         if weights.shm_spec is not None and weights.ref is None and not all(n == weights.node for n in self.nodes):
-            weights = RemoteWeights(ref=ray.put(list(weights)), node=weights.node)
+            weights = RemoteWeights(ref=ray.put(list(weights)), node=weights.node, checksum=weights.shm_spec["checksum"])
         self._last, self._probe_lp = weights, None
         self.version += 1
         metrics: dict[str, float] = {}

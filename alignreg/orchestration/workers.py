@@ -63,7 +63,7 @@ class RolloutWorker:
                 from transformers import AutoModelForCausalLM
 
                 model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, attn_implementation="eager",
-                                                             dtype=torch.float32)
+                                                             dtype=getattr(torch, cfg.model.dtype))  # the learner's dtype, as in one process
             self.engine = HFRolloutEngine(model, tokenizer, autocast=AUTOCAST[cfg.learner.mixed_precision])
         self.temperature = cfg.rollout.temperature
 
