@@ -360,3 +360,24 @@ def test_nonfinite_gradients_skip_the_update_and_then_stop():
     resumed.load_state_dict(copy.deepcopy(learner.state_dict()))
     with pytest.raises(FloatingPointError, match=r"step 4 \(2 updates in a row, more than learner.max_nonfinite_updates=1\)"):
         resumed.train_step(bad, 3)
+
+
+def test_batches_move_to_the_learners_device():
+    """The driver builds batches on the host; the learner moves every tensor to its model's device (a
+    GPU in real runs; checked here with the meta device, which keeps shapes and dtypes), and a batch
+    already there is passed through as it is."""
+    from dataclasses import fields
+
+    tok = build_tokenizer()
+    b = _batch(tok)
+    assert b.to("cpu") is b
+    m = b.to("meta")
+    for f in fields(b):
+        v, w = getattr(b, f.name), getattr(m, f.name)
+        if isinstance(v, torch.Tensor):
+            assert w.device.type == "meta" and w.shape == v.shape and w.dtype == v.dtype, f.name
+        else:
+            assert w == v
+    model = _model(tok)
+    learner = PolicyLearner(model, from_dict(RLConfig, {}), build_regularizers([]))
+    assert learner.device == next(model.parameters()).device

@@ -28,6 +28,13 @@ class TrainBatch:
     def response_len(self) -> int:
         return self.response_ids.shape[1]
 
+    def to(self, device: torch.device | str) -> "TrainBatch":
+        """The batch on ``device`` (the learner's: the driver builds batches on the host)."""
+        if self.input_ids.device == torch.device(device):
+            return self
+        kw = {f.name: getattr(self, f.name) for f in fields(self)}
+        return TrainBatch(**{k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in kw.items()})
+
     def rows(self, idx: slice | Tensor) -> "TrainBatch":
         kw = {f.name: getattr(self, f.name) for f in fields(self)}
         return TrainBatch(**{k: (v[idx] if isinstance(v, Tensor) else v) for k, v in kw.items()})

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 from collections import defaultdict
 from typing import Iterable, Optional
 
@@ -106,35 +107,47 @@ def warmup_scheduler(optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.L
 
 class DistCollectives:
     # Collectives: identity in one process; plain torch.distributed (gloo on CPU, nccl on GPU) when
-    # a process group is initialised (Ray learner actors set MASTER_ADDR/RANK/WORLD_SIZE).
+    # a process group is initialised (Ray learner actors set MASTER_ADDR/RANK/WORLD_SIZE). Results
+    # come back on the input's device; NCCL only takes CUDA tensors, so host tensors (counts the
+    # learner builds from floats) travel through the current CUDA device there.
     @property
     def world_size(self) -> int:
         import torch.distributed as dist
 
         return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
+    @staticmethod
+    def _comm_device(t: Tensor) -> torch.device:
+        import torch.distributed as dist
+
+        if dist.get_backend() == "nccl" and t.device.type != "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return t.device
+
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         if self.world_size == 1:
             return t
         import torch.distributed as dist
 
-        t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
+        x = t.to(self._comm_device(t), copy=True)
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        return x.to(t.device)
 
     def all_gather_cat(self, t: Tensor) -> Tensor:
         if self.world_size == 1:
             return t
         import torch.distributed as dist
 
-        n = torch.tensor([t.shape[0]], dtype=torch.long)
+        dev = self._comm_device(t)
+        n = torch.tensor([t.shape[0]], dtype=torch.long, device=dev)
         sizes = [torch.zeros_like(n) for _ in range(self.world_size)]
         dist.all_gather(sizes, n)
-        m = int(max(s.item() for s in sizes))
-        padded = torch.cat([t, t.new_zeros((m - t.shape[0], *t.shape[1:]))])
+        sizes = [int(s.item()) for s in sizes]
+        x = t.to(dev)
+        padded = torch.cat([x, x.new_zeros((max(sizes) - x.shape[0], *x.shape[1:]))])
         parts = [torch.empty_like(padded) for _ in range(self.world_size)]
         dist.all_gather(parts, padded)
-        return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+        return torch.cat([p[:s] for p, s in zip(parts, sizes)]).to(t.device)
 
 
 
@@ -143,6 +156,8 @@ class TorchBackend(DistCollectives):
 
     def __init__(self, model: torch.nn.Module, cfg: RLConfig):
         lc = cfg.learner
+        if torch.cuda.is_available():  # as DeepSpeedBackend: one GPU per rank (Ray: the actor's only visible one)
+            model = model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
         self.model = model
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay
@@ -199,9 +214,12 @@ class PolicyLearner:
         self.model = model
         self.regs = regs
         self.backend = backend or TorchBackend(model, cfg)
+        self.device = next(model.parameters()).device  # batches arrive built on the host and move here
         self.needs_ref = regs.needs_reference()
         if self.needs_ref and ref_model is None:
             raise ValueError("the active regularizers need a reference model")
+        if self.needs_ref and isinstance(ref_model, torch.nn.Module):  # copied from the policy before it moved to its device
+            ref_model = ref_model.to(self.device)
         self.ref_model = ref_model if self.needs_ref else None  # dropped when no term needs it
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -366,6 +384,7 @@ class PolicyLearner:
     # ------------------------------------------------------------------------------------------
     def train_step(self, batch: TrainBatch, step: int) -> dict[str, float]:
         cfg, be = self.cfg, self.backend
+        batch = batch.to(self.device)
         self._batch_rows = len(batch)
         train_spec, old_spec, pre_spec = self._specs()
         metrics: dict[str, float] = {}
@@ -474,7 +493,7 @@ class PolicyLearner:
         log_ratio = (logprobs - old_lp) * mb.mask
         ctx = LossContext(
             logprobs=logprobs, old_logprobs=old_lp, advantages=mb.advantages, mask=mb.mask, stats=stats, norm=norm,
-            row_index=torch.arange(r.start, r.stop) - mini_start, group_index=mb.group_index, step=step,
+            row_index=torch.arange(r.start, r.stop, device=mb.mask.device) - mini_start, group_index=mb.group_index, step=step,
             eps_low=alg.eps_low, eps_high=alg.eps_high, prepared=prepared,
             all_reduce_sum=self.backend.all_reduce_sum, all_gather_cat=self.backend.all_gather_cat,
         )
