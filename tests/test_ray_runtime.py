@@ -295,6 +295,20 @@ def test_vllm_engine_actor_runs_the_model_in_its_own_process(cluster, tmp_path):
         ray.kill(actor, no_restart=True)
 
 
+def test_engine_shards_and_second_attempts_sample_from_their_own_streams():
+    """Engine i of a Ray group and SCoRe's second attempts draw from seeds mixed out of the step's seed:
+    ``seed + i`` was engine 0's seed i steps later (and ``seed + 1`` the next step's first attempts)."""
+    from alignreg.orchestration.ray_groups import RayRolloutGroup
+    from alignreg.rollout.base import SECOND_ATTEMPT_STREAM, SamplingParams, mix_seed
+
+    step_seeds = [1_000_003 + s for s in range(200)]  # trainer.seed 1: consecutive per-step seeds
+    shard = [RayRolloutGroup._shard_sampling(None, SamplingParams(seed=s), i).seed for s in step_seeds for i in range(8)]
+    assert shard[::8] == step_seeds  # engine 0 samples as a one-process run does
+    second = [mix_seed(s, SECOND_ATTEMPT_STREAM) for s in step_seeds]
+    assert len(set(shard) | set(second)) == 9 * len(step_seeds)  # no stream is used twice
+    assert RayRolloutGroup._shard_sampling(None, SamplingParams(seed=None), 3).seed is None
+
+
 def test_auto_transport_follows_the_layout():
     from alignreg.orchestration.ray_groups import resolve_transport
 

@@ -48,7 +48,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from alignreg.config import ConfigError, RLConfig, WorkerError
 from alignreg.orchestration.workers import LearnerWorker, RolloutWorker
-from alignreg.rollout.base import RolloutBatch, SamplingParams, weights_checksum
+from alignreg.rollout.base import ENGINE_STREAM, RolloutBatch, SamplingParams, mix_seed, weights_checksum
 
 log = logging.getLogger(__name__)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -549,7 +549,11 @@ class RayRolloutGroup:
         return [(min(i * per, n), min((i + 1) * per, n)) for i in range(k)]
 
     def _shard_sampling(self, sampling: SamplingParams, i: int) -> SamplingParams:
-        return sampling if sampling.seed is None else SamplingParams(**{**sampling.__dict__, "seed": sampling.seed + i})
+        """Engine ``i``'s sampling: engine 0 keeps the step's seed (one engine samples as a local run does),
+        the others a stream mixed from it (``seed + i`` would be engine 0's seed ``i`` steps later)."""
+        if sampling.seed is None or i == 0:
+            return sampling
+        return SamplingParams(**{**sampling.__dict__, "seed": mix_seed(sampling.seed, ENGINE_STREAM + i)})
 
     def _gather(self, method: str, prompts: list, sampling: SamplingParams, *scoring) -> list:
         """Run ``method`` on every engine's shard; ``scoring`` = (records, reward) for generate_scored."""

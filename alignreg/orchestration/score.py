@@ -34,7 +34,7 @@ from alignreg.algorithms.advantages import compute_advantages
 from alignreg.config import MathDataConfig, ScoreConfig
 from alignreg.learner.batch import TrainBatch, collate
 from alignreg.rewards.math import batch_rewards, pop_reward_metrics
-from alignreg.rollout.base import RolloutBatch, SamplingParams
+from alignreg.rollout.base import SECOND_ATTEMPT_STREAM, RolloutBatch, SamplingParams, mix_seed
 
 
 @dataclass
@@ -105,7 +105,7 @@ def generate_episodes(engine, tokenizer, records: list[dict], sampling: Sampling
     sp2 = second_sampling or SamplingParams(
         temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, greedy=sampling.greedy,
         max_new_tokens=score.second_max_new_tokens or sampling.max_new_tokens, n=1,
-        seed=None if sampling.seed is None else sampling.seed + 1)
+        seed=None if sampling.seed is None else mix_seed(sampling.seed, SECOND_ATTEMPT_STREAM))  # not the next step's seed
     second = engine.generate(x2, sp2)
     texts2 = tokenizer.batch_decode(second.response_ids, skip_special_tokens=True)
     recs = [records[p] for p in first.prompt_index]

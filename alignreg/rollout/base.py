@@ -20,6 +20,21 @@ from typing import Iterable, Optional, Protocol, runtime_checkable
 import torch
 
 
+def mix_seed(seed: int, key: int) -> int:
+    """A seed for stream ``key`` of ``seed``: splitmix64's finaliser over ``(seed, key)``, in [0, 2**62).
+    Streams derived this way never line up with nearby seeds (the trainer's per-step seeds are
+    consecutive), as ``seed + key`` would: engine 1 at step s would replay engine 0's draws of step s + 1."""
+    mask = 2**64 - 1
+    z = (seed * 0x9E3779B97F4A7C15 + key * 0xD1B54A32D192ED03) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return (z ^ (z >> 31)) >> 2
+
+
+ENGINE_STREAM = 1 << 40  # mix_seed keys: engine i >= 1 of a Ray rollout group samples its shard from ENGINE_STREAM + i
+SECOND_ATTEMPT_STREAM = 1 << 41  # SCoRe's second attempts
+
+
 @dataclass
 class SamplingParams:
     temperature: float = 1.0  # logits are divided by this before sampling and before log-probs

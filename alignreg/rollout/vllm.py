@@ -105,14 +105,9 @@ def request_seeds(seed: int, n_prompts: int) -> list[int]:
     correlated across prompts (with a near-uniform policy, nearly the same tokens). Mixed seeds keep the
     batch reproducible from ``seed`` while no two samples of the call, nor of calls with nearby seeds
     (the trainer's per-step seeds are consecutive), share a stream."""
-    mask = 2**64 - 1
-    out = []
-    for i in range(n_prompts):
-        z = (seed * 0x9E3779B97F4A7C15 + (i + 1) * 0xD1B54A32D192ED03) & mask
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
-        out.append((z ^ (z >> 31)) >> 2)
-    return out
+    from alignreg.rollout.base import mix_seed
+
+    return [mix_seed(seed, i + 1) for i in range(n_prompts)]
 
 
 def executor_for(cfg: VLLMConfig, own_process: bool) -> str:
