@@ -51,12 +51,16 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], keep:
         tmp.mkdir()
         save_durable(state, tmp / "state.pt")
         for name, text in (files or {}).items():
-            (tmp / name).write_text(text)
+            with open(tmp / name, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
         sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         with open(tmp / "COMPLETE", "w") as f:
             f.write(json.dumps({"step": step, "bytes": sizes}))
             f.flush()
             os.fsync(f.fileno())
+        _fsync_dir(tmp)  # its entries are on disk before the rename publishes it
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)  # give the space back
         last = latest_checkpoint(run_dir)
@@ -125,14 +129,40 @@ def torch_file_problem(path: Path) -> Optional[str]:
     return f"record {bad!r} fails its CRC-32 check (damaged bytes)" if bad is not None else None
 
 
-def set_aside(path: Path) -> Path:
-    """Rename a damaged checkpoint out of the ``step_*`` pattern (so no resume or rotation touches it)."""
-    dest, n = path.with_name(path.name + ".unreadable"), 1
+def set_aside(path: Path, why: str = "unreadable") -> Path:
+    """Rename a checkpoint out of the ``step_*`` pattern (so no resume or rotation touches it) to
+    ``<name>.<why>``: a damaged one (``unreadable``) or one of a line of steps a resume from an
+    earlier checkpoint abandoned (``abandoned``)."""
+    dest, n = path.with_name(f"{path.name}.{why}"), 1
     while dest.exists():
         n += 1
-        dest = path.with_name(f"{path.name}.unreadable{n}")
+        dest = path.with_name(f"{path.name}.{why}{n}")
     os.replace(path, dest)
     return dest
+
+
+def abandon_later_checkpoints(run_dir: str | Path, ckpt: Path, warn) -> list[Path]:
+    """A resume from ``ckpt`` while the run directory holds later checkpoints (``trainer.resume`` naming
+    an earlier ``step_*``): set the later ones aside as ``*.abandoned``, kept but out of the ``step_*``
+    pattern, so the rotation cannot delete the resumed run's new checkpoints in their favour and a
+    later ``resume: auto`` cannot jump back to the abandoned steps."""
+    root = (Path(run_dir) / "checkpoints").resolve()
+    if Path(ckpt).resolve().parent != root:
+        return []
+    later = [c for c in list_checkpoints(run_dir) if checkpoint_step(c) > checkpoint_step(ckpt)]
+    moved = [set_aside(c, "abandoned") for c in later]
+    if moved:
+        metrics, kept = Path(run_dir) / "metrics.jsonl", ""
+        if metrics.is_file():  # the resumed run truncates it to its step: keep the abandoned steps' rows
+            dest, n = metrics.with_name("metrics.jsonl.abandoned"), 1
+            while dest.exists():
+                n += 1
+                dest = metrics.with_name(f"metrics.jsonl.abandoned{n}")
+            shutil.copyfile(metrics, dest)
+            kept = f"; their metrics: {dest.name}"
+        warn(f"resuming from {ckpt}: the later checkpoints of this run directory are set aside, not deleted: "
+             + ", ".join(p.name for p in moved) + kept)
+    return moved
 
 
 def latest_readable_checkpoint(run_dir: str | Path, warn) -> Optional[Path]:

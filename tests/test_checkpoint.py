@@ -172,3 +172,37 @@ def test_a_run_directory_in_use_by_another_process_is_refused_before_anything_is
         holder.wait()
     with RunLock(tmp_path):  # released by the kernel when its holder died (killed: no stale lock)
         assert f"pid {os.getpid()} " in (tmp_path / ".lock").read_text()
+
+
+def test_a_resume_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path):
+    """trainer.resume naming an earlier step: the later checkpoints (and the metrics of their steps) are
+    kept under other names, so the resumed run's rotation cannot delete its own new checkpoints in their
+    favour and a later resume: auto cannot return to them."""
+    from alignreg.checkpoint import abandon_later_checkpoints
+
+    for step in (2, 4, 6):
+        save_checkpoint(tmp_path, step, _state(step), keep=3)
+    (tmp_path / "metrics.jsonl").write_text("".join(f'{{"step": {s}}}\n' for s in range(7)))
+    root = tmp_path / "checkpoints"
+    warnings = []
+    assert abandon_later_checkpoints(tmp_path, root / "step_00000006", warnings.append) == []  # the newest: nothing later
+    moved = abandon_later_checkpoints(tmp_path, root / "step_00000002", warnings.append)
+    assert [p.name for p in moved] == ["step_00000004.abandoned", "step_00000006.abandoned"]
+    assert len(warnings) == 1 and "set aside, not deleted" in warnings[0] and "metrics.jsonl.abandoned" in warnings[0]
+    assert (tmp_path / "metrics.jsonl.abandoned").read_text().count("step") == 7
+    assert load_checkpoint(root / "step_00000006.abandoned")["step"] == 6  # intact
+    save_checkpoint(tmp_path, 3, _state(3), keep=1)  # the resumed run's rotation keeps its own newest
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000003"]
+    assert latest_readable_checkpoint(tmp_path, warnings.append) == root / "step_00000003"
+    assert abandon_later_checkpoints(tmp_path / "other", root / "step_00000003", warnings.append) == []  # not this run's
+
+
+def test_checkpoint_text_files_and_entries_are_flushed_before_publishing(tmp_path, monkeypatch):
+    import os
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    save_checkpoint(tmp_path, 1, _state(1), files={"config.yaml": "a: 1\n"})
+    tmp = str(tmp_path / "checkpoints" / "step_00000001.tmp")
+    assert {tmp + "/state.pt", tmp + "/config.yaml", tmp + "/COMPLETE", tmp, str(tmp_path / "checkpoints")} <= set(synced)

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from alignreg.algorithms.advantages import compute_advantages
-from alignreg.checkpoint import (checkpoint_config, checkpoint_step, latest_checkpoint, latest_readable_checkpoint,
+from alignreg.checkpoint import (abandon_later_checkpoints, checkpoint_config, checkpoint_step, latest_checkpoint, latest_readable_checkpoint,
                                  list_checkpoints, load_checkpoint, require_resumable, rng_state, save_checkpoint,
                                  set_rng_state)
 from alignreg.config import (ConfigError, RLConfig, RunError, WorkerError, describe_diff, load_yaml, save_config,
@@ -331,6 +331,8 @@ def _train(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]]) -> d
             os.replace(run_dir / "config.yaml", kept)
         print(f"resuming from {ckpt} with changed settings: {describe_diff(changed)} (the config of the steps so "
               f"far: {kept if kept.is_file() else ckpt / 'config.yaml'})", file=sys.stderr, flush=True)
+    if ckpt is not None:
+        abandon_later_checkpoints(run_dir, ckpt, lambda msg: print(msg, file=sys.stderr, flush=True))
     save_config(cfg, run_dir / "config.yaml")
     run = build_run(cfg, resources, ckpt=ckpt)
     try:
