@@ -65,4 +65,6 @@ while :; do
   wait "$TRAINER_PID"; RC=$?
   kill -0 "$TRAINER_PID" 2>/dev/null || break
 done
+wait "$TRAINER_PID" 2>/dev/null; RC2=$?  # its own status, if a trap cut the last wait short (127: already collected)
+[ "$RC2" -ne 127 ] && RC=$RC2
 exit "$RC"
