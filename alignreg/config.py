@@ -587,6 +587,11 @@ class RLConfig:
         from alignreg.regularizers.base import REGULARIZERS
 
         episodic = {REGULARIZERS.get(n): n for n in ("score", "score_kl")}  # read the attempt of each row
+        _check(not (self.trainer.async_rollout and self.orchestration == "local" and self.rollout.engine == "hf"
+                    and self.lora.enabled and self.lora.dropout > 0),
+               f"{path}.lora.dropout: {self.lora.dropout:g} with trainer.async_rollout in one process: the HF engine's "
+               "seeded sampling (on its thread) and the learner's dropout share the process's random generator, so "
+               "neither would be reproducible; set lora.dropout: 0, or orchestration: ray (each in its own process)")
         for t in regs:
             _check(self.score.enabled or type(t.term) not in episodic,
                    f"{path}.regularizers: {t.term.id!r} ({episodic.get(type(t.term))}) needs SCoRe's two-attempt episodes; "

@@ -199,3 +199,11 @@ def test_score_terms_need_two_attempt_episodes(name):
     with pytest.raises(ConfigError, match=f"'{name}' \\({name}\\) needs SCoRe's two-attempt episodes; set score.enabled: true"):
         from_dict(RLConfig, {"regularizers": [{"name": name, "coef": 0.1}]})
     from_dict(RLConfig, {"regularizers": [{"name": name, "coef": 0.1}], "score": {"enabled": True}})
+
+
+def test_async_rollout_in_one_process_refuses_lora_dropout():
+    base = {"trainer": {"async_rollout": True}, "lora": {"enabled": True, "dropout": 0.05}}
+    with pytest.raises(ConfigError, match="lora.dropout: 0.05 with trainer.async_rollout in one process"):
+        from_dict(RLConfig, base)
+    from_dict(RLConfig, {**base, "orchestration": "ray"})
+    from_dict(RLConfig, {**base, "lora": {"enabled": True, "dropout": 0.0}})

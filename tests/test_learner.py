@@ -381,3 +381,27 @@ def test_batches_move_to_the_learners_device():
     model = _model(tok)
     learner = PolicyLearner(model, from_dict(RLConfig, {}), build_regularizers([]))
     assert learner.device == next(model.parameters()).device
+
+
+def test_dropout_draws_depend_on_seed_step_and_rank_only():
+    """With dropout in the model, a step's update is a function of (weights, batch, trainer.seed, step): not
+    of the process's RNG state (a Ray actor's, or the one a resume restores), which the step leaves as it
+    was; another step number draws other masks."""
+    tok = build_tokenizer()
+    cfg = from_dict(RLConfig, {"learner": {"micro_batch_size": 16, "lr": 1e-2}, "trainer": {"seed": 3}})
+
+    def step(step_no, global_seed):
+        model = _model(tok)
+        for m in model.modules():  # Qwen2's eager attention applies dropout to its weights in train mode
+            if hasattr(m, "attention_dropout"):
+                m.attention_dropout = 0.5
+        learner = PolicyLearner(model, cfg, build_regularizers([]))
+        torch.manual_seed(global_seed)
+        before = torch.get_rng_state()
+        metrics = learner.train_step(_batch(tok), step_no)
+        assert torch.equal(torch.get_rng_state(), before)
+        return metrics["policy/pg_loss"], [p.detach().clone() for p in model.parameters()]
+
+    (l1, w1), (l2, w2), (l3, w3) = step(5, 0), step(5, 123), step(6, 0)
+    assert l1 == l2 and all(torch.equal(a, b) for a, b in zip(w1, w2))
+    assert any(not torch.equal(a, b) for a, b in zip(w1, w3))  # other masks at another step

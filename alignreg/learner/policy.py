@@ -33,6 +33,7 @@ from alignreg.losses.stats import Precomputed, StatsSpec, auto_chunk_size, token
 from alignreg.learner.batch import TrainBatch
 from alignreg.models import AUTOCAST, autocast as autocast_ctx, lm_head_and_body
 from alignreg.regularizers.base import AggNorm, LossContext, RegularizerSet, StepView
+from alignreg.rollout.base import LEARNER_STREAM, mix_seed
 
 
 lm_parts = lm_head_and_body  # (body -> final-normed hidden states, lm-head weight [V, H], bias or None)
@@ -383,6 +384,18 @@ class PolicyLearner:
 
     # ------------------------------------------------------------------------------------------
     def train_step(self, batch: TrainBatch, step: int) -> dict[str, float]:
+        """One learner step. Its random draws (dropout: ``lora.dropout``, a model's own) come from a
+        generator seeded by ``(trainer.seed, step, rank)`` and leave the process's generator as it was:
+        the same draws in one process, in a Ray actor and after a resume (no RNG state to checkpoint)."""
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(mix_seed(self.cfg.trainer.seed * 1_000_003 + step, LEARNER_STREAM + rank))
+            return self._train_step(batch, step)
+
+    def _train_step(self, batch: TrainBatch, step: int) -> dict[str, float]:
         cfg, be = self.cfg, self.backend
         batch = batch.to(self.device)
         self._batch_rows = len(batch)

@@ -33,6 +33,7 @@ def mix_seed(seed: int, key: int) -> int:
 
 ENGINE_STREAM = 1 << 40  # mix_seed keys: engine i >= 1 of a Ray rollout group samples its shard from ENGINE_STREAM + i
 SECOND_ATTEMPT_STREAM = 1 << 41  # SCoRe's second attempts
+LEARNER_STREAM = 1 << 42  # the learner step's dropout, rank r: LEARNER_STREAM + r
 
 
 @dataclass
