@@ -40,7 +40,7 @@ export RAY_ADDRESS="127.0.0.1:$PORT"         # ray.address=auto resolves to this
 env -u RAY_ADDRESS ray start --head --block --node-ip-address=127.0.0.1 --port="$PORT" \
   --dashboard-port="$(free_port)" --ray-client-server-port="$(free_port)" \
   --dashboard-agent-listen-port="$(free_port)" --temp-dir="$TMP" --disable-usage-stats \
-  "${RES_ARGS[@]}" "${EXTRA[@]}" > "$TMP/ray_start.log" 2>&1 &
+  ${RES_ARGS[@]+"${RES_ARGS[@]}"} ${EXTRA[@]+"${EXTRA[@]}"} > "$TMP/ray_start.log" 2>&1 &
 HEAD_PID=$!
 TRAINER_PID=""
 RC=1
@@ -59,7 +59,7 @@ if ! ray_wait_healthy "$RAY_ADDRESS" 120 "$HEAD_PID"; then
 fi
 echo "[local] Ray head at $RAY_ADDRESS (logs: $TMP)"
 
-alignreg rl "$CONFIG" "${ORCH_ARGS[@]}" "$@" &
+alignreg rl "$CONFIG" ${ORCH_ARGS[@]+"${ORCH_ARGS[@]}"} "$@" &
 TRAINER_PID=$!
 while :; do
   wait "$TRAINER_PID"; RC=$?

@@ -61,7 +61,7 @@ esac
 
 # The runtime env as JSON, built by Python so that any path or value is quoted correctly.
 PY="$(command -v python3 || command -v python)"
-RUNTIME_ENV="$("$PY" - "$WORKDIR" "${#EXCLUDES[@]}" "${EXCLUDES[@]}" "${ENV_VARS[@]}" <<'EOF'
+RUNTIME_ENV="$("$PY" - "$WORKDIR" "${#EXCLUDES[@]}" ${EXCLUDES[@]+"${EXCLUDES[@]}"} ${ENV_VARS[@]+"${ENV_VARS[@]}"} <<'EOF'
 import json, sys
 workdir, n = sys.argv[1], int(sys.argv[2])
 excludes, env = sys.argv[3:3 + n], sys.argv[3 + n:]
@@ -73,7 +73,7 @@ EOF
 CMD=(ray job submit --address "$ADDRESS" --runtime-env-json "$RUNTIME_ENV")
 [ -n "$SUBMISSION_ID" ] && CMD+=(--submission-id "$SUBMISSION_ID")
 [ "$NO_WAIT" = 1 ] && CMD+=(--no-wait)
-CMD+=(-- python -m alignreg rl "$CONFIG" "${ORCH_ARGS[@]}" "$@")
+CMD+=(-- python -m alignreg rl "$CONFIG" ${ORCH_ARGS[@]+"${ORCH_ARGS[@]}"} "$@")
 
 if [ "$DRY_RUN" = 1 ]; then
   "$PY" -c 'import shlex, sys; print(shlex.join(sys.argv[1:]))' "${CMD[@]}"
