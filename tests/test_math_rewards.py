@@ -19,6 +19,11 @@ from alignreg.rewards.math import (VerifierPool, batch_rewards, configure, extra
     ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72", "72"),
     ("... so he earns $1,234.\n#### 1,234", "1234"),
     ("The answer is 17.", "17"),
+    ("The answer is 3.5.", "3.5"),  # a decimal point does not end the answer, a period does
+    ("the answer is $2.5$.", "2.5"),
+    ("So the answer is 1.5 hours.\nCheck: 3/2 = 1.5", "1.5 hours"),
+    ("The answer is 42\nbecause 6 * 7 = 42", "42"),
+    ("\\boxed 5 or rather \\boxed 7", "7"),  # the last one, as with braces
     ("no final answer here", None),
     ("unbalanced \\boxed{3", None),
 ])

@@ -91,3 +91,19 @@ def test_prompt_iterator_resume_equals_uninterrupted():
     edited[7]["answer"] = "42"  # same count, a record edited in place
     with pytest.raises(ValueError, match=r"the training prompts changed since the checkpoint \(same 10 records"):
         PromptIterator(edited, 4, seed=3).load_state_dict(state)
+
+
+@pytest.mark.parametrize("n", [300, 5_000, 10**12])
+def test_the_eval_split_does_not_depend_on_train_size(n):
+    """An SFT cold start or an eval run with another train_size holds out the same problems (random.sample
+    switched algorithm with the total drawn, which moved 103 of 200 eval problems between train sizes)."""
+    from alignreg.data.synthetic import split_problem_space
+
+    evals = set()
+    for train_size in (1, 10, 100, 140, 249, 250, 4096):
+        train, held_out = split_problem_space(n, 50, train_size, seed=7)
+        assert len(train) == min(train_size, n - 50) and len(set(train)) == len(train)
+        assert not set(train) & set(held_out) and all(0 <= i < n for i in train + held_out)
+        evals.add(tuple(held_out))
+    assert len(evals) == 1 and len(set(next(iter(evals)))) == 50
+    assert split_problem_space(n, 50, 100, seed=8)[1] != split_problem_space(n, 50, 100, seed=7)[1]

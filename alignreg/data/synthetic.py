@@ -40,8 +40,13 @@ def split_problem_space(num_problems: int, eval_size: int, train_size: int, seed
                         ) -> tuple[list[int], list[int]]:
     """Disjoint (train, eval) problem indices drawn without replacement from ``range(num_problems)``.
 
-    ``random.sample`` on a ``range`` does not materialise the range, so huge spaces are fine.
-    The eval split comes first in the draw, so it does not change when ``train_size`` changes.
+    Indices are drawn one at a time (``randrange``, a repeat drawn again), eval first, so the eval
+    split depends only on ``(num_problems, eval_size, seed)``: an SFT cold start or an ``eval`` run with
+    another ``train_size`` holds out the same problems and never trains on them. (``random.sample``
+    switches algorithm with the total drawn, which changed the eval split with ``train_size``; on
+    large spaces the draws here are the ones it made.) When training takes more than half of what
+    the eval split leaves, the rest of the space is listed and shuffled instead (the space is then
+    at most about twice ``train_size``). Huge spaces are never materialised.
     """
     if num_problems > sys.maxsize:
         raise ConfigError(f"task: problem space of {num_problems} problems is too large to index")
@@ -51,8 +56,23 @@ def split_problem_space(num_problems: int, eval_size: int, train_size: int, seed
             f"({num_problems}); raise max_operand/num_operands or lower eval_size"
         )
     n_train = min(train_size, num_problems - eval_size)
-    draw = random.Random(seed).sample(range(num_problems), eval_size + n_train)
-    return draw[eval_size:], draw[:eval_size]
+    rng, taken = random.Random(seed), set()
+
+    def draw(k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            j = rng.randrange(num_problems)
+            if j not in taken:
+                taken.add(j)
+                out.append(j)
+        return out
+
+    held_out = draw(eval_size)
+    if n_train <= (num_problems - eval_size) // 2:  # repeats stay rare
+        return draw(n_train), held_out
+    rest = [i for i in range(num_problems) if i not in taken]
+    random.Random(seed + 1).shuffle(rest)
+    return rest[:n_train], held_out
 
 
 @TASKS.register("arithmetic")

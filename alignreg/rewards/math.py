@@ -35,7 +35,7 @@ from alignreg.rewards.base import REWARDS
 # Extraction (pure string work, runs in the caller; linear time)
 # ------------------------------------------------------------------------------------------------
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
-_ANSWER_IS = re.compile(r"answer is[:\s]*\$?([^\n$]+?)\$?\s*(?:\.|$)", re.I)
+_ANSWER_IS = re.compile(r"answer is[:\s]*\$?([^\n$]+?)\$?\s*(?:\.(?!\d)|$)", re.I | re.M)  # a period ends it, a decimal point does not
 
 
 def last_boxed(text: str) -> Optional[str]:
@@ -55,8 +55,8 @@ def last_boxed(text: str) -> Optional[str]:
             end = close.get(start - 1)
             if end is not None:
                 return text[start:end].strip()
-    m = re.search(r"\\boxed ([^\s$]+)", text)  # "\boxed 5" (no braces)
-    return m.group(1) if m else None
+    m = list(re.finditer(r"\\boxed ([^\s$]+)", text))  # "\boxed 5" (no braces): the last one, as with braces
+    return m[-1].group(1) if m else None
 
 
 def gsm8k_answer(text: str) -> Optional[str]:
