@@ -131,9 +131,16 @@ def load_policy(cfg: ModelConfig, seed: int):
     return model, tokenizer
 
 
+def prompt_token_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of one prompt text, with the tokenizer's own special tokens (BOS for tiny-qwen2),
+    except a BOS the text already starts with (a rendered chat template writes its own)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+
+
 def encode_prompts(tokenizer, prompts: list[str]) -> list[list[int]]:
-    """Token ids of prompt texts, with the tokenizer's own special tokens (BOS for tiny-qwen2)."""
-    return [tokenizer(p)["input_ids"] for p in prompts]
+    """:func:`prompt_token_ids` of each prompt text."""
+    return [prompt_token_ids(tokenizer, p) for p in prompts]
 
 
 def lm_head_and_body(model) -> tuple[Callable[..., Tensor], Tensor, Optional[Tensor]]:

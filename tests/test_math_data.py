@@ -65,6 +65,13 @@ def test_templates_and_chat_template():
                                            tokenize=False, add_generation_prompt=True)
     with pytest.raises(ConfigError, match="format string"):
         render_prompt("x", MathDataConfig(template="no placeholder"))
+    from alignreg.models import encode_prompts
+
+    assert chat.startswith(tok.bos_token)  # the template writes BOS: encoding must not add a second one
+    ids = encode_prompts(tok, [chat, "1+1?"])
+    assert ids[0] == tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"}],
+                                             tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert [i.count(tok.bos_token_id) for i in ids] == [1, 1] and ids[1][0] == tok.bos_token_id
 
 
 def test_mixture_weights_and_length_filter(files):

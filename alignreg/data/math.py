@@ -134,7 +134,9 @@ def build_math_dataset(task: TaskConfig, data: MathDataConfig, tokenizer=None) -
         if data.max_prompt_tokens > 0:
             if tokenizer is None:
                 raise ConfigError("math_data.max_prompt_tokens needs the policy tokenizer")
-            out = [r for r in out if len(tokenizer(r["prompt"])["input_ids"]) <= data.max_prompt_tokens]
+            from alignreg.models import prompt_token_ids
+
+            out = [r for r in out if len(prompt_token_ids(tokenizer, r["prompt"])) <= data.max_prompt_tokens]  # as encoded for generation
         return out
 
     train, held = finish(train), finish(held)
