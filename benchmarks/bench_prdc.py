@@ -57,6 +57,23 @@ def sqdist_gap(index, states: torch.Tensor, pi: torch.Tensor, idx_a: np.ndarray,
     return float(np.abs(d[0] - d[1]).max())
 
 
+def brute_force_gap(index, states: torch.Tensor, pi: torch.Tensor, idx: np.ndarray, rows: np.ndarray, points64) -> float:
+    """Largest |d2 of ``idx`` - the exact k-th smallest d2| over ``rows``, by a float64 scan of every point
+    (independent of both trees: the uncertified rows of both searches go through scipy's one C++ query)."""
+    q = np.hstack([2.0 * states.numpy(), pi.numpy()]).astype(np.float64)
+    gap = 0.0
+    for r in rows:
+        d = ((points64 - q[r]) ** 2).sum(1)
+        kth = np.partition(d, index.k - 1)[index.k - 1]
+        gap = max(gap, abs(float(d[idx[r]]) - float(kth)))
+    return gap
+
+
+def check(ok: bool, what: str) -> None:
+    if not ok:  # not an assert: it must also hold under python -O
+        raise SystemExit(f"bench_prdc: {what}")
+
+
 def load(args) -> dict:
     rng = np.random.default_rng(0)
     if args.data:
@@ -141,7 +158,9 @@ def main() -> None:
 
     # identical neighbours on real training queries (fresh and partly trained actor)
     gen = torch.Generator().manual_seed(2)
-    max_err, certified, ties = 0.0, [], 0
+    max_err, brute_err, certified, ties = 0.0, 0.0, [], 0
+    points64 = np.asarray(index.points, dtype=np.float64)
+    sub = np.random.default_rng(4)
     for i in range(args.verify_batches):
         b = data.sample(256, gen)
         with torch.no_grad():
@@ -150,13 +169,18 @@ def main() -> None:
         certified.append(index.last_certified)
         off = index.official_query(2.0 * b.states.numpy(), pi.numpy())
         max_err = max(max_err, sqdist_gap(index, b.states, pi, off, idx.numpy()))
+        brute_err = max(brute_err, brute_force_gap(index, b.states, pi, idx.numpy(), sub.choice(256, 8, replace=False), points64))
         ties += int((off != idx.numpy()).sum())
         for _ in range(25):  # move the actor between verification batches
             fast.train_step(data.sample(256, gen))
-    assert max_err < 1e-6, f"neighbour distances differ by {max_err}"
+    del points64
+    check(max_err < 1e-6, f"neighbour distances differ from the official query's by {max_err}")
+    check(brute_err < 1e-6, f"neighbour distances differ from a float64 brute-force scan by {brute_err}")
     res.update(verify_batches=args.verify_batches, verify_max_sqdist_diff=max_err, verify_index_ties=ties,
+               verify_brute_force_rows=8 * args.verify_batches, verify_brute_force_max_sqdist_diff=brute_err,
                verify_certified_frac=float(np.mean(certified)))
-    print(f"identical neighbours on {args.verify_batches} batches (max |d2 diff| {max_err:.1e}, {ties} tie indices)")
+    print(f"identical neighbours on {args.verify_batches} batches (max |d2 diff| {max_err:.1e}, {ties} tie indices; "
+          f"{8 * args.verify_batches} rows against a brute-force scan: max |d2 diff| {brute_err:.1e})")
 
     # timing windows at several points of one PRDC training run: both PRDC variants start each window
     # from the same snapshot of that run (the run itself goes on from its own state)
@@ -184,7 +208,7 @@ def main() -> None:
         row["search_official_ms"] = (time.perf_counter() - t) * 100
         row["certified_frac"] = float(np.mean(cert))
         for b, pi, i1, i2 in zip(qs, pis, mine, theirs):  # identical neighbours on these queries too
-            assert sqdist_gap(index, b.states, pi, i1, i2) < 1e-6, f"neighbour distances differ after {phase} steps"
+            check(sqdist_gap(index, b.states, pi, i1, i2) < 1e-6, f"neighbour distances differ after {phase} steps")
         # the three learners from the same snapshot, timed in turn, --repeats rounds; the best round of each
         # (this machine's speed drifts by 10-20 % between minutes, so one window each would compare drifts)
         kinds = (("prdc", "prdc_alignreg_steps_s"), ("prdc_serial", "prdc_serial_steps_s"),

@@ -7,9 +7,11 @@ response length cap, temperature 1, one on-policy optimizer step per batch with 
 (TRL: ``per_device_train_batch_size=micro``, ``gradient_accumulation_steps=batch/micro``), learning rate,
 clip range and no KL term (TRL ``beta=0``; alignreg: no regularizer), the same precision (float32, or
 with ``--bf16`` bfloat16 mixed precision on both sides: TRL ``bf16=True``, alignreg
-``learner.mixed_precision=bf16`` and a bfloat16 vLLM engine). The model is not warm-started,
-so neither policy emits EOS early: both generate the full ``--max-new`` tokens for every response and
-do the same amount of work per step (the table reports completion tokens/s too, to show it).
+``learner.mixed_precision=bf16`` and a bfloat16 vLLM engine). The model is not warm-started, so
+both policies emit EOS only now and then: responses are close to ``--max-new`` tokens but not equal
+between the two sides (e.g. 14.1-16.0 vs 15.0 at 16; 48-50 at 64). The table reports completion
+tokens/s beside samples/s for that reason; TRL logs one mean length for its whole run (warm-up steps
+included), alignreg one per step.
 
 Timed: the steady-state seconds per training step after ``--warmup`` steps (start-up, model load,
 engine start, first-step compilation excluded on both sides). alignreg: ``time/rollout_s +
