@@ -615,9 +615,16 @@ class RLConfig:
                f"{path}.vllm.executor: 'uni' runs the model in the engine's process, which in a local run is the "
                "learner's (vLLM's worker would initialise torch.distributed and rebind its threads there); use mp or auto, "
                "or orchestration: ray")
-        half = self.rollout.engine == "vllm" and self.vllm.dtype in ("bfloat16", "float16", "half")
+        half_ckpt = self.model.dtype in ("bfloat16", "float16")
+        serves = self.vllm.dtype if self.vllm.dtype != "auto" else (self.model.dtype if half_ckpt else "auto")
+        if self.vllm.dtype == "auto" and not half_ckpt and self.rollout.engine == "vllm":
+            import torch
+
+            serves = "bfloat16" if torch.cuda.is_available() else "auto"  # vLLM's auto downcasts float32 on GPUs
+        half = self.rollout.engine == "vllm" and serves in ("bfloat16", "float16", "half")
+        how = f"vllm.dtype={self.vllm.dtype}" + (f" (a {self.model.dtype} checkpoint, or a GPU: {serves})" if self.vllm.dtype == "auto" else "")
         _check(not (half and self.sync.verify and self.sync.parity_tol < HALF_PARITY_TOL),
-               f"{path}.sync.parity_tol: {self.sync.parity_tol:g} is a float32 tolerance, but vllm.dtype={self.vllm.dtype} "
+               f"{path}.sync.parity_tol: {self.sync.parity_tol:g} is a float32 tolerance, but {how} "
                "serves in half precision, and the parity probe compares its log-probs with the learner's own forward "
                "(other kernels, and float32 unless model.dtype is bfloat16), so the first sync would fail; "
                f"set sync.parity_tol to at least {HALF_PARITY_TOL:g} (the tiny models built in "

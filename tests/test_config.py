@@ -85,6 +85,11 @@ def test_out_of_range_values_name_the_key(section, values, needle):
 
 
 def test_a_half_precision_vllm_engine_needs_a_half_precision_parity_tolerance():
+    # vllm.dtype auto serves a bfloat16 checkpoint (model.dtype) in bfloat16
+    with pytest.raises(ConfigError, match=r"vllm.dtype=auto \(a bfloat16 checkpoint, or a GPU: bfloat16\) serves in half"):
+        from_dict(RLConfig, {"rollout": {"engine": "vllm"}, "model": {"dtype": "bfloat16"}})
+    from_dict(RLConfig, {"rollout": {"engine": "vllm"}, "model": {"dtype": "bfloat16"}, "sync": {"parity_tol": 0.05}})
+    from_dict(RLConfig, {"rollout": {"engine": "vllm"}})  # float32 checkpoint, CPU: float32 engine
     with pytest.raises(ConfigError, match=r"config.sync.parity_tol: 0.001 is a float32 tolerance, but vllm.dtype=bfloat16 "
                                           r"serves in half precision.*set sync.parity_tol to at least 0.01"):
         from_dict(RLConfig, {"rollout": {"engine": "vllm"}, "vllm": {"dtype": "bfloat16"}})

@@ -4,6 +4,7 @@ through shared memory, and the sync verification (parity probe, checksum, timeou
 One engine for the whole module (start-up is most of the runtime). Tests that load other weights
 restore the base model's weights before they return, so their order does not matter.
 """
+import json
 import time
 
 import pytest
@@ -40,6 +41,12 @@ def engine(policy, tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny")
     model.save_pretrained(d)
     tok.save_pretrained(d)
+    # an Instruct-style generation_config.json listing a second EOS id, one the policy emits mid-response:
+    # only the tokenizer's EOS may stop a response, as in the HF engine (test_greedy_matches_hf)
+    extra = HFRolloutEngine(model, tok).generate(encode_prompts(tok, PROMPTS), SamplingParams(greedy=True, max_new_tokens=8))
+    x = next(t for r in extra.response_ids for t in r[:-1] if t != tok.eos_token_id)
+    gc = json.loads((d / "generation_config.json").read_text())
+    (d / "generation_config.json").write_text(json.dumps({**gc, "eos_token_id": [tok.eos_token_id, x]}))
     eng = VLLMRolloutEngine(str(d), VLLMConfig(cpu_kvcache_gb=1), seed=0, max_len=64)
     yield eng
     eng.shutdown()
@@ -76,6 +83,24 @@ def test_shared_memory_roundtrip():
         assert spec2["path"] == spec["path"] and spec2["checksum"] != spec["checksum"]
     finally:
         buf.close()
+
+
+def test_a_shared_memory_spec_is_checked_before_it_is_loaded(engine, policy):
+    """A spec written by another process (the Ray learner's /dev/shm buffer) with a tensor missing, an
+    unknown one, or the tied embedding only under its lm_head alias is refused before anything loads
+    (a missing tensor kept its old values, and the checksum of what was sent still matched)."""
+    model, _ = policy
+    named = list(model.named_parameters())
+    buf = SharedMemoryWeights()
+    try:
+        for bad, match in ((named[:-1], "missing parameters"), (named + [("model.extra.weight", named[0][1])], "unknown"),
+                           ([("lm_head.weight" if n == "model.embed_tokens.weight" else n, t) for n, t in named], "only as lm_head")):
+            with pytest.raises(KeyError, match=match):
+                engine.load_weights_from_spec(buf.write(bad))
+        assert engine.load_weights_from_spec(buf.write(named)) == weights_checksum(named)
+    finally:
+        buf.close()
+        restore(engine, model)
 
 
 @pytest.mark.parametrize("temperature,top_p,top_k", [(0.7, 1.0, 0), (1.0, 1.0, 0), (0.7, 0.9, 5)])

@@ -73,3 +73,29 @@ def test_gloo_group_delivers_every_byte_to_every_receiver(bucket):
         for (_, a), (_, b) in zip(got[rank], sent):
             assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
         assert weights_checksum(got[rank]) == weights_checksum(sent)
+
+
+def test_a_weight_buffer_without_room_is_a_clear_error_not_a_bus_error(tmp_path):
+    """The shared-memory buffer's pages are allocated before it is mapped: a file system without room
+    gives an error naming the size and the fix (a sparse file in a full tmpfs killed the writer with
+    SIGBUS). Here the room is limited with RLIMIT_FSIZE (4 MiB) for a 16 MiB buffer, in a child process."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import resource, signal, torch
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the limit then raises EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4 * 2**20, 4 * 2**20))
+        from alignreg.config import WorkerError
+        from alignreg.orchestration.weight_sync import SharedMemoryWeights
+        w = SharedMemoryWeights({str(tmp_path / "alignreg-weights-t.bin")!r})
+        try:
+            w.write([("a", torch.zeros(4 * 2**20))])
+        except WorkerError as e:
+            print("ERROR:", e)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "no room for a 16 MiB buffer" in out.stdout  # first the temporary directory is tried
+    assert "ERROR: weight sync: cannot allocate a 16 MiB weight buffer" in out.stdout and "free space there" in out.stdout

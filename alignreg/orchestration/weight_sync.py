@@ -126,7 +126,7 @@ def verify_sync(engine, learner_logprobs_fn: Callable[[list[int], list[int]], li
     if expected_checksum is not None:
         got = call_with_timeout(engine.weights_checksum, cfg.timeout_s, "weights checksum")
         metrics["sync/checksum"] = float(got)
-        if not math.isclose(got, expected_checksum, rel_tol=1e-9, abs_tol=1e-9):
+        if got != expected_checksum:  # CRC values as floats: exact
             raise WeightSyncError(f"weights checksum after sync: engine {got!r} != learner {expected_checksum!r}; "
                                   f"the engine did not receive the learner's tensors")
     return metrics
@@ -188,6 +188,34 @@ class SharedMemoryWeights:
         self._buf: Optional[torch.Tensor] = None
         atexit.register(self.close)
 
+    def _reserve(self, size: int) -> None:
+        """Size the file and allocate its pages now: a sparse file in a full tmpfs kills the writer with
+        SIGBUS at the first page it cannot back (Docker's default /dev/shm is 64 MiB), with no traceback.
+        Without room in /dev/shm the buffer moves to the temporary directory's disk, with a warning."""
+        self._buf = None
+        for attempt in range(2):
+            try:
+                with open(self.path, "ab") as f:
+                    os.ftruncate(f.fileno(), size)
+                    os.posix_fallocate(f.fileno(), 0, size)
+                return
+            except OSError as e:
+                where = os.path.dirname(self.path)
+                try:
+                    os.unlink(self.path)
+                except OSError:
+                    pass
+                self.capacity = 0
+                fallback = tempfile.gettempdir()
+                if attempt == 0 and os.path.realpath(where) != os.path.realpath(fallback):
+                    print(f"warning: weight sync: no room for a {size / 2**20:.0f} MiB buffer in {where} ({e.strerror}); "
+                          f"using {fallback} instead (slower; give the container a larger /dev/shm, e.g. "
+                          f"docker run --shm-size=...)", flush=True)
+                    self.path = os.path.join(fallback, os.path.basename(self.path))
+                    continue
+                raise WorkerError(f"weight sync: cannot allocate a {size / 2**20:.0f} MiB weight buffer in {where} "
+                                  f"({e.strerror}); free space there (or set TMPDIR to a disk with room)") from None
+
     @torch.no_grad()
     def write(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict:
         """Copy tensors into the buffer; returns the spec the engine side needs (picklable dict)."""
@@ -199,8 +227,7 @@ class SharedMemoryWeights:
             offset += -(-nbytes // ALIGN) * ALIGN
         size = max(offset, ALIGN)
         if size > self.capacity or self._buf is None:
-            with open(self.path, "ab") as f:
-                os.ftruncate(f.fileno(), max(size, self.capacity))
+            self._reserve(max(size, self.capacity))
             self.capacity = max(size, self.capacity)
             # mapped once and kept: a fresh mapping per sync page-faults every page again (~2x the copy)
             self._buf = torch.from_file(self.path, shared=True, size=self.capacity, dtype=torch.uint8)

@@ -155,7 +155,7 @@ class VLLMRolloutEngine:
             tensor_parallel_size=cfg.tensor_parallel_size, gpu_memory_utilization=cfg.gpu_memory_utilization,
             enforce_eager=cfg.enforce_eager, distributed_executor_backend=self.executor,
             worker_extension_cls=WORKER_EXTENSION,
-            generation_config="vllm",  # ignore generation_config.json defaults (top_k=50, extra EOS ids)
+            generation_config="vllm",  # ignore generation_config.json's sampling defaults (top_k=50); its extra EOS ids: ignore_eos below
             logprobs_mode="raw_logprobs",  # exact with the temperature fold (module docstring)
             enable_prefix_caching=cfg.enable_prefix_caching,
             **({"block_size": cfg.block_size} if cfg.block_size else {}),
@@ -246,7 +246,9 @@ class VLLMRolloutEngine:
                   top_p=1.0 if sampling.greedy else sampling.top_p,
                   top_k=sampling.top_k if sampling.top_k > 0 and not sampling.greedy else -1,  # -1: off in all versions
                   max_tokens=sampling.max_new_tokens, seed=sampling.seed, logprobs=0,
-                  stop_token_ids=[self.eos_id], ignore_eos=False, detokenize=False)
+                  # only the tokenizer's EOS stops a response, as in the HF engine: vLLM would also stop at every
+                  # eos_token_id listed in generation_config.json (Instruct checkpoints list several) unless ignore_eos
+                  stop_token_ids=[self.eos_id], ignore_eos=True, detokenize=False)
         if sampling.seed is not None and not sampling.greedy:  # one seed per prompt (request_seeds)
             vsp = [vsp.clone() for _ in prompts]
             for v, s in zip(vsp, request_seeds(sampling.seed, len(prompts))):
@@ -281,13 +283,18 @@ class VLLMRolloutEngine:
         return [float(plp[j][ids[j]].logprob) for j in range(len(prompt_ids), len(ids))]
 
     # ------------------------------------------------------------------ weights
-    def _check_names(self, named: list[tuple[str, torch.Tensor]]) -> None:
+    def _check_names(self, named: list[tuple[str, torch.Tensor]], renamed_here: bool = True) -> None:
         """Strict like ``HFRolloutEngine.load_weights``: names/shapes of the checkpoint; the tied
-        ``lm_head.weight`` alias is accepted (and covers the embedding)."""
+        ``lm_head.weight`` alias is accepted (and covers the embedding) where ``load_weights`` renames
+        it; the shared-memory spec and the broadcast reach the workers under the learner's names
+        (its checksum covers them), so there the embedding must come as ``model.embed_tokens.weight``."""
         exp = self._expected
         tied = "lm_head.weight" not in exp and "model.embed_tokens.weight" in exp
         known = set(exp) | ({"lm_head.weight"} if tied else set())
         names = {n for n, _ in named}
+        if tied and not renamed_here and "lm_head.weight" in names and "model.embed_tokens.weight" not in names:
+            raise KeyError("load_weights: the tied embedding arrived only as lm_head.weight, which vLLM's loader skips "
+                           "for tied models; export it as model.embed_tokens.weight")
         unknown = sorted(names - known)
         if unknown:
             raise KeyError(f"load_weights: unknown parameter names {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
@@ -323,7 +330,10 @@ class VLLMRolloutEngine:
         self._scale = None
 
     def load_weights_from_spec(self, spec: dict) -> float:
-        """Load a buffer another process wrote with ``SharedMemoryWeights.write`` (same node)."""
+        """Load a buffer another process wrote with ``SharedMemoryWeights.write`` (same node); names and
+        shapes are checked against the checkpoint first, from the spec (a missing tensor kept its old
+        values, unseen by the checksum of what was sent)."""
+        self._check_names([(n, torch.empty(shape, device="meta")) for n, _, shape, _, _ in spec["tensors"]], renamed_here=False)
         checksum = float(self.collective_rpc("alignreg_update_weights_from_shm", (spec,))[0])
         self._after_load()
         return checksum
@@ -341,7 +351,7 @@ class VLLMRolloutEngine:
         """Receive a broadcast from learner rank 0 in every worker and load it as it arrives (checksum checked
         there). Names and shapes are checked against the checkpoint first, from ``meta``, because a streamed
         load cannot be checked in full before it starts."""
-        self._check_names([(n, torch.empty(shape, device="meta")) for n, _, shape in meta])
+        self._check_names([(n, torch.empty(shape, device="meta")) for n, _, shape in meta], renamed_here=False)
         out = float(self.collective_rpc("alignreg_update_weights_from_group", (meta, bucket_bytes, checksum))[0])
         self._after_load()
         return out
