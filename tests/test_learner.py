@@ -405,3 +405,18 @@ def test_dropout_draws_depend_on_seed_step_and_rank_only():
     (l1, w1), (l2, w2), (l3, w3) = step(5, 0), step(5, 123), step(6, 0)
     assert l1 == l2 and all(torch.equal(a, b) for a, b in zip(w1, w2))
     assert any(not torch.equal(a, b) for a, b in zip(w1, w3))  # other masks at another step
+    # async rollout in one process: the HF engine's thread samples from the process's generator, which the
+    # learner must not reseed mid-step (that moved the rollout's draws); it draws from the stream as it is
+    cfg = from_dict(RLConfig, {"learner": {"micro_batch_size": 16, "lr": 1e-2}, "trainer": {"seed": 3, "async_rollout": True}})
+    model = _model(tok)
+    learner = PolicyLearner(model, cfg, build_regularizers([]))
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    calls = []
+    real = torch.manual_seed
+    torch.manual_seed = lambda s: (calls.append(s), real(s))[1]
+    try:
+        learner.train_step(_batch(tok), 5)
+    finally:
+        torch.manual_seed = real
+    assert calls == [] and torch.equal(torch.get_rng_state(), before)  # no dropout in the default model: no draws

@@ -309,3 +309,15 @@ def test_missing_config_file_is_clear(tmp_path):
 def test_every_shipped_rl_config_validates():
     for path in sorted((ROOT / "configs" / "rl").glob("*.yaml")):
         load_config(RLConfig, path)
+
+
+def test_eval_every_is_independent_of_log_every_and_verifier_counters_are_logged(tmp_path):
+    """eval.every=3 with trainer.log_every=2 evaluates (and logs) step 3; the math verifier's counters
+    (computed next to the engine) reach the metrics of every logged step, not only in SCoRe runs."""
+    train(_cfg(tmp_path, "trainer.steps=4", "warm_start.steps=0", "eval.every=3", "trainer.log_every=2",
+               "task.reward=math_verify"))
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == [0, 2, 3, 4]
+    assert [("eval/greedy_acc" in r) for r in rows] == [True, False, True, True]
+    for r in rows[1:]:
+        assert r["reward/math_checks"] == 16.0 and r["reward/math_timeouts"] == 0.0  # 4 prompts x 4 responses

@@ -386,7 +386,13 @@ class PolicyLearner:
     def train_step(self, batch: TrainBatch, step: int) -> dict[str, float]:
         """One learner step. Its random draws (dropout: ``lora.dropout``, a model's own) come from a
         generator seeded by ``(trainer.seed, step, rank)`` and leave the process's generator as it was:
-        the same draws in one process, in a Ray actor and after a resume (no RNG state to checkpoint)."""
+        the same draws in one process, in a Ray actor and after a resume (no RNG state to checkpoint).
+        Not with ``trainer.async_rollout`` in one process: the HF engine samples on its thread from the
+        same process-wide generator (``transformers.generate`` takes none of its own), so reseeding it
+        here would move that thread's draws; there the learner draws from the stream as it is (and the
+        config refuses LoRA dropout)."""
+        if self.cfg.trainer.async_rollout and self.cfg.orchestration == "local":
+            return self._train_step(batch, step)
         import torch.distributed as dist
 
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0

@@ -597,6 +597,19 @@ class RayRolloutGroup:
         rewards = [r for _, (_, rs) in parts for r in rs]
         return self._merge([(off, rb) for off, (rb, _) in parts]), rewards
 
+    def reward_metrics(self) -> dict[str, float]:
+        """The verifier counters of every engine actor, summed (an engine that cannot answer now is skipped:
+        its counts are lost, not the step)."""
+        refs = [a.reward_metrics.remote() for a in self.actors]
+        out: dict[str, float] = {}
+        for ref in refs:
+            try:
+                for k, v in ray.get(ref, timeout=self.cfg.sync.timeout_s).items():
+                    out[k] = out.get(k, 0.0) + v
+            except (*_ENGINE_LOST, ray.exceptions.GetTimeoutError):
+                pass
+        return out
+
     # -------------------------------------------------------------- weights
     def _open_group(self, i: int) -> None:
         """Learner rank 0 (group rank 0, hosting the store on its node) and engine ``i``'s workers

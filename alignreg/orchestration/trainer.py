@@ -268,7 +268,7 @@ def rollout_step(run: Run, records: list[dict], step: int) -> tuple[Any, dict[st
                         n=rc.group_size, seed=cfg.trainer.seed * 1_000_003 + step)
     rb, raw = run.rollout.generate_scored(prompt_ids, sp, records, cfg.task.reward)  # rewards next to the engine
     raw = torch.tensor(raw, dtype=torch.float32)
-    rewards, metrics = raw, {}
+    rewards, metrics = raw, dict(run.rollout.reward_metrics())  # verifier checks / timeouts / crashes
     for t in run.regs.with_hook("shape_rewards"):  # reward shaping: r + coef * bonus
         bonus, m = t.term.shape_rewards(raw, rb)
         rewards = rewards + run.regs.coef(t, step) * bonus
@@ -297,6 +297,8 @@ def evaluate_run(run: Run, step: int) -> dict[str, float]:
 
         metrics.update(score_evaluate(run.rollout, run.tokenizer, run.eval_records, run.cfg.task.reward, run.cfg.score,
                                       run.cfg.rollout.max_new_tokens, run.cfg.math_data))
+    # the evaluation's verifier counters (eval/math_*): the next rollout's reward/math_* count its own checks
+    metrics.update({f"eval/{k.split('/', 1)[1]}": v for k, v in run.rollout.reward_metrics().items()})
     return metrics
 
 
@@ -396,9 +398,10 @@ def _loop(run: Run, run_dir: Path, pre: GracefulStop) -> dict[str, Any]:
             step += 1
             metrics.update({"time/rollout_s": (t1 - t0) + (t3 - t2), "time/train_s": t2 - t1,
                             "time/sync_s": time.perf_counter() - t3, "rollout/policy_lag": lag})
-            if (tc.log_every and step % tc.log_every == 0) or step == tc.steps:
-                if cfg.eval.every and step % cfg.eval.every == 0 or step == tc.steps:
-                    metrics.update(evaluate_run(run, step))
+            evaluate = bool(cfg.eval.every and step % cfg.eval.every == 0) or step == tc.steps
+            if evaluate:
+                metrics.update(evaluate_run(run, step))
+            if (tc.log_every and step % tc.log_every == 0) or evaluate:  # a step that evaluated is always logged
                 logger.log(step, metrics)
             bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3f}" for k in ("rollout/reward_mean", "eval/greedy_acc") if k in metrics})
             bar.update(1)

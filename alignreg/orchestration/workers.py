@@ -75,6 +75,13 @@ class RolloutWorker:
         rb = self.engine.generate(prompts, sampling)
         return rb, score_rollouts(self.tokenizer, reward, rb, records)
 
+    def reward_metrics(self) -> dict[str, float]:
+        """The math verifier's counters since the last call (``reward/math_*``; {} for other rewards):
+        the rewards of ``generate_scored`` are computed here, so the counters live here too."""
+        from alignreg.rewards.math import pop_reward_metrics
+
+        return pop_reward_metrics()
+
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         self.engine.load_weights(named_tensors)
 
