@@ -48,12 +48,12 @@ TERMS = ALL_TERMS[:3]  # kl_ref full + k3 (reference model), entropy: every stat
 STEPS = 2
 
 
-def _cfg(stage: int, grad_clip: float = 0.0, lora: bool = False) -> RLConfig:
+def _cfg(stage: int, grad_clip: float = 0.0, lora: bool = False, offload: bool = False) -> RLConfig:
     cfg = from_dict(RLConfig, {
         "rollout": {"group_size": 4, "prompts_per_step": 4, "max_new_tokens": 6, "temperature": 0.9},
         "algorithm": {"loss_agg_mode": "seq-mean-token-mean"},
         "learner": {"micro_batch_size": 3, "lr": 1e-2, "grad_clip": grad_clip, "warmup_steps": 2, "backend": "deepspeed"},
-        "deepspeed": {"zero_stage": stage},
+        "deepspeed": {"zero_stage": stage, "offload_optimizer": offload},
         "regularizers": TERMS,
     })
     cfg.lora = LoRAConfig(enabled=lora, r=4, alpha=8.0)
@@ -92,14 +92,14 @@ def _capture_grads(backend, store: list):
     opt.step = step
 
 
-def _ds_worker(rank: int, world: int, port: int, stage: int, out_dir: str, lora: bool = False):
+def _ds_worker(rank: int, world: int, port: int, stage: int, out_dir: str, lora: bool = False, offload: bool = False):
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     from alignreg.learner.deepspeed import DeepSpeedBackend
 
     torch.manual_seed(0)
     tok = build_tokenizer()
-    cfg = _cfg(stage, lora=lora)
+    cfg = _cfg(stage, lora=lora, offload=offload)
     model, ref = _policy(tok, cfg)
     backend = DeepSpeedBackend(model, cfg, ds_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
     if stage == 3:  # the test is only meaningful if the head weight really is partitioned
@@ -172,10 +172,12 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,lora", [(2, False), (3, False), (2, True), (3, True)],
-                         ids=["zero2", "zero3", "zero2-lora", "zero3-lora"])
-def test_zero_two_ranks_match_single_process_torch(stage, lora, tmp_path):
-    mp.start_processes(_ds_worker, args=(2, _free_port(), stage, str(tmp_path), lora), nprocs=2, join=True, start_method="spawn")
+@pytest.mark.parametrize("stage,lora,offload", [(2, False, False), (3, False, False), (2, True, False), (3, True, False),
+                                                (2, False, True), (3, False, True)],
+                         ids=["zero2", "zero3", "zero2-lora", "zero3-lora", "zero2-offload", "zero3-offload"])
+def test_zero_two_ranks_match_single_process_torch(stage, lora, offload, tmp_path):
+    mp.start_processes(_ds_worker, args=(2, _free_port(), stage, str(tmp_path), lora, offload), nprocs=2, join=True,
+                       start_method="spawn")
     ds = torch.load(tmp_path / "ds.pt", weights_only=False)
     grads, norms, weights, state, after = _torch_reference(lora)
     if lora:

@@ -83,9 +83,11 @@ def ds_config(cfg: RLConfig, **extra) -> dict:
     """The DeepSpeed JSON config for ``cfg`` (``extra`` keys override, e.g. for tests)."""
     dc, lc = cfg.deepspeed, cfg.learner
     zero: dict = {"stage": dc.zero_stage}
+    conf: dict = {}
     if dc.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
-    conf = {
+        conf["zero_force_ds_cpu_optimizer"] = False  # the client torch AdamW steps the offloaded fp32 partitions
+    conf = {**conf, 
         "train_micro_batch_size_per_gpu": 1,  # unused: the learner owns batching
         "gradient_accumulation_steps": 1,
         "managed_gradient_accumulation": False,  # backward() accumulates, step() is the boundary
