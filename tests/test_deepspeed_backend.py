@@ -198,9 +198,54 @@ def test_zero_two_ranks_match_single_process_torch(stage, lora, offload, tmp_pat
         torch.testing.assert_close(ds["weights"][name], w.detach(), rtol=1e-5, atol=1e-4, msg=name)
     # checkpoints have the torch backend's layout: same keys, same AdamW moments
     assert ds["state"]["scheduler"]["last_epoch"] == state["scheduler"]["last_epoch"]
+    assert set(ds["state"]["model"]) == set(state["model"])  # tied aliases too: a torch backend / eval loads it strictly
+    for name, w in state["model"].items():
+        torch.testing.assert_close(ds["state"]["model"][name], w, rtol=1e-5, atol=1e-4, msg=name)
     for i, s in state["optimizer"]["state"].items():
         for k in ("exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(ds["state"]["optimizer"]["state"][i][k], s[k], rtol=1e-4, atol=1e-7)
     # a fresh engine resumed from that checkpoint continues like the uninterrupted torch run
     for name, w in after.items():
         torch.testing.assert_close(ds["resumed"][name], w, rtol=1e-5, atol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+def test_a_nonfinite_update_is_skipped_under_deepspeed_as_under_torch(tmp_path):
+    """DeepSpeed skips an update whose gradients overflow (weights, Adam state and schedule unchanged), so
+    the learner counts it like the torch backend's skip instead of stopping the run; more than
+    learner.max_nonfinite_updates in a row still stop it. One ZeRO-3 rank, in a child process."""
+    import subprocess
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch
+        from alignreg.config import RLConfig, from_dict
+        from alignreg.learner.deepspeed import DeepSpeedBackend
+        from alignreg.learner.policy import PolicyLearner
+        from alignreg.models import build_tokenizer
+        from alignreg.regularizers import build_regularizers
+        from tests.test_learner import _batch, _model
+        tok = build_tokenizer()
+        cfg = from_dict(RLConfig, {"learner": {"lr": 1e-2, "backend": "deepspeed", "micro_batch_size": 16,
+                                               "max_nonfinite_updates": 1}, "deepspeed": {"zero_stage": 3}})
+        be = DeepSpeedBackend(_model(tok), cfg)
+        learner = PolicyLearner(be.learner_model, cfg, build_regularizers([]), backend=be)
+        bad = _batch(tok)
+        bad.advantages[3] = float("nan")
+        w0 = dict(be.export_weights())
+        m = learner.train_step(bad, 0)
+        assert m["optim/nonfinite_skipped"] == 1.0, m
+        assert all(torch.equal(w0[k], v) for k, v in be.export_weights()), "weights moved"
+        assert be.scheduler.last_epoch == 0
+        m = learner.train_step(_batch(tok), 1)
+        assert m["optim/nonfinite_skipped"] == 0.0 and be.scheduler.last_epoch == 1
+        learner.train_step(bad, 2)
+        try:
+            learner.train_step(bad, 3)
+        except FloatingPointError as e:
+            assert "2 updates in a row" in str(e), e
+            print("OK")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stdout[-1500:] + out.stderr[-3000:]

@@ -210,9 +210,16 @@ class DeepSpeedBackend(DistCollectives):
     def step(self) -> float:
         """Reduce (sum) over ranks, clip, update, advance the schedule; returns the pre-clip norm."""
         self.release_head()
+        before = getattr(self.engine, "skipped_steps", None)
         self.engine.step()
+        # DeepSpeed skips an update whose gradients overflow (weights, Adam state and schedule unchanged)
+        self.skips_nonfinite = before is not None and self.engine.skipped_steps > before
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else 0.0
+
+    # whether the last update was skipped by DeepSpeed (``PolicyLearner`` counts skipped non-finite
+    # updates like the torch backend's and stops the run if DeepSpeed applied one)
+    skips_nonfinite = False
 
     # ------------------------------------------------------------------ weights and checkpoints
     def _full_params(self) -> list[tuple[str, torch.nn.Parameter]]:
@@ -271,6 +278,11 @@ class DeepSpeedBackend(DistCollectives):
                     "exp_avg": safe_get_full_optimizer_state(p, "exp_avg").detach().cpu().clone(),
                     "exp_avg_sq": safe_get_full_optimizer_state(p, "exp_avg_sq").detach().cpu().clone(),
                 }
+        first: dict[int, str] = {}
+        for n, p in self.module.named_parameters(remove_duplicate=False):  # tied aliases (lm_head = embedding):
+            if id(p) in first and n not in model:  # under every name, as the torch backend's state_dict has them
+                model[n] = model[first[id(p)]]  # (under ZeRO-3 the alias is an empty partition; under bf16, a copy)
+            first.setdefault(id(p), n)
         for k, v in self.module.state_dict().items():  # buffers (e.g. rotary inv_freq) if persistent
             if k not in model and v.numel() > 0:
                 model[k] = v.detach().cpu().clone()

@@ -485,7 +485,7 @@ class PolicyLearner:
         self._nonfinite_run += 1
         limit = self.cfg.learner.max_nonfinite_updates
         if not getattr(self.backend, "skips_nonfinite", False):
-            why = "the DeepSpeed backend cannot skip an update"
+            why = "the DeepSpeed optimizer applied it instead of skipping it"
         elif self._nonfinite_run > limit:
             why = f"{self._nonfinite_run} updates in a row, more than learner.max_nonfinite_updates={limit}"
         else:
