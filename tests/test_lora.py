@@ -129,3 +129,20 @@ def test_lora_reference_is_the_base_model_without_a_copy(tmp_path):
                 assert abs(a[k] - b[k]) <= 1e-5 * max(1.0, abs(b[k])), (k, a[k], b[k])
     for n, w in copy_w.items():
         torch.testing.assert_close(view_w[n], w, rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_lora_refuses_adapters_on_the_output_embedding():
+    """The learner's chunked statistics read the output embedding's weight, not the adapted forward: an
+    lm_head adapter would get no gradient, and on a tied model an embed_tokens adapter would train one
+    policy while the engines (merged weights) sample another."""
+    import pytest
+
+    from alignreg.config import ConfigError
+
+    cfg = RLConfig()
+    model, _ = load_policy(cfg.model, seed=0)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight  # tiny-qwen2 is tied
+    for bad in (["q_proj", "lm_head"], ["embed_tokens"]):
+        with pytest.raises(ConfigError, match=r"lora.target_modules: \['(lm_head|embed_tokens)'\] adapt the output embedding"):
+            apply_lora(load_policy(cfg.model, seed=0)[0], LoRAConfig(enabled=True, target_modules=bad))
+    assert is_peft(apply_lora(model, LoRAConfig(enabled=True, target_modules=["q_proj", "v_proj"])))
