@@ -76,6 +76,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             try:
                 return _coerce(value, arg, path)
             except ConfigError as e:
+                if isinstance(value, dict) and dataclasses.is_dataclass(arg):
+                    raise  # a mapping meant for the structured choice (e.g. a schedule): its own error names the key
                 errors.append(str(e))
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
     if origin in (list, tuple):
@@ -112,6 +114,8 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
         return value
     if tp is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # YAML reads run_dir=2024 or a CPU id list "0" as a number
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
         return value
@@ -173,10 +177,12 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
             if isinstance(node, list):
                 idx = _list_index(k, node, ".".join(keys[: i + 1]))
                 node = node[idx]
-            else:
+            elif isinstance(node, dict):
                 if k not in node or node[k] is None:
                     node[k] = {}
                 node = node[k]
+            else:  # e.g. trainer.steps.x=1: trainer.steps is a value
+                raise ConfigError(f"override {text!r}: {'.'.join(keys[:i])} is not a mapping")
         last = keys[-1]
         if isinstance(node, list):
             node[_list_index(last, node, ".".join(keys))] = value
@@ -392,6 +398,9 @@ class AlgorithmConfig:
     def validate(self, path: str) -> None:
         _check(self.eps_low >= 0 and self.eps_high >= 0, f"{path}.eps_low/eps_high must be >= 0")
         _check(self.dual_clip_c == 0 or self.dual_clip_c > 1, f"{path}.dual_clip_c must be 0 (off) or > 1")
+        _check(self.norm_len >= 0, f"{path}.norm_len must be >= 0 (0 = rollout.max_new_tokens): a negative length flips the loss's sign")
+        _check(self.adv_eps >= 0, f"{path}.adv_eps must be >= 0")
+        _check(self.tis_cap >= 0, f"{path}.tis_cap must be >= 0 (0 = off)")
 
 
 @dataclass

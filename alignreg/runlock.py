@@ -8,6 +8,7 @@ stale lock; the file stays, holding the last holder's description).
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
@@ -31,7 +32,12 @@ class RunLock:
         f = open(self.path, "a+")
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # not "held": the file system refuses locks
+                f.close()
+                raise RunError(f"{self.key} {str(self.path.parent)!r}: cannot lock {self.path.name} ({e.strerror}); the file "
+                               "system may not support flock (some NFS / Lustre mounts): use a local or flock-capable "
+                               f"directory for {self.key}") from None
             f.seek(0)
             holder = f.read().strip() or "another process"
             f.close()

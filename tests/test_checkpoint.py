@@ -206,3 +206,19 @@ def test_checkpoint_text_files_and_entries_are_flushed_before_publishing(tmp_pat
     save_checkpoint(tmp_path, 1, _state(1), files={"config.yaml": "a: 1\n"})
     tmp = str(tmp_path / "checkpoints" / "step_00000001.tmp")
     assert {tmp + "/state.pt", tmp + "/config.yaml", tmp + "/COMPLETE", tmp, str(tmp_path / "checkpoints")} <= set(synced)
+
+
+def test_a_file_system_without_flock_is_named_not_reported_as_a_busy_run(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    from alignreg.config import RunError
+    from alignreg.runlock import RunLock
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(RunError, match=r"cannot lock .lock \(No locks available\); the file system may not support flock"):
+        with RunLock(tmp_path):
+            pass

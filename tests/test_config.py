@@ -212,3 +212,19 @@ def test_async_rollout_in_one_process_refuses_lora_dropout():
         from_dict(RLConfig, base)
     from_dict(RLConfig, {**base, "orchestration": "ray"})
     from_dict(RLConfig, {**base, "lora": {"enabled": True, "dropout": 0.0}})
+
+
+def test_override_and_value_edge_cases_are_one_line_errors_or_accepted():
+    # strings YAML reads as numbers are strings where the schema wants one
+    cfg = load_config(RLConfig, None, ["trainer.run_dir=2024", "vllm.cpu_threads_bind=0"])
+    assert cfg.trainer.run_dir == "2024" and cfg.vllm.cpu_threads_bind == "0"
+    # a path through a value is a config error, not a TypeError
+    for bad in ("trainer.steps.x.y=1", "trainer.run_dir.a.b=1"):
+        with pytest.raises(ConfigError, match=r"trainer.(steps|run_dir) is not a mapping"):
+            apply_overrides({"trainer": {"steps": 3, "run_dir": "runs/x"}}, [bad])
+    # a typo inside a coefficient schedule lists the schedule's keys
+    with pytest.raises(ConfigError, match=r"coef.strt: unknown key; valid keys: end, kind, start, steps"):
+        from_dict(RLConfig, {"regularizers": [{"name": "entropy", "coef": {"kind": "linear", "strt": 1}}]})
+    for key, value in (("norm_len", -5), ("adv_eps", -1.0), ("tis_cap", -2.0)):
+        with pytest.raises(ConfigError, match=f"algorithm.{key} must be >= 0"):
+            from_dict(RLConfig, {"algorithm": {key: value}})

@@ -76,8 +76,12 @@ def test_resume_continues_exactly_and_skips_a_damaged_checkpoint(tmp_path, capsy
     with open(split / "metrics.jsonl", "a") as f:  # and a kill tore the next metrics line mid-write
         f.write('{"step": 4, "rollout/rew')
     before = (split / "metrics.jsonl").read_text()
+    (split / "summary.json").unlink()  # a crash: summary.json is written only at the end of a run
     summary = train(_cfg(split, "trainer.steps=4", *extra))  # resume=auto: sets step 3 aside, resumes from step 2
     assert summary["steps"] == 4
+    first = json.loads((straight / "summary.json").read_text())["initial_eval"]
+    assert {k: v for k, v in summary["initial_eval"].items() if k.startswith("eval/")} == \
+        {k: v for k, v in first.items() if k.startswith("eval/")} != {}  # from step 0's metrics row
     assert (split / "checkpoints" / "step_00000003.unreadable" / "state.pt").is_file()
     err = capsys.readouterr().err
     assert "step_00000003 is unreadable" in err and "metrics.jsonl:5 is not a JSON line" in err

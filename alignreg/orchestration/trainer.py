@@ -362,6 +362,12 @@ def _loop(run: Run, run_dir: Path, pre: GracefulStop) -> dict[str, Any]:
     logger = MetricsLogger(run_dir, tensorboard=tc.tensorboard, resume_step=run.start_step if resumed else None)
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if resumed and summary_path.exists() else {}
+    if resumed and "initial_eval" not in summary:  # summary.json is written at the end: after a crash, step 0's row
+        from alignreg.logging import read_metrics
+
+        rows = [r for r in read_metrics(logger.path) if r.get("step") == 0]
+        if rows:
+            summary["initial_eval"] = {k: v for k, v in rows[0].items() if k != "step"}
     if not resumed:
         first = evaluate_run(run, -1)
         logger.log(0, first)
