@@ -48,6 +48,7 @@ class RolloutWorker:
 
             tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self.tokenizer = tokenizer
+        self.math_reward = cfg.task.reward.startswith("math_verify")  # reward_metrics: the verifier's counters
         from alignreg.rewards.math import configure as configure_math_rewards
 
         configure_math_rewards(**vars(cfg.math_reward))  # rewards are computed next to the engine
@@ -80,7 +81,8 @@ class RolloutWorker:
         the rewards of ``generate_scored`` are computed here, so the counters live here too."""
         from alignreg.rewards.math import pop_reward_metrics
 
-        return pop_reward_metrics()
+        # only for a math reward: the pool is process-wide and may be left over from another run here
+        return pop_reward_metrics() if self.math_reward else {}
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         self.engine.load_weights(named_tensors)
