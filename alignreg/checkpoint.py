@@ -129,14 +129,20 @@ def torch_file_problem(path: Path) -> Optional[str]:
     return f"record {bad!r} fails its CRC-32 check (damaged bytes)" if bad is not None else None
 
 
+def _unused_name(path: Path, suffix: str) -> Path:
+    """``<path>.<suffix>``, or ``<path>.<suffix>2``, ``3``, ... : the first that does not exist yet."""
+    dest, n = path.with_name(f"{path.name}.{suffix}"), 1
+    while dest.exists():
+        n += 1
+        dest = path.with_name(f"{path.name}.{suffix}{n}")
+    return dest
+
+
 def set_aside(path: Path, why: str = "unreadable") -> Path:
     """Rename a checkpoint out of the ``step_*`` pattern (so no resume or rotation touches it) to
     ``<name>.<why>``: a damaged one (``unreadable``) or one of a line of steps a resume from an
     earlier checkpoint abandoned (``abandoned``)."""
-    dest, n = path.with_name(f"{path.name}.{why}"), 1
-    while dest.exists():
-        n += 1
-        dest = path.with_name(f"{path.name}.{why}{n}")
+    dest = _unused_name(path, why)
     os.replace(path, dest)
     return dest
 
@@ -154,10 +160,7 @@ def abandon_later_checkpoints(run_dir: str | Path, ckpt: Path, warn) -> list[Pat
     if moved:
         metrics, kept = Path(run_dir) / "metrics.jsonl", ""
         if metrics.is_file():  # the resumed run truncates it to its step: keep the abandoned steps' rows
-            dest, n = metrics.with_name("metrics.jsonl.abandoned"), 1
-            while dest.exists():
-                n += 1
-                dest = metrics.with_name(f"metrics.jsonl.abandoned{n}")
+            dest = _unused_name(metrics, "abandoned")
             shutil.copyfile(metrics, dest)
             kept = f"; their metrics: {dest.name}"
         warn(f"resuming from {ckpt}: the later checkpoints of this run directory are set aside, not deleted: "

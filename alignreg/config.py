@@ -605,10 +605,9 @@ class RLConfig:
             _check(self.score.enabled or type(t.term) not in episodic,
                    f"{path}.regularizers: {t.term.id!r} ({episodic.get(type(t.term))}) needs SCoRe's two-attempt episodes; "
                    "set score.enabled: true")
-            if t.term.needs_whole_groups():
+            if t.term.needs_whole_groups():  # each rank's share (mb / ranks) a multiple of g
                 g, ranks = self.rollout.group_size, self.ray.learner_ranks if self.orchestration == "ray" else 1
-                share = mb // ranks if mb % ranks == 0 else mb / ranks
-                _check(self.learner.micro_batch_size % g == 0 and share % g == 0,
+                _check(self.learner.micro_batch_size % g == 0 and mb % (ranks * g) == 0,
                        f"{path}.regularizers: {t.term.id!r} standardises over prompt groups, so each micro-batch and each "
                        f"rank's share of a mini-batch must hold whole groups: learner.micro_batch_size "
                        f"({self.learner.micro_batch_size}) and learner.mini_batch_size / ray.learner_ranks ({mb} / {ranks}) "
@@ -624,12 +623,12 @@ class RLConfig:
                f"{path}.vllm.executor: 'uni' runs the model in the engine's process, which in a local run is the "
                "learner's (vLLM's worker would initialise torch.distributed and rebind its threads there); use mp or auto, "
                "or orchestration: ray")
-        half_ckpt = self.model.dtype in ("bfloat16", "float16")
-        serves = self.vllm.dtype if self.vllm.dtype != "auto" else (self.model.dtype if half_ckpt else "auto")
-        if self.vllm.dtype == "auto" and not half_ckpt and self.rollout.engine == "vllm":
+        serves = self.vllm.dtype  # what the engine will run in: auto keeps a half-precision checkpoint's dtype,
+        if serves == "auto" and self.rollout.engine == "vllm":  # and on GPUs vLLM downcasts float32 to bfloat16
             import torch
 
-            serves = "bfloat16" if torch.cuda.is_available() else "auto"  # vLLM's auto downcasts float32 on GPUs
+            half_ckpt = self.model.dtype in ("bfloat16", "float16")
+            serves = self.model.dtype if half_ckpt else ("bfloat16" if torch.cuda.is_available() else "auto")
         half = self.rollout.engine == "vllm" and serves in ("bfloat16", "float16", "half")
         how = f"vllm.dtype={self.vllm.dtype}" + (f" (a {self.model.dtype} checkpoint, or a GPU: {serves})" if self.vllm.dtype == "auto" else "")
         _check(not (half and self.sync.verify and self.sync.parity_tol < HALF_PARITY_TOL),

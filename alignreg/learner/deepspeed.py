@@ -83,17 +83,17 @@ def ds_config(cfg: RLConfig, **extra) -> dict:
     """The DeepSpeed JSON config for ``cfg`` (``extra`` keys override, e.g. for tests)."""
     dc, lc = cfg.deepspeed, cfg.learner
     zero: dict = {"stage": dc.zero_stage}
-    conf: dict = {}
     if dc.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
-        conf["zero_force_ds_cpu_optimizer"] = False  # the client torch AdamW steps the offloaded fp32 partitions
-    conf = {**conf, 
+    conf = {
         "train_micro_batch_size_per_gpu": 1,  # unused: the learner owns batching
         "gradient_accumulation_steps": 1,
         "managed_gradient_accumulation": False,  # backward() accumulates, step() is the boundary
         "gradient_clipping": lc.grad_clip,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # torch AdamW as the client optimizer
+        # ... also on offloaded fp32 partitions (DeepSpeed otherwise demands its own CPU Adam there)
+        "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": bool(dc.bf16 and torch.cuda.is_available())},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -163,13 +163,6 @@ class DeepSpeedBackend(DistCollectives):
         self.stage = cfg.deepspeed.zero_stage
         self._held = None  # the GatheredParameters context holding the head weight (ZeRO-3)
         self.learner_model = ZeroLMView(self) if self.stage == 3 else self.module
-
-    # ------------------------------------------------------------------ collectives
-    @property
-    def rank(self) -> int:
-        import torch.distributed as dist
-
-        return dist.get_rank() if dist.is_initialized() else 0
 
     # ------------------------------------------------------------------ ZeRO-3 head weight
     def hold_head(self, bias: bool = False) -> Tensor:

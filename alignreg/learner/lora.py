@@ -43,17 +43,15 @@ def apply_lora(model, cfg: LoRAConfig, base_path: Optional[str | Path] = None):
 
     from alignreg.config import ConfigError
 
-    head = model.get_output_embeddings()
-    tied = head is not None and head.weight is model.get_input_embeddings().weight
-    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-    out_name = next((n for n, m in model.named_modules() if m is head), "lm_head").rsplit(".", 1)[-1]
-    in_name = next((n for n, m in model.named_modules() if m is model.get_input_embeddings()), "embed_tokens").rsplit(".", 1)[-1]
-    bad = [t for t in cfg.target_modules if t == out_name or (tied and t == in_name)]
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and head.weight is embed.weight
+    short = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}  # the names target_modules match
+    bad = [t for t in cfg.target_modules if t == short.get(id(head), "lm_head") or (tied and t == short.get(id(embed)))]
     if bad:  # the learner's loss reads the output embedding's weight directly (its chunked statistics), not the
         raise ConfigError(  # adapted forward: an adapter there would get no gradient, or (tied) split learner and engines
             f"lora.target_modules: {bad} adapt the output embedding{' (tied to the input embedding)' if tied else ''}, which "
             f"the learner's loss reads as a plain weight; adapt the transformer's linear layers instead (e.g. "
-            f"{sorted(n for n in names if n.endswith('_proj'))[:7]})")
+            f"{sorted({n for n in short.values() if n.endswith('_proj')})[:7]})")
 
     lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
                       bias="none", task_type="CAUSAL_LM")

@@ -117,6 +117,12 @@ class DistCollectives:
 
         return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
+    @property
+    def rank(self) -> int:
+        import torch.distributed as dist
+
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
     @staticmethod
     def _comm_device(t: Tensor) -> torch.device:
         import torch.distributed as dist
@@ -393,12 +399,9 @@ class PolicyLearner:
         config refuses LoRA dropout)."""
         if self.cfg.trainer.async_rollout and self.cfg.orchestration == "local":
             return self._train_step(batch, step)
-        import torch.distributed as dist
-
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(mix_seed(self.cfg.trainer.seed * 1_000_003 + step, LEARNER_STREAM + rank))
+            torch.manual_seed(mix_seed(self.cfg.trainer.seed * 1_000_003 + step, LEARNER_STREAM + self.backend.rank))
             return self._train_step(batch, step)
 
     def _train_step(self, batch: TrainBatch, step: int) -> dict[str, float]:

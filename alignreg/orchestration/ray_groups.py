@@ -695,10 +695,10 @@ class RayRolloutGroup:
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> dict[str, float]:
         """Sync every engine and verify it; returns ``sync/*`` metrics (worst engine)."""
-        if not isinstance(named_tensors, RemoteWeights):
-            named = list(named_tensors)
-            named_tensors = RemoteWeights(ref=ray.put(named), checksum=weights_checksum(named))
         weights = named_tensors
+        if not isinstance(weights, RemoteWeights):
+            named = list(weights)
+            weights = RemoteWeights(ref=ray.put(named), checksum=weights_checksum(named))
         if weights.shm_spec is not None and weights.ref is None and not all(n == weights.node for n in self.nodes):
             weights = RemoteWeights(ref=ray.put(list(weights)), node=weights.node, checksum=weights.shm_spec["checksum"])
         self._last, self._probe_lp = weights, None

@@ -208,9 +208,7 @@ class LearnerWorker:
 
     @property
     def rank(self) -> int:
-        import torch.distributed as dist
-
-        return dist.get_rank() if dist.is_initialized() else 0
+        return self.backend.rank
 
     def train_step(self, batch, step: int) -> dict[str, float]:
         """The learner's step; ``time/learner_s`` is its time inside this worker (with Ray, the driver's
