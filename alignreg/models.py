@@ -108,6 +108,32 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int,
     return model.to(getattr(torch, cfg.dtype))
 
 
+# tokenizer_config.json classes that are the tokenizer.json as saved, nothing model-specific
+_PLAIN_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved in ``path``, as saved; its PAD token set to EOS when it has none.
+
+    ``AutoTokenizer`` picks the class from ``config.json``'s ``model_type`` when the directory holds
+    a model too, ignoring ``tokenizer_config.json``'s ``tokenizer_class``: next to a Qwen2 model
+    :func:`build_tokenizer`'s tokenizer came back as a ``Qwen2Tokenizer`` that splits text its own
+    way (spaces dropped), so evaluation and SFT -> RL runs saw other token ids than training. A
+    tokenizer saved as a plain ``tokenizer.json`` is therefore loaded as exactly that.
+    """
+    import json
+
+    path = Path(path)
+    cls = transformers.AutoTokenizer
+    cfg_file = path / "tokenizer_config.json"
+    if cfg_file.is_file() and json.loads(cfg_file.read_text()).get("tokenizer_class") in _PLAIN_TOKENIZER_CLASSES:
+        cls = transformers.PreTrainedTokenizerFast
+    tokenizer = cls.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token is None:  # many base models ship without one; batching needs it
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_policy(cfg: ModelConfig, seed: int):
     """Return ``(model, tokenizer)``: built in code for ``tiny-qwen2``, else from a local HF dir."""
     if cfg.path == TINY_MODEL:
@@ -120,12 +146,10 @@ def load_policy(cfg: ModelConfig, seed: int):
                 f"model.path: {cfg.path!r} is not a local Hugging Face checkpoint directory "
                 f"(no config.json); use {TINY_MODEL!r} or a directory saved with save_pretrained"
             )
-        tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+        tokenizer = load_tokenizer(path)
         model = transformers.AutoModelForCausalLM.from_pretrained(
             path, local_files_only=True, dtype=getattr(torch, cfg.dtype)
         )
-        if tokenizer.pad_token is None:  # many base models ship without one; batching needs it
-            tokenizer.pad_token = tokenizer.eos_token
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     return model, tokenizer

@@ -1,10 +1,9 @@
 """Tiny Qwen2 + char tokenizer built in code: round trips, save/load, and the body/lm-head split."""
 import pytest
 import torch
-import transformers
 
 from alignreg.config import ConfigError, ModelConfig
-from alignreg.models import build_model, build_tokenizer, encode_prompts, lm_head_and_body, load_policy
+from alignreg.models import build_model, build_tokenizer, encode_prompts, lm_head_and_body, load_policy, load_tokenizer
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -31,8 +30,12 @@ def test_tokenizer_round_trip_and_specials():
 
 def test_tokenizer_save_load_and_chat_template(tmp_path):
     tok = build_tokenizer()
+    # saved next to its model, as init_policy/, final/ and SFT outputs are: AutoTokenizer would take the
+    # class from config.json (a Qwen2Tokenizer, which drops the spaces) instead of the saved tokenizer
+    build_model(ModelConfig(hidden_size=16, intermediate_size=32, num_heads=2, num_kv_heads=1, num_layers=1),
+                len(tok), 0, tok).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    loaded = load_tokenizer(tmp_path)
     for text in ["3+5=", "99-12= x\nY"]:
         assert loaded(text)["input_ids"] == tok(text)["input_ids"]
         assert loaded.decode(loaded(text)["input_ids"], skip_special_tokens=True) == text

@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 
 from alignreg.config import LoRAConfig
+from alignreg.models import load_tokenizer
 
 _PREFIX = "base_model.model."
 
@@ -170,8 +171,7 @@ def load_adapter_policy(path: str | Path, dtype: torch.dtype = torch.float32):
     base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
     model = transformers.AutoModelForCausalLM.from_pretrained(base, local_files_only=True, dtype=dtype, attn_implementation="eager")
     tok_dir = path if (path / "tokenizer_config.json").is_file() else Path(base)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
-    return PeftModel.from_pretrained(model, path, is_trainable=True), tokenizer
+    return PeftModel.from_pretrained(model, path, is_trainable=True), load_tokenizer(tok_dir)
 
 
 def load_training_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32):
@@ -198,10 +198,7 @@ def load_training_checkpoint(path: str | Path, dtype: torch.dtype = torch.float3
         model = model.merge_and_unload()
     else:
         model.load_state_dict(weights)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(init, local_files_only=True)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.to(dtype), tokenizer
+    return model.to(dtype), load_tokenizer(init)
 
 
 def is_training_checkpoint(path: str | Path) -> bool:
@@ -224,7 +221,4 @@ def load_any_policy(path: str | Path, dtype: torch.dtype = torch.float32):
         raise ConfigError(f"{str(path)!r} is neither an HF checkpoint (config.json), a LoRA adapter (adapter_config.json) "
                           "nor an alignreg rl checkpoint (step_N with COMPLETE and state.pt)")
     model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, attn_implementation="eager")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model, tokenizer
+    return model, load_tokenizer(path)

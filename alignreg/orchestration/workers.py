@@ -44,9 +44,9 @@ class RolloutWorker:
     def __init__(self, cfg: RLConfig, model_dir: str, seed: int, model=None, tokenizer=None, own_process: bool = False):
         _threads(cfg)
         if tokenizer is None:
-            from transformers import AutoTokenizer
+            from alignreg.models import load_tokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+            tokenizer = load_tokenizer(model_dir)
         self.tokenizer = tokenizer
         self.math_reward = cfg.task.reward.startswith("math_verify")  # reward_metrics: the verifier's counters
         from alignreg.rewards.math import configure as configure_math_rewards

@@ -195,9 +195,9 @@ class VLLMRolloutEngine:
     def _eos_id(model_dir: str, hf_cfg: dict) -> int:
         """The tokenizer's EOS id (as the HF engine uses), else config.json's (first if a list)."""
         try:
-            import transformers
+            from alignreg.models import load_tokenizer
 
-            tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+            tok = load_tokenizer(model_dir)
             if tok.eos_token_id is not None:
                 return int(tok.eos_token_id)
         except (OSError, ValueError):
