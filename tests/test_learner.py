@@ -420,3 +420,27 @@ def test_dropout_draws_depend_on_seed_step_and_rank_only():
     finally:
         torch.manual_seed = real
     assert calls == [] and torch.equal(torch.get_rng_state(), before)  # no dropout in the default model: no draws
+
+
+def test_resume_applies_the_configs_optimizer_settings_not_the_checkpoints():
+    """The README: a changed learning rate (betas, weight decay) applies from the resumed step on;
+    the checkpoint's param_groups and scheduler base_lrs held the old values and won."""
+    tok = build_tokenizer()
+    model = _model(tok)
+    old = TorchBackend(model, _cfg(16, learner={"lr": 1e-3, "warmup_steps": 4}))
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        old.apply_update()
+    state = copy.deepcopy(old.state_dict())
+    new = TorchBackend(_model(tok), _cfg(16, learner={"lr": 1e-2, "warmup_steps": 4, "weight_decay": 0.1,
+                                                      "betas": [0.8, 0.9]}))
+    new.load_state_dict(state)
+    g = new.optimizer.param_groups[0]
+    assert g["lr"] == pytest.approx(1e-2 * 3 / 4)  # two updates done: warmup factor (2 + 1) / 4
+    assert (g["weight_decay"], tuple(g["betas"])) == (0.1, (0.8, 0.9))
+    assert new.scheduler.get_last_lr() == [pytest.approx(1e-2 * 3 / 4)]
+    for p in new.model.parameters():
+        p.grad = torch.ones_like(p)
+    new.apply_update()
+    assert new.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2)

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from alignreg.config import RLConfig
-from alignreg.learner.policy import DistCollectives, warmup_scheduler
+from alignreg.learner.policy import DistCollectives, apply_optimizer_settings, warmup_scheduler
 
 _HOLD = -7919  # a fake sub-module id that keeps ZeRO-3 from releasing the held head weight
 
@@ -160,7 +160,7 @@ class DeepSpeedBackend(DistCollectives):
             config=ds_config(cfg, **(ds_overrides or {})), dist_init_required=False,
         )
         self.module = self.engine.module
-        self.stage = cfg.deepspeed.zero_stage
+        self.stage, self.lc = cfg.deepspeed.zero_stage, lc
         self._held = None  # the GatheredParameters context holding the head weight (ZeRO-3)
         self.learner_model = ZeroLMView(self) if self.stage == 3 else self.module
 
@@ -321,5 +321,4 @@ class DeepSpeedBackend(DistCollectives):
                 if "step" in st:
                     st["step"] = torch.as_tensor(step, dtype=st["step"].dtype).clone()
         self.scheduler.load_state_dict(state["scheduler"])
-        for g in self.optimizer.param_groups:
-            g["lr"] = self.scheduler.get_last_lr()[0]
+        apply_optimizer_settings(self.optimizer.param_groups, self.scheduler, self.lc)

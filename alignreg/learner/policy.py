@@ -106,6 +106,17 @@ def warmup_scheduler(optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.L
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
 
 
+def apply_optimizer_settings(param_groups, scheduler, lc) -> None:
+    """After a resume: the config's lr, betas and weight decay, not the checkpoint's (its
+    ``param_groups`` and the scheduler's ``base_lrs`` hold the settings of the run that wrote it);
+    the warmup continues from the restored step count with the config's ``warmup_steps``."""
+    scheduler.base_lrs = [lc.lr] * len(scheduler.base_lrs)
+    lrs = [lc.lr * f(scheduler.last_epoch) for f in scheduler.lr_lambdas]
+    for g, lr in zip(param_groups, lrs):
+        g.update(lr=lr, initial_lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay)
+    scheduler._last_lr = lrs
+
+
 class DistCollectives:
     # Collectives: identity in one process; plain torch.distributed (gloo on CPU, nccl on GPU) when
     # a process group is initialised (Ray learner actors set MASTER_ADDR/RANK/WORLD_SIZE). Results
@@ -170,7 +181,7 @@ class TorchBackend(DistCollectives):
             [p for p in model.parameters() if p.requires_grad], lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay
         )
         self.scheduler = warmup_scheduler(self.optimizer, lc.warmup_steps)
-        self.grad_clip = lc.grad_clip
+        self.grad_clip, self.lc = lc.grad_clip, lc
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -213,6 +224,7 @@ class TorchBackend(DistCollectives):
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        apply_optimizer_settings(self.optimizer.param_groups, self.scheduler, self.lc)
 
 
 class PolicyLearner:
