@@ -229,9 +229,9 @@ def _dp_worker(rank: int, world: int, port: int, out_dir: str):
     batch = _batch(tok)
     half = len(batch) // world
     shard = batch.rows(slice(rank * half, (rank + 1) * half))
-    learner.train_step(shard, 0)
+    metrics = learner.train_step(shard, 0)
     if rank == 0:
-        torch.save(backend.grads, os.path.join(out_dir, "grads.pt"))
+        torch.save((backend.grads, metrics), os.path.join(out_dir, "grads.pt"))
     dist.destroy_process_group()
 
 
@@ -242,10 +242,15 @@ def test_two_data_parallel_ranks_match_single_process(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.start_processes(_dp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True, start_method="spawn")
-    dp = torch.load(tmp_path / "grads.pt")
-    single, _ = _grads_after_step(16)
+    dp, dp_metrics = torch.load(tmp_path / "grads.pt")
+    single, metrics = _grads_after_step(16)
     for k in single:
         torch.testing.assert_close(dp[k], single[k], rtol=1e-4, atol=1e-6)
+    # the logged losses are the whole batch's, not rank 0's share of it
+    losses = [k for k in metrics if k.endswith("loss") or k.startswith("loss/")] + ["optim/grad_norm"]
+    assert len(losses) > 5
+    for k in losses:
+        assert dp_metrics[k] == pytest.approx(metrics[k], rel=1e-4, abs=1e-6), k
 
 
 MICRO_TERMS = [

@@ -142,6 +142,16 @@ class DistCollectives:
             return torch.device("cuda", torch.cuda.current_device())
         return t.device
 
+    def gather_objects(self, obj) -> list:
+        """``obj`` of every rank, in rank order (picklable Python objects; once per step)."""
+        if self.world_size == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         if self.world_size == 1:
             return t
@@ -480,6 +490,14 @@ class PolicyLearner:
                 updates += 1
                 skipped += self._nonfinite_update(grad_norm, step)
                 self._pre = {}  # the weights changed: the no-grad pass's statistics are stale
+        if be.world_size > 1:  # each rank holds its own micro-batches' parts of the losses and averages
+            norm_total = totals.pop("optim/grad_norm")  # the same on every rank (reduced gradients)
+            gathered = be.gather_objects((dict(sums), dict(weights), dict(totals)))
+            sums, weights, totals = defaultdict(float), defaultdict(float), defaultdict(float, {"optim/grad_norm": norm_total})
+            for rank_parts in gathered:
+                for acc, part in zip((sums, weights, totals), rank_parts):
+                    for k, v in part.items():
+                        acc[k] += v
         for k in sums:
             metrics[k] = sums[k] / max(weights[k], 1e-12)
         for k in totals:  # mean over optimizer updates
