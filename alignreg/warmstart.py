@@ -69,6 +69,7 @@ def sft_warm_start(model, tokenizer, records: list[dict], steps: int, lr: float,
         losses.append(loss.item())
         if progress:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    opt.zero_grad(set_to_none=True)  # no gradients left behind (a LoRA run's learner would clip them with its own)
     model.train(was_training)
     tail = losses[-max(1, steps // 10):]
     return {"warmstart/steps": steps, "warmstart/loss_first": losses[0],

@@ -2,6 +2,7 @@
 checkpoints hold the adapter and load back."""
 import shutil
 
+import pytest
 import torch
 import yaml
 
@@ -146,3 +147,25 @@ def test_lora_refuses_adapters_on_the_output_embedding():
         with pytest.raises(ConfigError, match=r"lora.target_modules: \['(lm_head|embed_tokens)'\] adapt the output embedding"):
             apply_lora(load_policy(cfg.model, seed=0)[0], LoRAConfig(enabled=True, target_modules=bad))
     assert is_peft(apply_lora(model, LoRAConfig(enabled=True, target_modules=["q_proj", "v_proj"])))
+
+
+def test_warm_start_leaves_no_gradients_and_clipping_sees_only_trained_parameters():
+    """A LoRA run's warm start trains the whole model; gradients it left on the frozen base weights
+    inflated the learner's clipping norm (and broke exact resume: a resumed run has none)."""
+    from alignreg.learner.policy import TorchBackend
+    from alignreg.warmstart import sft_warm_start
+
+    cfg = RLConfig()
+    cfg.task = TaskConfig(name="sort", min_length=3, max_length=4, eval_size=8, train_size=32)
+    cfg.lora = LoRAConfig(enabled=True, r=4, alpha=8.0)
+    model, tok = load_policy(cfg.model, 0)
+    train, _ = prompt_dataset(cfg.task)
+    sft_warm_start(model, tok, train[:8], steps=2, lr=1e-3, batch_size=4, seed=0)
+    assert all(p.grad is None for p in model.parameters())
+    pm = apply_lora(model, cfg.lora)
+    backend = TorchBackend(pm, cfg)
+    for n, p in pm.named_parameters():
+        p.grad = torch.full_like(p, 100.0 if not p.requires_grad else 0.01)  # frozen: huge; adapters: small
+    trained = [p for p in pm.parameters() if p.requires_grad]
+    want = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in trained])))
+    assert backend.apply_update() == pytest.approx(want, rel=1e-5)

@@ -218,7 +218,7 @@ class TorchBackend(DistCollectives):
     skips_nonfinite = True
 
     def apply_update(self) -> float:
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]  # the trained ones
         norm = float(torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf")))
         if math.isfinite(norm):
             self.optimizer.step()
