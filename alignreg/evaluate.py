@@ -113,7 +113,8 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--format", default="gsm8k", choices=["gsm8k", "math", "prompt_answer"], help="record format of --data")
     p.add_argument("--limit", type=int, default=0, help="evaluate only the first N problems (0 = all)")
     p.add_argument("--self-correct", action="store_true", help="also run greedy two-attempt (SCoRe) episodes")
-    p.add_argument("--out", default="", help="output directory for eval.json / eval.md (default: the checkpoint dir)")
+    p.add_argument("--out", default="", help="output directory for eval_<data>.json / .md (default: the checkpoint dir; "
+                   "for <run_dir>/checkpoints/step_N, which the run rotates away, <run_dir>/eval/step_N)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled responses")
     args = p.parse_intermixed_args(argv)
 
@@ -124,8 +125,13 @@ def eval_main(argv: list[str]) -> int:
     from alignreg.orchestration.workers import RolloutWorker
 
     cfg = load_config(RLConfig, args.config, args.overrides)
-    if args.data and not args.config and not any(o.startswith("task.reward=") for o in args.overrides):
-        cfg.task.reward = "math_verify"  # a GSM8K / MATH file without a config: math-verify
+    if args.data and not args.config:
+        if not any(o.startswith("rollout.max_new_tokens=") for o in args.overrides):
+            raise ConfigError(f"eval --data without --config: set the response length, e.g. rollout.max_new_tokens=1024 "
+                              f"(the default, {cfg.rollout.max_new_tokens}, is the tiny sort task's), or pass the run's "
+                              "--config")
+        if not any(o.startswith("task.reward=") for o in args.overrides):
+            cfg.task.reward = "math_verify"  # a GSM8K / MATH file without a config: math-verify
     if cfg.trainer.threads > 0:
         torch.set_num_threads(cfg.trainer.threads)
     ckpt = Path(args.checkpoint)
@@ -145,11 +151,17 @@ def eval_main(argv: list[str]) -> int:
     title = f"{ckpt} on {args.data or cfg.task.name} ({len(records)} problems, reward {cfg.task.reward})"
     table = format_table(metrics, title)
     print(table)
-    out = Path(args.out) if args.out else ckpt
+    # a training checkpoint's directory is rotated away by the run: its results go to <run_dir>/eval/step_N
+    out = Path(args.out) if args.out else (ckpt.parent.parent / "eval" / ckpt.name if is_training_checkpoint(ckpt) else ckpt)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.md").write_text(table)
-    (out / "eval.json").write_text(json.dumps({"checkpoint": str(ckpt), "data": args.data or cfg.task.name, "metrics": metrics}, indent=2))
-    print(f"written: {out / 'eval.md'}, {out / 'eval.json'}")
+    tag = Path(args.data).stem if args.data else cfg.task.name  # one pair of files per evaluated data set
+    settings = {"max_new_tokens": cfg.rollout.max_new_tokens, "temperature": cfg.eval.temperature,
+                "num_samples": cfg.eval.num_samples, "reward": cfg.task.reward, "template": cfg.math_data.template,
+                "seed": args.seed, "limit": args.limit}
+    (out / f"eval_{tag}.md").write_text(table)
+    (out / f"eval_{tag}.json").write_text(json.dumps({"checkpoint": str(ckpt), "data": args.data or cfg.task.name,
+                                                      "settings": settings, "metrics": metrics}, indent=2))
+    print(f"written: {out / f'eval_{tag}.md'}, {out / f'eval_{tag}.json'}")
     if hasattr(engine, "shutdown"):
         engine.shutdown()
     if model_dir != str(ckpt):

@@ -188,6 +188,29 @@ def test_resume_refuses_what_it_cannot_honour_and_keeps_the_old_config(tmp_path)
     assert (tmp_path / "config.step_00000002.yaml").read_text() == saved
     assert load_yaml(tmp_path / "config.yaml")["learner"]["lr"] == 1e-4
     assert [r["step"] for r in _rows(tmp_path)] == [0, 1, 2, 3]
+    assert _rows(tmp_path)[-1]["optim/lr"] == 1e-4  # applied, not only listed (the checkpoint's lr won before)
+
+
+def test_resume_starts_from_the_runs_own_init_policy_when_model_path_changed(tmp_path):
+    """model.path replaced between the two halves of a run (an SFT output trained again): the resumed
+    run's KL reference (and starting point) is its init_policy/, as in an uninterrupted run."""
+    from alignreg.models import build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    src = tmp_path / "sft"
+    for seed in (1, 2):
+        build_model(RLConfig().model, len(tok), seed, tok).save_pretrained(tmp_path / f"m{seed}")
+        tok.save_pretrained(tmp_path / f"m{seed}")
+    base = ["warm_start.steps=0", "eval.every=0", f"model.path={src}", "regularizers.0.name=kl_ref",
+            "regularizers.0.coef=0.1", "trainer.save_every=1"]
+    os.symlink(tmp_path / "m1", src)
+    train(_cfg(tmp_path / "straight", "trainer.steps=3", *base))
+    train(_cfg(tmp_path / "split", "trainer.steps=2", *base))
+    os.unlink(src)
+    os.symlink(tmp_path / "m2", src)
+    train(_cfg(tmp_path / "split", "trainer.steps=3", *base))
+    drop_eval = lambda rows: [{k: v for k, v in r.items() if not k.startswith("eval/")} for r in rows]  # noqa: E731
+    assert drop_eval(_rows(tmp_path / "straight")) == drop_eval(_rows(tmp_path / "split"))  # the final eval of steps 1-2
 
 
 def test_nonfinite_gradients_stop_the_run_before_anything_is_saved(tmp_path, monkeypatch, capsys):

@@ -162,11 +162,16 @@ def build_run(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = 
             (run_dir / "warm_start.json").write_text(json.dumps(ws, indent=2))
         model.save_pretrained(init_dir)  # the reference policy and the run's starting point
         tokenizer.save_pretrained(init_dir)
-    elif cfg.warm_start.steps > 0 and init_dir.is_dir():
-        from transformers import AutoModelForCausalLM
+    else:  # the run's own starting policy (the KL reference): model.path may hold another model since
+        from transformers import AutoModelForCausalLM  # (e.g. an SFT output trained again), or a warm start ran
+
+        from alignreg.models import load_tokenizer
 
         attn = model.config._attn_implementation  # same kernels as the uninterrupted run: exact resume
         model = AutoModelForCausalLM.from_pretrained(init_dir, local_files_only=True, dtype=model.dtype, attn_implementation=attn)
+        tokenizer = load_tokenizer(init_dir)
+        if cfg.model.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
     prompts = PromptIterator(train_records, cfg.rollout.prompts_per_step, cfg.trainer.seed)
     if cfg.orchestration == "ray":
         rollout, learner, close = _ray_groups(cfg, init_dir, len(tokenizer), resources)
