@@ -52,9 +52,45 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+class _Override:
+    """A command-line value: its text and its YAML reading. A string field takes the text as written
+    (YAML would read ``run_dir=0755`` as 493, ``template={question}`` as a mapping, ``x #1`` as ``x``),
+    unless it is quoted; every other field takes the YAML value."""
+
+    def __init__(self, raw: str, parsed: Any):
+        self.raw, self.parsed = raw, parsed
+
+    def __repr__(self) -> str:
+        return repr(self.parsed)
+
+    def as_str(self) -> Any:
+        return self.parsed if self.raw.strip()[:1] in ("'", '"') or not self.raw.strip() else self.raw
+
+
+def _parsed(value: Any) -> Any:
+    """``value`` with every command-line value replaced by its YAML reading."""
+    if isinstance(value, _Override):
+        return value.parsed
+    if isinstance(value, dict):
+        return {k: _parsed(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_parsed(v) for v in value]
+    return value
+
+
 def _coerce(value: Any, tp: Any, path: str) -> Any:
     """Check ``value`` against annotation ``tp`` and convert (dict -> dataclass, int -> float)."""
     origin = typing.get_origin(tp)
+    if isinstance(value, _Override):
+        if origin in (Union, types.UnionType):
+            if str not in typing.get_args(tp):
+                value = _parsed(value)
+            elif value.parsed is None and type(None) in typing.get_args(tp):
+                return None
+        else:  # a union with str: each alternative reads it its own way
+            value = value.as_str() if tp is str else _parsed(value)
+    elif tp is not str and not dataclasses.is_dataclass(tp) and origin not in (Union, types.UnionType, list, tuple):
+        value = _parsed(value)  # Any, dict, Literal and scalars: overrides inside take their YAML reading
     if tp is Any:
         return value
     if origin is Literal:
@@ -165,7 +201,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
-    return key.strip().split("."), value
+    return key.strip().split("."), _Override(raw, value)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -203,14 +239,31 @@ def _list_index(k: str, node: list, path: str) -> int:
     return idx
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` keeps the last of two equal keys in a mapping; a config file refuses them."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (the earlier one would be "
+                                                        "ignored); keep one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; pass a path to a YAML file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{where}: {what}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping of config keys")
     return data

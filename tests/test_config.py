@@ -228,3 +228,25 @@ def test_override_and_value_edge_cases_are_one_line_errors_or_accepted():
     for key, value in (("norm_len", -5), ("adv_eps", -1.0), ("tis_cap", -2.0)):
         with pytest.raises(ConfigError, match=f"algorithm.{key} must be >= 0"):
             from_dict(RLConfig, {"algorithm": {key: value}})
+
+
+def test_string_overrides_keep_their_text_and_yaml_files_refuse_duplicate_keys(tmp_path):
+    """YAML read run_dir=0755 as 493, template={question} as a mapping and 'x #1' as 'x'; a key given twice
+    in a file silently lost its first value."""
+    cfg = load_config(RLConfig, None, ["trainer.run_dir=runs/x #1", "math_data.template={question}",
+                                       "math_data.system_prompt=Note: be brief", "score.instruction=' check:'",
+                                       "learner.lr=1e-4", "learner.betas=[0.5,0.9]", "eval.ks=[1,4]"])
+    assert (cfg.trainer.run_dir, cfg.math_data.template) == ("runs/x #1", "{question}")
+    assert (cfg.math_data.system_prompt, cfg.score.instruction) == ("Note: be brief", " check:")  # quoted: YAML's reading
+    assert (cfg.learner.lr, list(cfg.learner.betas), cfg.eval.ks) == (1e-4, [0.5, 0.9], [1, 4])
+    for raw in ("0755", "2024_01", "12:30", "1.50"):
+        assert load_config(RLConfig, None, [f"trainer.run_dir={raw}"]).trainer.run_dir == raw
+    with pytest.raises(ConfigError, match=r"learner.lr: expected a number, got 'abc'"):
+        load_config(RLConfig, None, ["learner.lr=abc"])
+    f = tmp_path / "dup.yaml"
+    f.write_text("learner:\n  lr: 5.0e-3\ntrainer:\n  steps: 3\nlearner:\n  micro_batch_size: 32\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml: invalid YAML at line 5, column 1: duplicate key 'learner'"):
+        load_config(RLConfig, f)
+    f.write_text("learner:\n  betas: [0.9, 0.99\n")
+    with pytest.raises(ConfigError, match=r"invalid YAML at line 3, column 1: expected ',' or ']'"):
+        load_config(RLConfig, f)
