@@ -3,7 +3,9 @@
 Each run is one ``alignreg offline`` config: ``<config_dir>/<algo>_<env>_<level>.yaml`` (falling back
 to ``<algo>_<env>_medium.yaml`` with ``data.level`` overridden) plus the sweep's ``overrides``,
 ``trainer.seed`` and an output directory ``<out_dir>/<algo>/<env>-<level>/seed<seed>``. Runs whose
-``results.json`` exists are not repeated. Tasks return their results to the driver, which writes
+``results.json`` exists are not repeated when their ``config.yaml`` has the same settings (run-time
+keys such as ``trainer.threads`` aside); a finished run with other settings (changed ``overrides``)
+is an error naming the keys, never reused silently. Tasks return their results to the driver, which writes
 ``results.json`` (all runs), ``results.md`` / ``results.csv`` (final normalised score, mean +- std
 over seeds) and ``curves_<env>-<level>.png`` (mean +- std over seeds per algorithm).
 
@@ -62,13 +64,32 @@ def run_config(cfg: SweepConfig, algo: str, env: str, level: str):
     return oc
 
 
+# keys a finished run may differ in and still be reused: they do not change its results
+_FREE_ON_REUSE = ("trainer.progress", "trainer.threads", "trainer.out_dir", "trainer.resume", "trainer.log_every",
+                  "trainer.checkpoint_every")
+
+
+def _check_finished(oc, out: Path) -> None:
+    """A finished run is reused only when it was trained with ``oc``'s settings."""
+    from alignreg.config import describe_diff, load_yaml, stored_config_diff
+    from alignreg.offline.config import OfflineConfig
+
+    fix = "delete that directory to run it again, or set another out_dir for the sweep"
+    if not (out / "config.yaml").is_file():
+        raise ConfigError(f"{out} holds results.json but no config.yaml (its settings cannot be checked): {fix}")
+    diffs = stored_config_diff(OfflineConfig, load_yaml(out / "config.yaml"), oc, ignore=_FREE_ON_REUSE)
+    if diffs:
+        raise ConfigError(f"{out} holds a finished run with other settings ({describe_diff(diffs)}): {fix}")
+
+
 def run_one(oc, seed: int, out_dir: str, threads: int) -> dict:
     from alignreg.offline.train import train
 
     out = Path(out_dir)
-    if (out / "results.json").is_file():
-        return json.loads((out / "results.json").read_text())
     oc.trainer.seed, oc.trainer.progress, oc.trainer.threads = seed, False, threads
+    if (out / "results.json").is_file():
+        _check_finished(oc, out)
+        return json.loads((out / "results.json").read_text())
     res = train(oc, out, log=lambda *a: None, handle_signals=False)  # a Ray task: signals are Ray's
     res["algo"] = oc.name.split("_")[0]
     (out / "results.json").write_text(json.dumps(res, indent=1))
@@ -143,8 +164,13 @@ def _record_failure(job, e: BaseException) -> str:
 
 
 def collect_results(out: Path) -> list[dict]:
-    """Results of the runs finished so far under a sweep directory (for partial or interrupted sweeps)."""
-    return [json.loads(p.read_text()) for p in sorted(Path(out).glob("*/*/seed*/results.json"))]
+    """Results of the runs finished so far under a sweep directory (for partial or interrupted sweeps);
+    none is an error (a mistyped ``name`` or ``out_dir``)."""
+    found = [json.loads(p.read_text()) for p in sorted(Path(out).glob("*/*/seed*/results.json"))]
+    if not found:
+        raise ConfigError(f"no finished runs under {out} (no <algo>/<env>-<level>/seed<seed>/results.json); check "
+                          "the sweep's name and out_dir")
+    return found
 
 
 def write_summary(results: list[dict], out: Path) -> str:

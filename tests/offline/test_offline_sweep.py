@@ -4,7 +4,7 @@ import json
 import pytest
 import yaml
 
-from alignreg.config import RunError, from_dict
+from alignreg.config import RunError, from_dict, to_dict
 from alignreg.offline.cli import sweep_main
 from alignreg.offline.sweep import SweepConfig, run_sweep
 
@@ -35,7 +35,14 @@ def test_serial_sweep_table_and_plots(tmp_path):
     assert (tmp_path / "sw" / "td3bc" / "hopper-medium" / "seed1" / "results.json").is_file()
     # finished runs are not repeated
     mtime = (tmp_path / "sw" / "bc" / "hopper-medium" / "seed0" / "results.json").stat().st_mtime
-    run_sweep(cfg)
+    run_sweep(from_dict(SweepConfig, {**to_dict(cfg), "cpus_per_task": 2}))  # run-time keys may differ
+    assert (tmp_path / "sw" / "bc" / "hopper-medium" / "seed0" / "results.json").stat().st_mtime == mtime
+    # ... but finished runs with other settings are never reused silently
+    for extra, needle in (("trainer.steps=60", "trainer.steps 40 -> 60"), ("learner.alpha=5", r"learner.alpha 2.5 -> 5.0")):
+        changed = from_dict(SweepConfig, {**to_dict(cfg), "overrides": ["data.level=random", extra]})
+        with pytest.raises(RunError, match=r"4 of 4 runs failed: bc_hopper_medium seed 0 FAILED \(ConfigError: .*seed0 "
+                                           rf"holds a finished run with other settings \({needle}\): delete that directory to run it again"):
+            run_sweep(changed)
     assert (tmp_path / "sw" / "bc" / "hopper-medium" / "seed0" / "results.json").stat().st_mtime == mtime
     # the table can be rebuilt from finished runs alone (partial / interrupted sweeps)
     (tmp_path / "sw" / "results.md").unlink()
@@ -52,6 +59,11 @@ def test_sweep_config_errors(tmp_path, capsys):
     p.write_text(yaml.safe_dump({"backend": "dask"}))
     assert sweep_main([str(p)]) == 2
     assert "valid choices: 'ray', 'serial'" in capsys.readouterr().err
+    # --summary-only with nothing finished (e.g. a mistyped name=) is an error, not an empty table
+    p.write_text(yaml.safe_dump({"out_dir": str(tmp_path / "sw" / "{name}")}))
+    assert sweep_main([str(p), "name=typo", "--summary-only"]) == 2
+    assert f"no finished runs under {tmp_path / 'sw' / 'typo'}" in capsys.readouterr().err
+    assert not (tmp_path / "sw" / "typo").exists()
 
 
 def _damage(tmp_path, seed):
