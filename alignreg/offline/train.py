@@ -137,6 +137,14 @@ def _check_resume(cfg: OfflineConfig, state: dict, ckpt: Path) -> None:
                           "trainer.out_dir")
 
 
+def check_dims(env_name: str, env, state_dim: int, action_dim: int) -> None:
+    """The dataset's observation and action sizes are the evaluation environment's."""
+    S, A = env.observation_space.shape[0], env.action_space.shape[0]
+    if (state_dim, action_dim) != (S, A):
+        raise ConfigError(f"data.env={env_name} expects {S}-D observations / {A}-D actions, the dataset has "
+                          f"{state_dim} / {action_dim}; set data.env to the dataset's environment")
+
+
 def data_fingerprint(transitions: dict) -> str:
     """SHA-256 of the transitions' arrays (keys sorted): a resume refuses data other than the run's."""
     import hashlib
@@ -183,6 +191,10 @@ def _train(cfg: OfflineConfig, out_dir: str | Path, log, handle_signals: bool) -
                           f"a file at data.path replaced or edited?); restore the data the run was trained on, or "
                           "start a new run in another trainer.out_dir")
     data = OfflineData(transitions, normalize=cfg.data.normalize_states)
+    from alignreg.offline.generate import make_env
+
+    env = make_env(cfg.data.env)
+    check_dims(cfg.data.env, env, data.state_dim, data.action_dim)
     torch.manual_seed(T.seed)
     learner = build_learner(cfg, data.state_dim, data.action_dim)
     learner.setup(OfflineSetup(data.states_np, data.actions.numpy(), data.state_dim, data.action_dim, 1.0, T.seed))
@@ -201,10 +213,6 @@ def _train(cfg: OfflineConfig, out_dir: str | Path, log, handle_signals: bool) -
     else:
         for f in ("metrics.jsonl", "evals.jsonl"):
             (out / f).unlink(missing_ok=True)
-    from alignreg.offline.generate import make_env
-
-    env = make_env(cfg.data.env)
-
     def do_eval(step: int) -> None:
         r = evaluate(learner.actor, env, cfg.eval.episodes, cfg.eval.seed + 1000 * len(evals), data.mean,
                      data.std, cfg.data.env, ref)
@@ -250,15 +258,19 @@ def _train(cfg: OfflineConfig, out_dir: str | Path, log, handle_signals: bool) -
                 save()
     bar.close()
     wall = time.time() - t0
+    save()  # before the final evaluation: an error there loses no training
     if not evals or evals[-1]["step"] != learner.it:
         do_eval(learner.it)
-    save()
+        save()
+    speed = (learner.it - start) / max(wall, 1e-9)
+    if learner.it == start and (out / "results.json").is_file():  # nothing trained now: keep the run's speed
+        speed = json.loads((out / "results.json").read_text()).get("steps_per_s", speed)
     algo = "bc" if cfg.learner.algo == "bc" else cfg.regularizers[0].name
     results = {"name": cfg.name, "env": cfg.data.env, "level": cfg.data.level, "source": cfg.data.source,
                "algo": algo, "seed": T.seed, "steps": learner.it, "reference": ref,
                "final_score": evals[-1]["score_mean"], "final_return": evals[-1]["return_mean"],
                "best_score": max(e["score_mean"] for e in evals),
-               "steps_per_s": (learner.it - start) / max(wall, 1e-9), "evals": evals}
+               "steps_per_s": speed, "evals": evals}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     plot_curve(evals, out / "curve.png", f"{cfg.name or algo}: {cfg.data.env}-{cfg.data.level} ({ref})")
     log(f"final normalised score ({ref}) {results['final_score']:.1f}, return {results['final_return']:.1f}; "

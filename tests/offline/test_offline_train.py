@@ -229,3 +229,44 @@ def test_generated_data_is_tied_to_the_shipped_policies(tmp_path):
         load_transitions(dc)
     d4rl = OfflineDataConfig(env="hopper", source="d4rl_hdf5", path=str(tmp_path / "h.hdf5"))
     assert load_transitions(d4rl)[1] == "d4rl"  # the same file, read as D4RL data
+
+
+def test_dataset_of_another_env_is_refused_before_training(tmp_path):
+    """A hopper-shaped file (11-D obs, 3-D actions) with data.env=walker2d (17 / 6) used to train fully and
+    crash at the first evaluation."""
+    from alignreg.config import ConfigError, from_dict
+    from alignreg.offline.generate import generate_dataset
+
+    generate_dataset("hopper", "random", 300, 0, tmp_path / "h.hdf5", log=None)
+    d = cfg_dict(tmp_path, "td3bc", steps=50)
+    d["data"] = {"source": "d4rl_hdf5", "path": str(tmp_path / "h.hdf5"), "env": "walker2d"}
+    with pytest.raises(ConfigError, match=r"^data.env=walker2d expects 17-D observations / 6-D actions, the "
+                                          r"dataset has 11 / 3; set data.env"):
+        train(from_dict(OfflineConfig, d), tmp_path / "run", log=lambda *a: None)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists() and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_final_checkpoint_precedes_the_final_eval_and_a_rerun_keeps_the_speed(tmp_path, monkeypatch):
+    from alignreg.config import from_dict
+    import alignreg.offline.evaluate as evaluate_mod
+
+    d = cfg_dict(tmp_path, "td3bc", steps=50)
+    d["eval"]["every"], d["trainer"]["checkpoint_every"] = 0, 0
+    real = evaluate_mod.evaluate
+
+    def broken(*a, **k):
+        raise RuntimeError("eval crashed")
+
+    monkeypatch.setattr(evaluate_mod, "evaluate", broken)
+    with pytest.raises(RuntimeError, match="eval crashed"):
+        train(from_dict(OfflineConfig, d), tmp_path / "run", log=lambda *a: None)
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["learner"]["it"] == 50  # training kept
+    monkeypatch.setattr(evaluate_mod, "evaluate", real)
+    res = train(from_dict(OfflineConfig, d), tmp_path / "run", log=lambda *a: None)  # only the final eval runs
+    assert res["steps"] == 50 and [e["step"] for e in res["evals"]] == [50] and res["steps_per_s"] == 0.0
+    stored = json.loads((tmp_path / "run" / "results.json").read_text())
+    stored["steps_per_s"] = 123.0
+    (tmp_path / "run" / "results.json").write_text(json.dumps(stored))
+    again = train(from_dict(OfflineConfig, d), tmp_path / "run", log=lambda *a: None)  # a finished run: nothing trains
+    assert again["steps_per_s"] == 123.0 and again["evals"] == res["evals"]
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["steps_per_s"] == 123.0
