@@ -2,7 +2,8 @@
 
 * :func:`read_d4rl_hdf5` reads a D4RL file with h5py (no ``d4rl`` import) and validates it like
   D4RL's ``get_dataset`` (required keys, matching lengths, rewards/terminals ``(N,)`` or ``(N, 1)``)
-  plus finite values, raising :class:`DatasetError` with the file and key named.
+  plus real numeric dtypes, finite values and 0/1 ``terminals``/``timeouts``, raising
+  :class:`DatasetError` with the file and key named.
 * :func:`qlearning_dataset` reproduces ``d4rl.qlearning_dataset(env, dataset, terminate_on_end=False)``
   exactly: for ``i < N-1`` the transition ``(obs[i], act[i], rew[i], obs[i+1], terminals[i])`` is kept
   unless step ``i`` is a final timestep (``timeouts[i]``, or -- for files without ``timeouts`` --
@@ -55,10 +56,17 @@ def _validate(raw: dict, where: str) -> dict:
         if nxt.shape != obs.shape:
             raise DatasetError(f"{where}: next_observations shape {nxt.shape} != observations shape {obs.shape}")
         out["next_observations"] = nxt
-    for k in ("observations", "actions", "rewards", "next_observations"):
+    for k, v in out.items():
+        if not (v.dtype == bool or np.issubdtype(v.dtype, np.integer) or np.issubdtype(v.dtype, np.floating)):
+            raise DatasetError(f"{where}: {k} must hold real numbers, got dtype {v.dtype}")
+    for k in ("observations", "actions", "rewards", "next_observations", "terminals", "timeouts"):
         if k in out and not np.all(np.isfinite(out[k])):
             row = int(np.argwhere(~np.isfinite(out[k].reshape(n, -1)))[0, 0])
             raise DatasetError(f"{where}: {k} contains NaN or inf (first at row {row})")
+    for k in ("terminals", "timeouts"):
+        if k in out and not np.all((out[k] == 0) | (out[k] == 1)):
+            row = int(np.argwhere((out[k] != 0) & (out[k] != 1))[0, 0])
+            raise DatasetError(f"{where}: {k} must be 0/1 (or boolean), got {out[k][row].item()!r} at row {row}")
     if n < 2:
         raise DatasetError(f"{where}: needs at least 2 rows, got {n}")
     return out
@@ -79,8 +87,10 @@ def read_d4rl_hdf5(path: str | Path) -> dict:
     return _validate(raw, str(path))
 
 
-def qlearning_dataset(raw: dict, terminate_on_end: bool = False, max_episode_steps: int = 1000) -> dict:
-    """Exactly D4RL's ``qlearning_dataset`` on validated raw arrays (see module docstring)."""
+def qlearning_dataset(raw: dict, terminate_on_end: bool = False, max_episode_steps: int = 1000,
+                      where: str = "dataset") -> dict:
+    """Exactly D4RL's ``qlearning_dataset`` on validated raw arrays (see module docstring); no
+    transition left (every row a final timestep) is a :class:`DatasetError` naming ``where``."""
     n = raw["rewards"].shape[0]
     terminals = raw["terminals"].astype(bool)
     if "timeouts" in raw:
@@ -96,6 +106,9 @@ def qlearning_dataset(raw: dict, terminate_on_end: bool = False, max_episode_ste
             step = (0 if (terminals[i] or final[i]) else step) + 1  # D4RL: reset, then += 1 on the kept row
     keep = np.ones(n - 1, bool) if terminate_on_end else ~final
     idx = np.nonzero(keep)[0]
+    if idx.size == 0:
+        raise DatasetError(f"{where}: no transitions left after dropping the time-out rows and the last row "
+                           f"({n} rows, every one a final timestep); check its timeouts")
     return {
         "observations": raw["observations"][idx].astype(np.float32),
         "actions": raw["actions"][idx].astype(np.float32),

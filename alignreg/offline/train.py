@@ -73,7 +73,7 @@ def load_transitions(d: OfflineDataConfig, log=print) -> tuple[dict, str]:
         ref = "alignreg-v5"
     else:
         path, ref = Path(d.path).expanduser(), "d4rl"
-    return qlearning_dataset(read_d4rl_hdf5(path)), ref if d.reference == "auto" else d.reference
+    return qlearning_dataset(read_d4rl_hdf5(path), where=str(path)), ref if d.reference == "auto" else d.reference
 
 
 def _atomic_save(obj, path: Path) -> None:

@@ -89,6 +89,13 @@ def test_rewards_column_vector_and_timeout_rows_dropped(tmp_path):
     (lambda r: r["rewards"].__setitem__(5, np.inf), "rewards contains NaN or inf (first at row 5)"),
     (lambda r: r.__setitem__("actions", np.zeros((100, 2, 2))), "must be 2-D"),
     (lambda r: r.__setitem__("next_observations", np.zeros((3, 5))), "next_observations shape"),
+    # not real numbers: a raw numpy TypeError before (ufunc 'isfinite' not supported)
+    (lambda r: r.__setitem__("observations", r["observations"].astype("S8")), "observations must hold real numbers, got dtype |S8"),
+    (lambda r: r.__setitem__("actions", r["actions"] + 1j), "actions must hold real numbers, got dtype complex128"),
+    # terminals / timeouts: NaN was read as True (astype(bool)), 2 as a terminal
+    (lambda r: r.__setitem__("terminals", np.where(np.arange(100) == 9, np.nan, 0.0)), "terminals contains NaN or inf (first at row 9)"),
+    (lambda r: r.__setitem__("timeouts", np.where(np.arange(100) == 4, np.nan, 0.0)), "timeouts contains NaN or inf (first at row 4)"),
+    (lambda r: r.__setitem__("terminals", np.where(np.arange(100) == 6, 2, 0)), "terminals must be 0/1 (or boolean), got 2 at row 6"),
 ])
 def test_corrupt_files_give_clear_errors(tmp_path, mutate, msg):
     raw = make_raw(np.random.default_rng(2), n=100)
@@ -97,6 +104,19 @@ def test_corrupt_files_give_clear_errors(tmp_path, mutate, msg):
     with pytest.raises(DatasetError) as e:
         read_d4rl_hdf5(tmp_path / "bad.hdf5")
     assert msg in str(e.value) and "bad.hdf5" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_no_transitions_left_is_a_clear_error(tmp_path):
+    """Every row a time-out: qlearning_dataset keeps nothing (a memoryview TypeError in data_fingerprint before)."""
+    from alignreg.offline.config import OfflineDataConfig
+    from alignreg.offline.train import load_transitions
+
+    raw = make_raw(np.random.default_rng(4), n=50)
+    raw["terminals"][:], raw["timeouts"][:] = False, True
+    write(tmp_path / "t.hdf5", raw)
+    with pytest.raises(DatasetError, match=r"t.hdf5: no transitions left after dropping the time-out rows and the "
+                                           r"last row \(50 rows, every one a final timestep\)"):
+        load_transitions(OfflineDataConfig(source="d4rl_hdf5", path=str(tmp_path / "t.hdf5")))
 
 
 def test_not_hdf5_and_missing_file(tmp_path):
