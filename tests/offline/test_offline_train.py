@@ -215,6 +215,18 @@ def test_generated_data_is_tied_to_the_shipped_policies(tmp_path):
         assert f.attrs["behaviour_policies"] == ver
     again, _ = load_transitions(dc)  # the same policies: reused as it is
     np.testing.assert_array_equal(again["observations"], data["observations"])
+    # a file of other data settings than the config's (its results would be labelled with the config's)
+    for change, needle in (({"level": "expert"}, "generated with level=random, but the config has data.level=expert"),
+                           ({"env": "walker2d"}, "generated with env=hopper, but the config has data.env=walker2d"),
+                           ({"size": 400, "seed": 2}, "generated with seed=0, size=300, but the config has "
+                                                     "data.seed=2, data.size=400; set those keys")):
+        with pytest.raises(ConfigError, match=needle):
+            load_transitions(OfflineDataConfig(**{**vars(dc), **change}))
+    with h5py.File(tmp_path / "h.hdf5", "a") as f:
+        f.attrs["level"] = "medium-replay"  # its size is set by the shipped replay plan, not by data.size
+    load_transitions(OfflineDataConfig(**{**vars(dc), "level": "medium-replay", "size": 100_000}))
+    with h5py.File(tmp_path / "h.hdf5", "a") as f:
+        f.attrs["level"] = "random"
     with h5py.File(tmp_path / "h.hdf5", "a") as f:
         f.attrs["behaviour_policies"] = "0123abcd"  # made by other behaviour policies
     with pytest.raises(ConfigError, match="generated with 0123abcd behaviour policies, but this alignreg ships"):
