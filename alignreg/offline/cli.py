@@ -53,12 +53,17 @@ def data_main(argv: list[str]) -> int:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default="", help="output file (default: the cache path training uses)")
     args = p.parse_args(argv)
-    from alignreg.offline.config import OfflineDataConfig
+    from alignreg.offline.config import MIN_SIZE, OfflineDataConfig
     from alignreg.offline.generate import generate_dataset
     from alignreg.offline.train import generated_path
 
     try:
+        if args.size < MIN_SIZE:
+            raise ConfigError(f"--size must be >= {MIN_SIZE} (env steps per behaviour policy), got {args.size}")
+        if args.seed < 0:
+            raise ConfigError(f"--seed must be >= 0, got {args.seed}")
         dc = OfflineDataConfig(env=args.env, level=args.level, size=args.size, seed=args.seed, path=args.out)
+        dc.validate("data")
         path = generate_dataset(args.env, args.level, args.size, args.seed, generated_path(dc))
     except ConfigError as e:
         return _fail(e)

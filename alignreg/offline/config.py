@@ -8,6 +8,7 @@ from alignreg.config import ConfigError, RegularizerConfig, _at_least, _check
 
 Env = Literal["hopper", "halfcheetah", "walker2d"]
 Level = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
+MIN_SIZE = 1000  # data.size / alignreg data --size: env steps per behaviour policy
 
 
 @dataclass
@@ -26,7 +27,8 @@ class OfflineDataConfig:
     def validate(self, path: str) -> None:
         _check(self.source != "d4rl_hdf5" or bool(self.path), f"{path}.path: required when source is d4rl_hdf5")
         _check(self.source != "minari" or bool(self.minari_id), f"{path}.minari_id: required when source is minari")
-        _check(self.size >= 1000, f"{path}.size must be >= 1000")
+        _check(self.size >= MIN_SIZE, f"{path}.size must be >= {MIN_SIZE}, got {self.size}")
+        _at_least(self, path, 0, "seed")
 
 
 @dataclass

@@ -160,9 +160,18 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     for override, needle in (("trainer.log_every=0", "config.trainer.log_every must be >= 1, got 0"),
                              ("eval.episodes=0", "config.eval.episodes must be >= 1, got 0"),
                              ("learner.actor_hidden=[]", "config.learner.actor_hidden must be a non-empty list"),
-                             ("learner.tau=0", r"config.learner.tau must be in (0, 1]")):
+                             ("learner.tau=0", r"config.learner.tau must be in (0, 1]"),
+                             ("data.size=10", "config.data.size must be >= 1000, got 10"),
+                             ("data.seed=-1", "config.data.seed must be >= 0, got -1")):
         assert offline_main([str(p), override]) == 2
         assert needle in capsys.readouterr().err, override
+    # alignreg data: bad sizes were an IndexError (0) / ValueError (-5) traceback
+    for args, needle in ((["--size", "0"], "error: --size must be >= 1000 (env steps per behaviour policy), got 0"),
+                         (["--size", "-5"], "error: --size must be >= 1000 (env steps per behaviour policy), got -5"),
+                         (["--seed", "-1"], "error: --seed must be >= 0, got -1")):
+        assert data_main(["d4rl", "--env", "hopper", "--level", "random", "--out", str(tmp_path / "x.hdf5"), *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == needle and not (tmp_path / "x.hdf5").exists()
 
 
 def test_generated_data_is_deterministic_and_d4rl_format(tmp_path):
