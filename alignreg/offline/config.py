@@ -11,6 +11,16 @@ Level = Literal["random", "medium", "medium-replay", "medium-expert", "expert"]
 MIN_SIZE = 1000  # data.size / alignreg data --size: env steps per behaviour policy
 
 
+def check_placeholders(template: str, key: str, **values) -> None:
+    """``template.format(**values)`` works (an output-directory template): else one ConfigError line."""
+    try:
+        template.format(**values)
+    except (KeyError, ValueError, IndexError, AttributeError, TypeError) as e:
+        valid = ", ".join("{" + k + "}" for k in values)
+        raise ConfigError(f"{key}: bad placeholder in {template!r} ({type(e).__name__}: {e}); valid placeholders: "
+                          f"{valid} (write {{{{ and }}}} for literal braces)") from None
+
+
 @dataclass
 class OfflineDataConfig:
     source: Literal["generated", "d4rl_hdf5", "minari"] = "generated"  # generated: alignreg's v5 data (made if missing); d4rl_hdf5: a D4RL file; minari: a Minari dataset
@@ -74,7 +84,7 @@ class OfflineEvalConfig:
 class OfflineTrainerConfig:
     steps: int = 100_000  # learner iterations (critic steps)
     seed: int = 0  # run seed (networks, batch sampling, noise)
-    out_dir: str = "runs/offline/{name}"  # output directory; {name} = config file stem (+ seed)
+    out_dir: str = "runs/offline/{name}-s{seed}"  # output directory; placeholders: {name} (run name, default: config file stem), {seed} (trainer.seed)
     log_every: int = 1000  # metrics line (JSONL) every this many iterations
     checkpoint_every: int = 10_000  # atomic checkpoint every this many iterations (0 = only at the end)
     resume: bool = True  # continue from out_dir/checkpoint.pt when it exists
@@ -84,6 +94,7 @@ class OfflineTrainerConfig:
     def validate(self, path: str) -> None:
         _at_least(self, path, 0, "steps", "checkpoint_every")
         _at_least(self, path, 1, "log_every", "threads")
+        check_placeholders(self.out_dir, f"{path}.out_dir", name="run", seed=self.seed)
 
 
 @dataclass

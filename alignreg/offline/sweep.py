@@ -45,6 +45,9 @@ class SweepConfig:
     def validate(self, path: str) -> None:
         _check(bool(self.algos and self.envs and self.levels and self.seeds), f"{path}: algos, envs, levels and seeds must be non-empty")
         _check(self.cpus_per_task > 0, f"{path}.cpus_per_task must be > 0")
+        from alignreg.offline.config import check_placeholders
+
+        check_placeholders(self.out_dir, f"{path}.out_dir", name=self.name)
 
 
 def run_config(cfg: SweepConfig, algo: str, env: str, level: str):

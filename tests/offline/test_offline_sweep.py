@@ -59,6 +59,9 @@ def test_sweep_config_errors(tmp_path, capsys):
     p.write_text(yaml.safe_dump({"backend": "dask"}))
     assert sweep_main([str(p)]) == 2
     assert "valid choices: 'ray', 'serial'" in capsys.readouterr().err
+    p.write_text(yaml.safe_dump({"out_dir": "runs/{nme}"}))  # a KeyError traceback before
+    assert sweep_main([str(p)]) == 2
+    assert "config.out_dir: bad placeholder in 'runs/{nme}' (KeyError: 'nme'); valid placeholders: {name}" in capsys.readouterr().err
     # --summary-only with nothing finished (e.g. a mistyped name=) is an error, not an empty table
     p.write_text(yaml.safe_dump({"out_dir": str(tmp_path / "sw" / "{name}")}))
     assert sweep_main([str(p), "name=typo", "--summary-only"]) == 2

@@ -165,6 +165,12 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
                              ("data.seed=-1", "config.data.seed must be >= 0, got -1")):
         assert offline_main([str(p), override]) == 2
         assert needle in capsys.readouterr().err, override
+    # a bad out_dir placeholder was a KeyError / ValueError traceback
+    for out_dir, needle in (("runs/o/{nme}", "(KeyError: 'nme')"), ("{name}-{seed", "(ValueError: expected '}'")):
+        assert offline_main([str(p), f"trainer.out_dir={out_dir}"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: config.trainer.out_dir: bad placeholder in '{out_dir}' {needle}") and "\n" not in err
+        assert err.endswith("valid placeholders: {name}, {seed} (write {{ and }} for literal braces)")
     # alignreg data: bad sizes were an IndexError (0) / ValueError (-5) traceback
     for args, needle in ((["--size", "0"], "error: --size must be >= 1000 (env steps per behaviour policy), got 0"),
                          (["--size", "-5"], "error: --size must be >= 1000 (env steps per behaviour policy), got -5"),
@@ -291,3 +297,15 @@ def test_final_checkpoint_precedes_the_final_eval_and_a_rerun_keeps_the_speed(tm
     again = train(from_dict(OfflineConfig, d), tmp_path / "run", log=lambda *a: None)  # a finished run: nothing trains
     assert again["steps_per_s"] == 123.0 and again["evals"] == res["evals"]
     assert json.loads((tmp_path / "run" / "results.json").read_text())["steps_per_s"] == 123.0
+
+
+def test_default_out_dir_separates_seeds(tmp_path, monkeypatch):
+    """The default trainer.out_dir holds the seed: a second seed of one config used to find the first's run
+    and refuse it (trainer.seed 0 -> 1)."""
+    d = cfg_dict(tmp_path, "td3bc", steps=10)
+    d["eval"]["every"] = 0
+    (tmp_path / "td3bc_small.yaml").write_text(yaml.safe_dump(d))
+    monkeypatch.chdir(tmp_path)
+    for seed in (0, 1):
+        assert offline_main(["td3bc_small.yaml", f"trainer.seed={seed}"]) == 0
+        assert json.loads((tmp_path / "runs" / "offline" / f"td3bc_small-s{seed}" / "results.json").read_text())["seed"] == seed
