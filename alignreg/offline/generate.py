@@ -12,11 +12,19 @@ Levels (mirroring D4RL's recipes, with alignreg's policies):
                     expert's return), Gaussian action noise ``medium_noise``.
 * ``expert``        the best snapshot of the online run, noise ``expert_noise``.
 * ``medium-expert`` ``medium`` followed by ``expert`` (both full size), as in D4RL.
-* ``medium-replay`` an approximation of D4RL's replay buffer: the uniform-random warm-up phase of
-                    online TD3 followed by rollouts of each training snapshot up to ``medium`` with
-                    TD3's exploration noise (0.1), each snapshot contributing the number of steps it
-                    was trained for. D4RL stores the literal replay buffer; shipping it would mean
-                    shipping data, so snapshots are replayed instead.
+* ``medium-replay`` a coarse stand-in for D4RL's replay buffer (the ``replay_plan`` of the shipped
+                    policies; ``size`` is ignored): 10k uniform-random steps (online TD3's warm-up),
+                    then rollouts, with TD3's exploration noise (0.1), of ``max_replay`` = 4 snapshots
+                    taken every ``stride``-th 10k-step snapshot from step 10k up to ``medium``; each is
+                    rolled out for the whole stretch until the next chosen snapshot (``stride`` x 10k
+                    steps; the last until ``medium``, possibly fewer). The first, ``replay_10000``, was
+                    saved at the end of the warm-up, before any update: it is the untrained initial
+                    actor. Shipped: hopper 10k random + snapshots 10k/60k/110k/160k x 50k = 210k;
+                    halfcheetah 10k + 10k/30k/50k/70k x 20k = 90k; walker2d 10k + 10k/80k/150k x 70k +
+                    220k x 40k = 260k transitions. Deviation: D4RL's medium-replay is the whole replay
+                    buffer up to ``medium`` (every step collected by the policy of that moment); here 4
+                    policies each stand in for a whole stretch of training (shipping the buffer would
+                    mean shipping data).
 
 File layout (D4RL's): ``observations, actions, rewards, next_observations, terminals, timeouts``
 (+ ``metadata`` attributes). ``timeouts`` marks time-limit truncation (1000 steps) and the last
@@ -125,7 +133,9 @@ def train_behaviour(env_name: str, steps: int, out_dir: str | Path, seed: int = 
 
 def package_policies(env_name: str, run_dir: str | Path, medium_frac: float = 0.4, max_replay: int = 4) -> dict:
     """Pick ``expert`` (best eval return) and ``medium`` (first snapshot reaching ``medium_frac`` of the
-    expert's return above random) from an online run; write ``policies/<env>.pt`` (fp16 weights)."""
+    expert's return above random) from an online run; write ``policies/<env>.pt`` (fp16 weights).
+    The medium-replay plan keeps ``max_replay`` snapshots (every ``stride``-th from step 10k, the first
+    being the untrained actor saved at the end of the warm-up), each rolled out until the next one."""
     run = Path(run_dir)
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     expert = max(log, key=lambda r: r["return_mean"])
