@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e.strerror}: {e.filename!r}; check its permissions, or use paths you can read and write "
                   "(for outputs: trainer.run_dir / trainer.out_dir / output_dir / --out)", file=sys.stderr)
             return 1
+        if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+            print(f"error: {e.strerror}: {e.filename!r}; check the path (a missing directory, or a file where a "
+                  "directory is expected or the other way round)", file=sys.stderr)
+            return 1
         raise
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

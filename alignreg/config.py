@@ -170,7 +170,8 @@ def from_dict(cls: type, data: Any, path: str = "config") -> Any:
     if unknown:
         key = unknown[0]
         raise ConfigError(
-            f"{path}.{key}: unknown key; valid keys: {', '.join(sorted(fields))}"
+            f"{path}.{key}: unknown key; valid keys: {', '.join(sorted(fields))}" if fields else
+            f"{path}.{key}: unknown key; this takes no keys"
         )
     kwargs = {k: _coerce(v, hints[k], f"{path}.{k}") for k, v in data.items()}
     try:
@@ -522,6 +523,7 @@ class TrainerConfig:
 
     def validate(self, path: str) -> None:
         _at_least(self, path, 0, "steps", "threads", "save_every", "keep_checkpoints", "log_every")
+        _check(bool(self.run_dir.strip()), f"{path}.run_dir is empty (the run would write into the current directory); name a directory")
 
 
 @dataclass
@@ -735,6 +737,9 @@ class ScoreConfig:
     advantage: Literal["reinforce", "grpo", "rloo", "drgrpo"] = "reinforce"  # reinforce: advantage = shaped reward (paper, no baseline); else group-normalised per (prompt, attempt)
     second_max_new_tokens: int = 0  # attempt-2 length cap (0 = rollout.max_new_tokens)
 
+    def validate(self, path: str) -> None:
+        _check(self.second_max_new_tokens >= 0, f"{path}.second_max_new_tokens must be >= 0 (0 = rollout.max_new_tokens)")
+
 
 @dataclass
 class LoRAConfig:
@@ -746,3 +751,6 @@ class LoRAConfig:
 
     def validate(self, path: str) -> None:
         _check(self.r >= 1, f"{path}.r must be >= 1")
+        _check(self.alpha > 0, f"{path}.alpha must be > 0 (scale = alpha / r)")
+        _check(0 <= self.dropout < 1, f"{path}.dropout must be in [0, 1)")
+        _check(bool(self.target_modules), f"{path}.target_modules must name at least one module")

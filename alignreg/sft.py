@@ -62,6 +62,7 @@ class SFTRunConfig:
         _check(self.lr > 0, f"{path}.lr must be > 0")
         _at_least(self, path, 1, "steps", "batch_size", "grad_accum", "max_length", "logging_steps")
         _at_least(self, path, 0, "warmup_steps", "threads", "save_steps", "keep_checkpoints", "correction_pairs")
+        _check(bool(self.output_dir.strip()), f"{path}.output_dir is empty (it would write into the current directory); name a directory")
 
 
 def sft_records(cfg: SFTRunConfig, tokenizer) -> tuple[list[dict], list[dict]]:
@@ -180,7 +181,10 @@ def _run_sft(cfg: SFTRunConfig, callbacks: tuple) -> dict:
     if cfg.lora.enabled:
         from peft import LoraConfig
 
+        from alignreg.learner.lora import check_target_modules
+
         lc = cfg.lora
+        check_target_modules(model, lc, head_ok=True)
         peft_config = LoraConfig(r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=list(lc.target_modules),
                                  bias="none", task_type="CAUSAL_LM")
     args = SFTConfig(

@@ -250,3 +250,9 @@ def test_string_overrides_keep_their_text_and_yaml_files_refuse_duplicate_keys(t
     f.write_text("learner:\n  betas: [0.9, 0.99\n")
     with pytest.raises(ConfigError, match=r"invalid YAML at line 3, column 1: expected ',' or ']'"):
         load_config(RLConfig, f)
+
+
+def test_empty_output_directories_and_bad_lora_or_score_values_are_refused():
+    for key in ("trainer.run_dir=", "lora.alpha=-1", "lora.dropout=1.0", "score.second_max_new_tokens=-5"):
+        with pytest.raises(ConfigError, match=key.split("=")[0].replace(".", r"\.")):
+            load_config(RLConfig, None, [key])

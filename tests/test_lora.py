@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from alignreg.checkpoint import save_checkpoint
-from alignreg.config import LoRAConfig, RLConfig, TaskConfig, to_dict
+from alignreg.config import LoRAConfig, RLConfig, TaskConfig, from_dict, to_dict
 from alignreg.data import prompt_dataset
 from alignreg.learner.batch import collate
 from alignreg.learner.lora import apply_lora, is_peft, load_any_policy, merged_weights
@@ -146,7 +146,12 @@ def test_lora_refuses_adapters_on_the_output_embedding():
     for bad in (["q_proj", "lm_head"], ["embed_tokens"]):
         with pytest.raises(ConfigError, match=r"lora.target_modules: \['(lm_head|embed_tokens)'\] adapt the output embedding"):
             apply_lora(load_policy(cfg.model, seed=0)[0], LoRAConfig(enabled=True, target_modules=bad))
-    assert is_peft(apply_lora(model, LoRAConfig(enabled=True, target_modules=["q_proj", "v_proj"])))
+    # a misspelt name left that layer untrained (PEFT adapts what it finds); all misspelt: a PEFT traceback
+    with pytest.raises(ConfigError, match=r"\['o_prj'\] name no module of this model; valid: \[.*'o_proj'"):
+        apply_lora(load_policy(cfg.model, seed=0)[0], LoRAConfig(enabled=True, target_modules=["q_proj", "o_prj"]))
+    with pytest.raises(ConfigError, match=r"lora.dropout must be in \[0, 1\)"):
+        from_dict(RLConfig, {"lora": {"dropout": 1.5}})
+    assert is_peft(apply_lora(model, LoRAConfig(enabled=True, target_modules=["q_proj", "self_attn.v_proj"])))
 
 
 def test_warm_start_leaves_no_gradients_and_clipping_sees_only_trained_parameters():

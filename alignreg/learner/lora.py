@@ -38,22 +38,32 @@ def is_peft(model) -> bool:
     return hasattr(model, "peft_config")
 
 
-def apply_lora(model, cfg: LoRAConfig, base_path: Optional[str | Path] = None):
-    """Wrap ``model`` with trainable LoRA adapters; all other parameters are frozen."""
-    from peft import LoraConfig, get_peft_model
-
+def check_target_modules(model, cfg: LoRAConfig, head_ok: bool = False) -> None:
+    """``lora.target_modules`` must name modules of ``model``; other than the output embedding unless
+    ``head_ok`` (SFT: TRL's loss runs the adapted forward)."""
     from alignreg.config import ConfigError
 
     head, embed = model.get_output_embeddings(), model.get_input_embeddings()
     tied = head is not None and head.weight is embed.weight
     short = {id(m): n.rsplit(".", 1)[-1] for n, m in model.named_modules()}  # the names target_modules match
-    bad = [t for t in cfg.target_modules if t == short.get(id(head), "lm_head") or (tied and t == short.get(id(embed)))]
+    names = [n for n, _ in model.named_modules()]
+    linear = sorted({short[id(m)] for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head})
+    unknown = [t for t in cfg.target_modules if not any(n == t or n.endswith("." + t) for n in names)]  # PEFT's matching
+    if unknown:  # PEFT adapts the names it finds and ignores the rest: a typo would leave a layer untrained
+        raise ConfigError(f"lora.target_modules: {unknown} name no module of this model; valid: {linear}")
+    bad = [] if head_ok else [t for t in cfg.target_modules if t == short.get(id(head), "lm_head") or (tied and t == short.get(id(embed)))]
     if bad:  # the learner's loss reads the output embedding's weight directly (its chunked statistics), not the
         raise ConfigError(  # adapted forward: an adapter there would get no gradient, or (tied) split learner and engines
             f"lora.target_modules: {bad} adapt the output embedding{' (tied to the input embedding)' if tied else ''}, which "
             f"the learner's loss reads as a plain weight; adapt the transformer's linear layers instead (e.g. "
-            f"{sorted({n for n in short.values() if n.endswith('_proj')})[:7]})")
+            f"{linear[:7]})")
 
+
+def apply_lora(model, cfg: LoRAConfig, base_path: Optional[str | Path] = None):
+    """Wrap ``model`` with trainable LoRA adapters; all other parameters are frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    check_target_modules(model, cfg)
     lcfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
                       bias="none", task_type="CAUSAL_LM")
     peft_model = get_peft_model(model, lcfg)

@@ -95,6 +95,7 @@ class OfflineTrainerConfig:
         _at_least(self, path, 0, "steps", "checkpoint_every")
         _at_least(self, path, 1, "log_every", "threads")
         check_placeholders(self.out_dir, f"{path}.out_dir", name="run", seed=self.seed)
+        _check(bool(self.out_dir.strip()), f"{path}.out_dir is empty (the run would write into the current directory); name a directory")
 
 
 @dataclass
