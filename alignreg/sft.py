@@ -18,7 +18,9 @@ by TRL. ``alignreg.warmstart`` is the built-in few-step variant used inside ``al
 Checkpoints and resume: TRL checkpoints (weights, optimizer, scheduler, RNG) go to ``output_dir/trl``
 every ``save_steps``; SIGTERM or a first Ctrl-C writes one at the end of the current step and stops
 (``alignreg.stop``). Running the same command again continues from the latest one (``resume: true``);
-a resume refuses changed training settings (model, data, LoRA, optimisation, seed).
+a resume refuses changed training settings (model, data, LoRA, optimisation, seed). A finished run is
+not trained again: the same command reports it, other settings are refused (RL runs start from, and
+take their KL reference from, the model it wrote; train those in another ``output_dir``).
 """
 from __future__ import annotations
 
@@ -114,6 +116,24 @@ def correction_pairs(records: list[dict], n: int, instruction: str, seed: int) -
 _FREE_ON_RESUME = ("steps", "threads", "output_dir", "logging_steps", "save_steps", "keep_checkpoints", "resume")
 
 
+def _finished_run(cfg: SFTRunConfig, out: Path) -> dict | None:
+    """The summary of the finished run in ``out`` when it is this config's; refuses to overwrite another one
+    (RL runs start from, and take their KL reference from, the model it wrote)."""
+    summary_file, stored = out / "sft_summary.json", out / "sft_config.yaml"
+    if not summary_file.is_file():
+        return None
+    summary = json.loads(summary_file.read_text())
+    if summary.get("stopped"):  # an interrupted run: _resume_from continues it
+        return None
+    diffs = stored_config_diff(SFTRunConfig, load_yaml(stored), cfg, ignore=tuple(k for k in _FREE_ON_RESUME if k != "steps")) \
+        if stored.is_file() else {"sft_config.yaml": ("missing", "present")}
+    if diffs:
+        raise ConfigError(f"{str(out)!r} holds a finished SFT model ({summary.get('steps')} steps) trained with other "
+                          f"settings ({describe_diff(diffs)}); RL runs may start from it: pick another output_dir, or "
+                          "delete that directory to train it again")
+    return summary
+
+
 def _resume_from(cfg: SFTRunConfig, out: Path) -> str | None:
     """The TRL checkpoint to continue from (None: a fresh run); refuses what it cannot honour."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -172,6 +192,10 @@ def _run_sft(cfg: SFTRunConfig, callbacks: tuple) -> dict:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.output_dir)
+    done = _finished_run(cfg, out)
+    if done is not None:
+        print(f"sft: {out} already holds this run, finished ({done['steps']} steps); nothing to do", flush=True)
+        return done
     last = _resume_from(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "sft_config.yaml")

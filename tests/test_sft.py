@@ -1,9 +1,10 @@
 """``alignreg sft``: TRL SFTTrainer on the tiny model writes a checkpoint that ``alignreg rl`` starts from."""
 import json
 
+import pytest
 import torch
 
-from alignreg.config import ModelConfig, RLConfig, TaskConfig
+from alignreg.config import ConfigError, ModelConfig, RLConfig, TaskConfig
 from alignreg.learner.lora import load_any_policy
 from alignreg.models import load_policy
 from alignreg.sft import SFTRunConfig, correction_pairs, run_sft, sft_main
@@ -26,10 +27,17 @@ def test_sft_full_and_lora_checkpoints_load_in_rl(tmp_path):
     assert sft_main([str(cfg_path)]) == 0
     summary = json.loads((out / "sft_summary.json").read_text())
     assert summary["steps"] == 30 and summary["loss_last"] < summary["loss_first"]
+    # the same command again: nothing to do; other settings: refused (it overwrote the model RL runs start from)
+    weights = (out / "model.safetensors").read_bytes()
+    assert sft_main([str(cfg_path)]) == 0
+    with pytest.raises(ConfigError, match=r"holds a finished SFT model \(30 steps\) trained with other settings \(lr "):
+        sft_main([str(cfg_path), "lr=1e-2"])
+    assert (out / "model.safetensors").read_bytes() == weights
     # RL starts from it: the trainer's model loader reads the directory (weights + tokenizer)
     rl = RLConfig(model=ModelConfig(path=str(out)), task=task)
     model, tok = load_policy(rl.model, 0)
-    fresh, _ = load_policy(ModelConfig(), 0)
+    fresh, fresh_tok = load_policy(ModelConfig(), 0)
+    assert tok("sort 3 21= x")["input_ids"] == fresh_tok("sort 3 21= x")["input_ids"]  # the saved tokenizer, spaces kept
     ids = torch.tensor([tok("sort 321=")["input_ids"]])
     assert not torch.allclose(_logits(model, ids), _logits(fresh, ids))
     from alignreg.orchestration.trainer import build_run
