@@ -746,7 +746,7 @@ class LoRAConfig:
     enabled: bool = False  # train PEFT LoRA adapters instead of all weights; engines get merged weights
     r: int = 16  # adapter rank
     alpha: float = 32.0  # LoRA scaling numerator (scale = alpha / r)
-    dropout: float = 0.0  # dropout on the adapter input
+    dropout: float = 0.0  # dropout on the adapter input; > 0 makes the loss pass stochastic, so importance ratios scatter around 1 even on-policy (pi_old comes from a pass without dropout)
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])  # module names that get adapters
 
     def validate(self, path: str) -> None:

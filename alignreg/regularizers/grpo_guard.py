@@ -31,7 +31,9 @@ of it is in the paper. ``variant``:
 
 The ``1/dt`` reweighting has no token analogue and is not ported. Statistics are detached (only
 ``log r`` carries gradient), and with ``pi_theta = pi_old`` every variant returns ``r_hat = 1``
-exactly (the log-ratios and the KL are exactly 0; standardising zeros gives zeros). Group variants
+exactly (the log-ratios and the KL are exactly 0; standardising zeros gives zeros); not with
+``lora.dropout > 0``, where the loss pass samples dropout masks and the no-grad pass for pi_old does
+not, so the ratios scatter around 1 by the dropout noise (TRL disables dropout for this). Group variants
 need whole groups inside each micro-batch: the config is refused unless the micro-batch and each
 rank's share of the mini-batch are multiples of ``rollout.group_size``.
 

@@ -15,6 +15,9 @@ Defaults: ``attempts=first``, ``clamp=0.0`` (no clamp, as in the reference loss)
 (per-sample length mean). beta1 = 0.01, beta2 = 0.1 [UNVERIFIED; BY571/SCoRe configs/math.yaml].
 Deviation: the learner averages over the 2N rows of the episode batch, not the N episodes, so the
 whole objective (PG and KL alike) is the paper's loss divided by 2; AdamW is invariant to that scale.
+That holds for the per-sequence aggregations; with ``agg: token-mean`` the divisor is the token count of
+*both* attempts (the other attempt's tokens count as zero KL), so with ``attempts: first|second`` the
+effective beta is scaled by that attempt's share of the tokens, which changes from step to step.
 """
 from __future__ import annotations
 
