@@ -117,6 +117,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
     if origin in (list, tuple):
+        if isinstance(value, dict) and value and all(str(k).isdigit() for k in value):  # path.0=x on a list not in the file
+            raise ConfigError(f"{path}: indexed override of a list the config file does not set; give the whole "
+                              f"list, e.g. {path.removeprefix('config.')}=[...]")
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{path}: expected a list, got {value!r}")
         (inner,) = typing.get_args(tp)[:1]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -80,7 +81,9 @@ def truncate_jsonl(path: str | Path, step: int) -> None:
         import shutil
 
         shutil.copyfile(path, path.with_name(path.name + ".before_resume"))
-    path.write_text("".join(line + "\n" for line, row in rows if row.get("step", -1) <= step))
+    tmp = path.with_name(path.name + ".tmp")  # a kill mid-write must not lose the rows before the checkpoint
+    tmp.write_text("".join(line + "\n" for line, row in rows if row.get("step", -1) <= step))
+    os.replace(tmp, path)
 
 
 def plot_curves(metrics_path: str | Path, out_png: str | Path, keys: list[tuple[str, str]]) -> Optional[Path]:

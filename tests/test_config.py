@@ -256,3 +256,5 @@ def test_empty_output_directories_and_bad_lora_or_score_values_are_refused():
     for key in ("trainer.run_dir=", "lora.alpha=-1", "lora.dropout=1.0", "score.second_max_new_tokens=-5"):
         with pytest.raises(ConfigError, match=key.split("=")[0].replace(".", r"\.")):
             load_config(RLConfig, None, [key])
+    with pytest.raises(ConfigError, match=r"learner.betas: indexed override of a list .* learner.betas=\[...\]"):
+        load_config(RLConfig, None, ["learner.betas.0=0.5"])
