@@ -21,11 +21,31 @@ from alignreg.rewards.math import (VerifierPool, batch_rewards, configure, extra
     ("The answer is 17.", "17"),
     ("The answer is 3.5.", "3.5"),  # a decimal point does not end the answer, a period does
     ("the answer is $2.5$.", "2.5"),
-    ("So the answer is 1.5 hours.\nCheck: 3/2 = 1.5", "1.5 hours"),
+    ("So the answer is 1.5 hours.\nCheck: 3/2 = 1.5", "1.5"),  # a leading number followed by words: the number
     ("The answer is 42\nbecause 6 * 7 = 42", "42"),
     ("\\boxed 5 or rather \\boxed 7", "7"),  # the last one, as with braces
     ("no final answer here", None),
     ("unbalanced \\boxed{3", None),
+    # units, markdown emphasis and headings around a stated answer
+    ("...\n#### 72 dollars", "72"),
+    ("...\n#### **72**", "72"),
+    ("...\n#### 72 (dollars)", "72"),
+    ("#### 72 cookies.", "72"),
+    ("#### $1,234.50", "1234.50"),
+    ("#### -5 degrees", "-5"),
+    ("#### 3/4", "3/4"),  # not a leading number followed by words: the whole line
+    ("#### 72%", "72%"),
+    ("#### (1, 2)", "(1, 2)"),  # commas only go inside numbers
+    ("#### 1, 2", "1, 2"),
+    ("#### Step 3: Total\n4 + 68 = 72. The answer is 72.", "72"),  # a markdown heading is no answer line
+    ("#### 3. Total\nThe answer is 9.", "9"),
+    ("#### \n(no answer)", None),
+    ("The answer is 12 dollars.", "12"),
+    ("The answer is **12**.", "12"),
+    ("The answer is 3/4.", "3/4"),
+    # an empty box (the instruction quoted back) is skipped
+    ("Thus the result is \\boxed{5}. As instructed, the final answer goes within \\boxed{}.", "5"),
+    ("\\boxed{}", None),
 ])
 def test_extract_answer(text, expected):
     assert extract_answer(text) == expected
@@ -36,6 +56,8 @@ def test_gold_and_format_helpers():
     assert gold_answer("She has 5 + 3 = 8 apples.\n#### 8") == "8"
     assert gsm8k_answer("x #### 3.") == "3" and last_boxed("\\boxed{{a}}") == "{a}"
     assert has_format("\\boxed{1}") and has_format("#### 2") and not has_format("2")
+    for text in ("\\boxed{}", "I don't know. \\boxed{ }", "#### \n(no answer)", "#### Step 3: Total"):
+        assert not has_format(text), text  # no answer stated: no format bonus
 
 
 # (response, gold, correct?) in the styles of MATH / GSM8K solutions and Qwen2.5-Math outputs
@@ -57,6 +79,16 @@ CASES = [
     ("\\boxed{50\\%}", "50", True),
     ("\\boxed{x = 5}", "5", True),
     ("", "5", False),
+    ("Natalia sold 24 clips in May.\n#### 72 dollars", "72", True),
+    ("#### **72**", "72", True),
+    ("#### 72 (dollars)", "72", True),
+    ("#### 72 cookies", "72", True),
+    ("#### Step 3: Total\n4 + 68 = 72. The answer is 72.", "72", True),
+    ("The answer is 12 dollars.", "12", True),
+    ("The answer is **12**.", "12", True),
+    ("#### 1, 2", "12", False),
+    ("#### (1, 2)", "(1, 2)", True),
+    ("Thus the result is \\boxed{5}. As instructed, the final answer goes within \\boxed{}.", "5", True),
 ]
 
 
@@ -68,6 +100,8 @@ def test_verify_real_style_answers():
     fn = REWARDS.get("math_verify")
     assert fn(CASES[0][0], {"answer": CASES[0][1]}) == 1.0 and fn("\\boxed{3}", {"answer": "4"}) == 0.0
     assert batch_rewards("math_verify_format", ["\\boxed{3}", "3", "\\boxed{4}"], [{"answer": "4"}] * 3) == [0.1, 0.0, 1.0]
+    assert batch_rewards("math_verify_format", ["\\boxed{}", "I don't know. \\boxed{}", "#### \n(no answer)"],
+                         [{"answer": "4"}] * 3) == [0.0, 0.0, 0.0]
     assert batch_rewards("exact_match", ["4"], [{"answer": "4"}]) == [1.0]  # non-math rewards pass through
 
 

@@ -5,12 +5,16 @@ Rewards (``task.reward``):
 * ``math_verify``        1.0 when the response's final answer is mathematically equivalent to the
                          record's ``answer`` (a LaTeX / plain string, e.g. ``"\\frac{1}{2}"``, ``"72"``), else 0.
 * ``math_verify_format`` same, plus ``format_score`` (default 0.1) for a wrong answer that is in the
-                         expected format (a ``\\boxed{}`` or a GSM8K ``#### x`` line).
+                         expected format (a non-empty ``\\boxed{}`` or a GSM8K ``#### x`` line).
 
-Extraction (:func:`extract_answer`): the last ``\\boxed{...}`` / ``\\fbox{...}`` (balanced braces),
-else the text after the last ``####`` (GSM8K), else "the answer is X", else math-verify's own
-extraction (last LaTeX / numeric expression). Equivalence is math-verify's ``verify`` (sympy; numbers
-compared after rounding to 6 decimals, sets, intervals, equations).
+Extraction (:func:`extract_answer`): the last non-empty ``\\boxed{...}`` / ``\\fbox{...}`` (balanced
+braces; an empty ``\\boxed{}`` is skipped), else the line after the last ``####`` (GSM8K) if it holds a
+digit and is not a markdown heading (``#### Step 3: Total``), else "the answer is X", else
+math-verify's own extraction (last LaTeX / numeric expression). A ``####`` / "answer is" answer loses
+markdown emphasis (``**72**``) and, when it opens with a number followed only by words, a parenthesis
+or a period, everything after the number (``72 dollars``, ``72 (dollars)`` -> ``72``); commas are
+removed only inside numbers (``1,234`` -> ``1234``; ``(1, 2)`` stays). Equivalence is math-verify's
+``verify`` (sympy; numbers compared after rounding to 6 decimals, sets, intervals, equations).
 
 Why a worker pool: sympy can take unbounded time (``10^{10^{10^{10}}}``, 10^5 nested braces) and
 math-verify's own timeout uses ``signal.alarm``, which only works in a main thread and cannot
@@ -36,11 +40,18 @@ from alignreg.rewards.base import REWARDS
 # ------------------------------------------------------------------------------------------------
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _ANSWER_IS = re.compile(r"answer is[:\s]*\$?([^\n$]+?)\$?\s*(?:\.(?!\d)|$)", re.I | re.M)  # a period ends it, a decimal point does not
+_NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"  # 1,234.5: commas only as thousands separators
+# a number that opens the answer and is followed only by words / a parenthesis / a final period:
+# "72 dollars", "72 (dollars)", "$1,234.", but not "3/4", "12\pi", "72%" or "1, 2"
+_LEADING_NUMBER = re.compile(rf"\\?\$?\s*({_NUMBER})\s*\$?(?=\s*\.?\s*$|\s+[A-Za-z]{{2,}}|\s+\()")
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_HEADING = re.compile(r"[A-Z][a-z]+\b|\d+\.\s+[A-Za-z]")  # "#### Step 3: Total", "#### 3. Total": markdown headings
 
 
 def last_boxed(text: str) -> Optional[str]:
-    """Content of the last ``\\boxed{...}`` with balanced braces (``None`` if none or unbalanced).
+    """Content of the last non-empty ``\\boxed{...}`` with balanced braces (``None`` if none).
 
+    Empty boxes (``\\boxed{}``, as in "put your final answer within \\boxed{}") are skipped.
     One pass matches every brace pair, so the cost is linear even for ``"\\boxed{" * 10**5``.
     """
     starts = [m.end() for m in _BOXED.finditer(text)]
@@ -53,18 +64,32 @@ def last_boxed(text: str) -> Optional[str]:
                 close[stack.pop()] = i
         for start in reversed(starts):  # start = index after "{"
             end = close.get(start - 1)
-            if end is not None:
+            if end is not None and text[start:end].strip():
                 return text[start:end].strip()
     m = list(re.finditer(r"\\boxed ([^\s$]+)", text))  # "\boxed 5" (no braces): the last one, as with braces
     return m[-1].group(1) if m else None
 
 
+def final_value(s: str) -> str:
+    """A stated answer without markdown emphasis, units or thousands separators: ``"**1,234** dollars."``
+    -> ``"1234"``. A leading number followed only by words is the answer; anything else is kept whole."""
+    s = s.replace("*", "").strip()
+    m = _LEADING_NUMBER.match(s)
+    if m:
+        return m.group(1).replace(",", "")
+    return _THOUSANDS.sub("", s).strip().rstrip(".").strip()
+
+
 def gsm8k_answer(text: str) -> Optional[str]:
-    """Text after the last ``####`` (GSM8K), without thousands separators."""
+    """The answer on the line after the last ``####`` (GSM8K), see :func:`final_value`; ``None`` when
+    there is none or the line holds no digit (and no ``\\boxed``) or is a markdown heading (``#### Step 3``)."""
     if "####" not in text:
         return None
     tail = text.rsplit("####", 1)[1].strip().splitlines()
-    return tail[0].replace(",", "").strip().rstrip(".") if tail else None
+    line = tail[0].replace("*", "").strip() if tail else ""
+    if not re.search(r"\d|\\boxed", line) or (_HEADING.match(line) and not _LEADING_NUMBER.match(line)):
+        return None
+    return final_value(line) or None
 
 
 def extract_answer(text: str) -> Optional[str]:
@@ -74,11 +99,12 @@ def extract_answer(text: str) -> Optional[str]:
         if ans:
             return ans
     m = list(_ANSWER_IS.finditer(text[-2000:]))  # a stated answer sits at the end; bounded regex work
-    return m[-1].group(1).strip() if m else None
+    return (final_value(m[-1].group(1)) or None) if m else None
 
 
 def has_format(text: str) -> bool:
-    return last_boxed(text) is not None or gsm8k_answer(text) is not None
+    """The response states an answer as a non-empty ``\\boxed{}`` or a GSM8K ``####`` line."""
+    return bool(last_boxed(text) or gsm8k_answer(text))
 
 
 def gold_answer(solution: str) -> str:
