@@ -715,10 +715,15 @@ class DataSource:
 class MathDataConfig:
     sources: list[DataSource] = field(default_factory=list)  # training mixture for task.name gsm8k|math|math_mixture (empty: task.path in task.name's format)
     eval_path: str = ""  # held-out file (same format as the first source); "" = hold out task.eval_size records of the mixture
-    template: str = "boxed"  # prompt template: "boxed" | "gsm8k" | "plain" | a format string with {question}
+    template: str = "boxed"  # prompt template: "boxed" | "gsm8k" | "plain" | a string with {question} (replaced by the question; other braces, e.g. \boxed{}, are kept as written)
     chat_template: bool = False  # render the prompt with the tokenizer's chat template (one user turn + generation prompt)
     system_prompt: str = ""  # chat template only: optional system message
     max_prompt_tokens: int = 0  # drop prompts longer than this many tokens after templating (0 = keep all)
+
+    def validate(self, path: str) -> None:
+        _check(self.template in ("boxed", "gsm8k", "plain") or "{question}" in self.template,
+               f"{path}.template: {self.template!r} is neither boxed, gsm8k nor plain, and has no {{question}} "
+               "placeholder for the question; add {question} where the question goes")
 
 
 @dataclass

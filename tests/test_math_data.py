@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from alignreg.config import ConfigError, DataSource, MathDataConfig, RLConfig, TaskConfig, load_config
+from alignreg.config import ConfigError, DataSource, MathDataConfig, RLConfig, TaskConfig, from_dict, load_config
 from alignreg.data import TASKS, prompt_dataset
 from alignreg.data.math import build_math_dataset, math_prompt_dataset, mix, read_records, render_prompt
 from alignreg.models import build_tokenizer
@@ -63,8 +63,22 @@ def test_templates_and_chat_template():
     chat = render_prompt("1+1?", MathDataConfig(template="plain", chat_template=True, system_prompt="Be brief."), tok)
     assert chat == tok.apply_chat_template([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "1+1?"}],
                                            tokenize=False, add_generation_prompt=True)
-    with pytest.raises(ConfigError, match="format string"):
+    with pytest.raises(ConfigError, match="string with"):
         render_prompt("x", MathDataConfig(template="no placeholder"))
+    # braces other than {question} are kept as written (the canonical Qwen2.5-Math instruction)
+    qwen = "{question}\nPlease reason step by step, and put your final answer within \\boxed{}."
+    assert render_prompt("1+1?", MathDataConfig(template=qwen)) == "1+1?\nPlease reason step by step, and put your final answer within \\boxed{}."
+    assert render_prompt("1+1?", MathDataConfig()) == render_prompt("1+1?", MathDataConfig(template=qwen))  # the built-in boxed
+    assert render_prompt("What is {x}?", MathDataConfig(template="Q: {question}")) == "Q: What is {x}?"
+    with pytest.raises(ConfigError, match="math_data.template: 'Solve {q}' .*add {question}"):  # refused at config time
+        from_dict(RLConfig, {"math_data": {"template": "Solve {q}"}})
+    assert from_dict(RLConfig, {"math_data": {"template": qwen}}).math_data.template == qwen
+    from alignreg.orchestration.score import second_prompt_ids  # SCoRe's second turn repeats the first prompt
+
+    data = MathDataConfig(template=qwen, chat_template=True)
+    ids = second_prompt_ids(tok, {"question": "1+1?"}, [], [], "2", " check:", data)
+    first = tok(render_prompt("1+1?", data, tok), add_special_tokens=False)["input_ids"]
+    assert ids[: len(first)] == first
     from alignreg.models import encode_prompts
 
     assert chat.startswith(tok.bos_token)  # the template writes BOS: encoding must not add a second one

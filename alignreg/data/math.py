@@ -13,8 +13,9 @@ data_files=...)`` (local files only; nothing is downloaded). Each record becomes
 ``\\frac{1}{2}``) that the ``math_verify`` reward checks against.
 
 Templates: ``boxed`` (Qwen2.5-Math style: "Please reason step by step, and put your final answer
-within \\boxed{}."), ``gsm8k`` (answer after ``####``), ``plain`` (the question), or any format
-string with ``{question}``. With ``chat_template: true`` the templated question is one user turn
+within \\boxed{}."), ``gsm8k`` (answer after ``####``), ``plain`` (the question), or any string
+with ``{question}``, which is replaced by the question (nothing else is substituted: braces such as
+``\\boxed{}`` are written as they are, not escaped as ``{{}}``). With ``chat_template: true`` the templated question is one user turn
 rendered by the tokenizer's chat template with the generation prompt. ``max_prompt_tokens`` drops
 longer prompts (counted after templating, with the tokenizer's special tokens).
 
@@ -35,7 +36,7 @@ from alignreg.rewards.math import gold_answer
 import alignreg.rewards.math  # noqa: F401  (registers the math_verify rewards)
 
 TEMPLATES = {
-    "boxed": "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}.",
+    "boxed": "{question}\nPlease reason step by step, and put your final answer within \\boxed{}.",
     "gsm8k": "{question}\nSolve step by step and give the final answer after '####'.",
     "plain": "{question}",
 }
@@ -75,11 +76,17 @@ def load_source(src: DataSource) -> list[dict]:
     return recs[: src.max_records] if src.max_records > 0 else recs
 
 
+def apply_template(question: str, template: str) -> str:
+    """``template`` (a name in :data:`TEMPLATES` or a string) with ``{question}`` replaced by the question;
+    every other character, braces included (``\\boxed{}``), is kept as written."""
+    text = TEMPLATES.get(template, template)
+    if "{question}" not in text:
+        raise ConfigError(f"math_data.template: {template!r} is neither one of {sorted(TEMPLATES)} nor a string with {{question}}")
+    return text.replace("{question}", question)
+
+
 def render_prompt(question: str, cfg: MathDataConfig, tokenizer=None) -> str:
-    template = TEMPLATES.get(cfg.template, cfg.template)
-    if "{question}" not in template:
-        raise ConfigError(f"math_data.template: {cfg.template!r} is neither one of {sorted(TEMPLATES)} nor a format string with {{question}}")
-    text = template.format(question=question)
+    text = apply_template(question, cfg.template)
     if not cfg.chat_template:
         return text
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):

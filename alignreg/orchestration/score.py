@@ -79,9 +79,9 @@ def second_prompt_ids(tokenizer, record: dict, x1_ids: list[int], y1_ids: list[i
     ``user: x1, assistant: y1, user: p_sc`` rendered by the tokenizer's chat template.
     """
     if data is not None and data.chat_template and "question" in record:
-        from alignreg.data.math import TEMPLATES
+        from alignreg.data.math import apply_template
 
-        q = TEMPLATES.get(data.template, data.template).format(question=record["question"])
+        q = apply_template(record["question"], data.template)
         msgs = ([{"role": "system", "content": data.system_prompt}] if data.system_prompt else []) + [
             {"role": "user", "content": q}, {"role": "assistant", "content": y1_text},
             {"role": "user", "content": instruction}]
