@@ -733,6 +733,12 @@ class MathRewardConfig:
     max_chars: int = 4096  # only the last max_chars characters of a response are parsed (bounded work for huge outputs)
     format_score: float = 0.1  # math_verify_format reward: score of a wrong answer in the expected format
 
+    def validate(self, path: str) -> None:
+        _check(self.timeout_s > 0, f"{path}.timeout_s must be > 0 (seconds per answer check), got {self.timeout_s!r}")
+        _at_least(self, path, 1, "num_workers", "max_chars")
+        _check(0 <= self.format_score < 1, f"{path}.format_score must be in [0, 1) (a correct answer scores 1), "
+                                           f"got {self.format_score!r}")
+
 
 @dataclass
 class ScoreConfig:

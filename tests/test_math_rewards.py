@@ -180,3 +180,18 @@ def test_huge_output_is_truncated_to_max_chars():
         assert time.monotonic() - t0 < 10
     finally:
         configure(max_chars=4096)
+
+
+@pytest.mark.parametrize("override,msg", [
+    ("math_reward.timeout_s=0", "timeout_s must be > 0"),
+    ("math_reward.num_workers=0", "num_workers must be >= 1"),
+    ("math_reward.max_chars=0", "max_chars must be >= 1"),
+    ("math_reward.max_chars=-5", "max_chars must be >= 1"),
+    ("math_reward.format_score=1.0", "format_score must be in"),
+    ("math_reward.format_score=-0.1", "format_score must be in"),
+])
+def test_math_reward_settings_are_validated(override, msg):
+    from alignreg.config import ConfigError, RLConfig, load_config
+
+    with pytest.raises(ConfigError, match=f"math_reward.{msg}"):
+        load_config(RLConfig, None, [override])
