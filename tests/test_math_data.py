@@ -40,6 +40,16 @@ def test_read_real_formats(files):
     assert read_records(m)[0]["solution"] == MATH[0]["solution"]
     with pytest.raises(ConfigError, match="not a .jsonl"):
         read_records(g.parent / "missing.jsonl")
+    import datasets
+
+    saved = g.parent / "gsm8k_saved"  # Dataset.save_to_disk: state.json, dataset_info.json, *.arrow
+    datasets.Dataset.from_list(GSM8K).save_to_disk(str(saved))
+    assert read_records(saved) == GSM8K
+    train, held = prompt_dataset(TaskConfig(name="gsm8k", path=str(saved), eval_size=5))
+    assert len(train) + len(held) == len(GSM8K)
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(GSM8K)}).save_to_disk(str(g.parent / "dd"))
+    with pytest.raises(ConfigError, match="saved DatasetDict; point to one split's directory .*dd/train"):
+        read_records(g.parent / "dd")
 
 
 def test_gsm8k_and_math_tasks_extract_gold(files):

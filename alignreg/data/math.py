@@ -7,8 +7,10 @@ Formats (``math_data.sources[i].format``), as in the public releases:
              (hendrycks MATH, MATH-500); a record with an ``answer`` field uses it as the gold
 * ``prompt_answer``  ``{"prompt": str, "answer": str}``
 
-Files are ``.jsonl`` / ``.json`` / ``.parquet`` read with ``datasets.load_dataset(<builder>,
-data_files=...)`` (local files only; nothing is downloaded). Each record becomes ``{"prompt",
+Files are ``.jsonl`` / ``.json`` / ``.parquet`` (or a directory of files of one kind) read with
+``datasets.load_dataset(<builder>, data_files=...)``, or a ``Dataset.save_to_disk`` directory
+(``state.json`` + ``*.arrow``; of a saved ``DatasetDict``, one split's directory) read with
+``datasets.load_from_disk`` (local files only; nothing is downloaded). Each record becomes ``{"prompt",
 "answer", "question", "source"}`` where ``answer`` is the extracted gold answer (``72``,
 ``\\frac{1}{2}``) that the ``math_verify`` reward checks against.
 
@@ -44,8 +46,17 @@ _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 def read_records(path: str | Path) -> list[dict]:
-    """Rows of a local jsonl / json / parquet file (or a directory of them) via ``datasets``."""
+    """Rows of a local jsonl / json / parquet file (or a directory of them) via ``datasets``, or of a
+    ``Dataset.save_to_disk`` directory (``state.json`` + ``*.arrow``) via ``datasets.load_from_disk``."""
     path = Path(path)
+    if path.is_dir() and (path / "dataset_dict.json").is_file():
+        splits = sorted(p.name for p in path.iterdir() if (p / "state.json").is_file())
+        raise ConfigError(f"math_data: {str(path)!r} is a saved DatasetDict; point to one split's directory "
+                          f"({', '.join(str(path / s) for s in splits) or 'none found'})")
+    if path.is_dir() and (path / "state.json").is_file() and any(path.glob("*.arrow")):
+        import datasets
+
+        return [dict(r) for r in datasets.load_from_disk(str(path))]
     files = sorted(p for p in path.iterdir() if p.suffix in _BUILDERS) if path.is_dir() else [path]
     if not files or not all(f.is_file() for f in files):
         raise ConfigError(f"math_data: {str(path)!r} is not a .jsonl/.json/.parquet file or a directory of them")
