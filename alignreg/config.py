@@ -407,14 +407,19 @@ class TaskConfig:
     operators: str = "+"  # arithmetic: operator characters to draw from, e.g. "+-"
     min_length: int = 3  # sequence tasks (reverse, sort): fewest digits in a prompt
     max_length: int = 5  # sequence tasks (reverse, sort): most digits in a prompt
-    train_size: int = 4096  # number of training prompts generated (synthetic tasks)
+    train_size: int = 0  # training prompts: synthetic tasks generate this many (0 = 4096); file tasks (jsonl, gsm8k, math, math_mixture) train on at most this many records (0 = all left after the eval split)
     eval_size: int = 64  # number of held-out evaluation prompts
     seed: int = 1234  # seed of the prompt generator (held-out split uses a disjoint stream)
     path: str = ""  # jsonl task: file with {"prompt", "answer"} records
 
+    def generated_train_size(self) -> int:
+        """Training prompts a synthetic task generates: ``train_size``, or 4096 when it is 0."""
+        return self.train_size or 4096
+
     def validate(self, path: str) -> None:
         _check(self.num_operands >= 1, f"{path}.num_operands must be >= 1")
-        _check(self.train_size > 0 and self.eval_size > 0, f"{path}.train_size/eval_size must be > 0")
+        _check(self.train_size >= 0, f"{path}.train_size must be >= 0 (0: all records of a file, 4096 generated prompts)")
+        _check(self.eval_size > 0, f"{path}.eval_size must be > 0")
         _at_least(self, path, 0, "max_operand")
         _at_least(self, path, 1, "min_length")
         _check(self.max_length >= self.min_length, f"{path}.max_length ({self.max_length}) must be >= min_length "

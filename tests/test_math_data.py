@@ -130,3 +130,46 @@ def test_eval_path_and_errors(files, tmp_path):
     with pytest.raises(ConfigError, match="task.path is empty"):
         build_math_dataset(TaskConfig(name="gsm8k", eval_size=1), MathDataConfig())
     assert mix([[1, 2, 3], [4, 5]], [1.0, 1.0], 4, 0).__len__() == 4
+
+
+def test_file_tasks_train_on_every_record_unless_capped(tmp_path, capsys):
+    """task.train_size 0 (the default): a file task trains on all its records (a 7500-record MATH file used to
+    train on 4096 silently); synthetic tasks still generate 4096; the split is printed at start-up."""
+    n = 4200
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(n)]
+    j = tmp_path / "big.jsonl"
+    j.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    train, held = prompt_dataset(TaskConfig(name="jsonl", path=str(j), eval_size=10))
+    assert (len(train), len(held)) == (n - 10, 10)
+    assert f"task jsonl: {n - 10} train / 10 eval prompts (of {n} records in {j})" in capsys.readouterr().err
+    train, _ = prompt_dataset(TaskConfig(name="jsonl", path=str(j), eval_size=10, train_size=100))
+    assert len(train) == 100 and "task.train_size=100 caps the train set" in capsys.readouterr().err
+    g = tmp_path / "big_gsm8k.jsonl"
+    g.write_text("\n".join(json.dumps({"question": r["prompt"], "answer": f"#### {r['answer']}"}) for r in rows) + "\n")
+    train, held = TASKS.get("gsm8k")(TaskConfig(name="gsm8k", path=str(g), eval_size=10))
+    assert (len(train), len(held)) == (n - 10, 10)
+    assert f"task gsm8k: {n - 10} train / 10 eval prompts (of {n} records in {g})" in capsys.readouterr().err
+    train, _ = prompt_dataset(TaskConfig(name="arithmetic", max_operand=99, eval_size=10))
+    assert len(train) == 4096
+    with pytest.raises(ConfigError, match="train_size must be >= 0"):
+        from_dict(TaskConfig, {"train_size": -1})
+
+
+def test_resume_of_a_run_saved_with_the_old_train_size_default(tmp_path):
+    """Runs written before train_size defaulted to 0 stored train_size: 4096; a synthetic task generates the
+    same prompts for both, so their resume is not refused; a file task's would change its data, so it is."""
+    import yaml
+
+    from alignreg.config import to_dict
+    from alignreg.orchestration.trainer import check_resume_config
+
+    for name, refused in (("sort", False), ("jsonl", True)):
+        cfg = load_config(RLConfig, None, [f"task.name={name}", "trainer.steps=10"])
+        ckpt = tmp_path / name / "checkpoints" / "step_00000005"
+        ckpt.mkdir(parents=True)
+        (ckpt / "config.yaml").write_text(yaml.safe_dump({**to_dict(cfg), "task": {**to_dict(cfg.task), "train_size": 4096}}))
+        if refused:
+            with pytest.raises(ConfigError, match="task.train_size 4096 -> 0"):
+                check_resume_config(cfg, ckpt)
+        else:
+            assert check_resume_config(cfg, ckpt) == []

@@ -46,13 +46,24 @@ def load_jsonl(path: str | Path) -> list[dict]:
 
 def _jsonl_dataset(cfg: TaskConfig) -> tuple[list[dict], list[dict]]:
     """Seeded shuffle of the file; the first ``eval_size`` records are held out, and the rest
-    (at most ``train_size``) train. Duplicate prompts in the file are the file's business."""
+    (all, or at most ``train_size`` when it is > 0) train. Duplicate prompts in the file are the file's business."""
     records = load_jsonl(cfg.path)
     if len(records) <= cfg.eval_size:
         raise ConfigError(f"task.path: {cfg.path} has {len(records)} records, not more than "
                           f"task.eval_size={cfg.eval_size}; lower eval_size or add records")
     random.Random(cfg.seed).shuffle(records)
-    return records[cfg.eval_size:][: cfg.train_size], records[: cfg.eval_size]
+    train, held = records[cfg.eval_size:][: cfg.train_size or None], records[: cfg.eval_size]
+    log_split(cfg, len(train), len(held), len(records), cfg.path, 0 < cfg.train_size < len(records) - cfg.eval_size)
+    return train, held
+
+
+def log_split(cfg: TaskConfig, n_train: int, n_eval: int, n_records: int, where: str, capped: bool) -> None:
+    """One start-up line (stderr) for a file task: how many of the file's records train and evaluate."""
+    import sys
+
+    cap = f"; task.train_size={cfg.train_size} caps the train set (0: all)" if capped else ""
+    print(f"task {cfg.name}: {n_train} train / {n_eval} eval prompts (of {n_records} records in {where}){cap}",
+          file=sys.stderr, flush=True)
 
 
 def prompt_dataset(cfg: TaskConfig) -> tuple[list[dict], list[dict]]:

@@ -21,8 +21,9 @@ with ``{question}``, which is replaced by the question (nothing else is substitu
 rendered by the tokenizer's chat template with the generation prompt. ``max_prompt_tokens`` drops
 longer prompts (counted after templating, with the tokenizer's special tokens).
 
-Mixtures: the training set draws ``weight_i / sum(weights)`` of its records from source ``i``
-(without replacement, capped at the source's size; seeded). Tasks ``gsm8k`` / ``math`` (one file at
+Mixtures: the training set (``task.train_size`` records, 0 = all left after the eval split) draws
+``weight_i / sum(weights)`` of its records from source ``i`` (without replacement, capped at the
+source's size; seeded). Tasks ``gsm8k`` / ``math`` (one file at
 ``task.path``) and ``math_mixture`` (``math_data.sources``) are registered in :data:`TASKS`; the
 tokenizer-aware path (chat template, length filter) is :func:`math_prompt_dataset`.
 """
@@ -145,7 +146,8 @@ def build_math_dataset(task: TaskConfig, data: MathDataConfig, tokenizer=None) -
         n_eval = [round(task.eval_size * s.weight / sum(x.weight for x in srcs)) for s in srcs]
         held = [rec for r, n in zip(pool, n_eval) for rec in r[:n]]
         pool = [r[n:] for r, n in zip(pool, n_eval)]
-    train = mix(pool, [s.weight for s in srcs], min(task.train_size, sum(len(r) for r in pool)), task.seed)
+    available = sum(len(r) for r in pool)
+    train = mix(pool, [s.weight for s in srcs], min(task.train_size, available) if task.train_size > 0 else available, task.seed)
 
     def finish(recs: list[dict]) -> list[dict]:
         out = [dict(r, prompt=render_prompt(r["question"], data, tokenizer)) for r in recs]
@@ -158,6 +160,10 @@ def build_math_dataset(task: TaskConfig, data: MathDataConfig, tokenizer=None) -
         return out
 
     train, held = finish(train), finish(held)
+    from alignreg.data import log_split
+
+    where = ", ".join(s.path for s in srcs) + (f"; eval from {data.eval_path}" if data.eval_path else "")
+    log_split(task, len(train), len(held), sum(len(r) for r in loaded), where, 0 < task.train_size < available)
     if not train or not held:
         raise ConfigError(f"task {task.name!r}: {len(train)} train / {len(held)} eval prompts left after loading and "
                           "filtering; check the files, task.eval_size and math_data.max_prompt_tokens")

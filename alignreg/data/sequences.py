@@ -22,7 +22,7 @@ def _digit_strings(cfg: TaskConfig) -> tuple[list[str], list[str]]:
             i -= size
         raise IndexError(i)
 
-    train_idx, eval_idx = split_problem_space(sum(sizes), cfg.eval_size, cfg.train_size, cfg.seed)
+    train_idx, eval_idx = split_problem_space(sum(sizes), cfg.eval_size, cfg.generated_train_size(), cfg.seed)
     return [decode(i) for i in train_idx], [decode(i) for i in eval_idx]
 
 

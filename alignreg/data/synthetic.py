@@ -104,5 +104,5 @@ def arithmetic(cfg: TaskConfig) -> tuple[list[dict], list[dict]]:
         text = "".join(f"{a}{op}" for a, op in zip(operands, chosen)) + f"{operands[-1]}="
         return {"prompt": text, "answer": str(_evaluate(operands, chosen))}
 
-    train_idx, eval_idx = split_problem_space(num_problems, cfg.eval_size, cfg.train_size, cfg.seed)
+    train_idx, eval_idx = split_problem_space(num_problems, cfg.eval_size, cfg.generated_train_size(), cfg.seed)
     return [record(i) for i in train_idx], [record(i) for i in eval_idx]

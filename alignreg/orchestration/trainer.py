@@ -110,6 +110,10 @@ def check_resume_config(cfg: RLConfig, ckpt: Path) -> list[tuple[str, Any, Any]]
     if not path.is_file():
         return []
     diffs = stored_config_diff(RLConfig, load_yaml(path), cfg, ignore=_IGNORED_ON_RESUME)
+    from alignreg.data.math import MATH_TASKS
+
+    if cfg.task.name not in ("jsonl", *MATH_TASKS):  # a synthetic task generates 4096 prompts for train_size 0 or 4096
+        diffs = [d for d in diffs if not (d[0] == "task.train_size" and (d[1] or 4096) == (d[2] or 4096))]
     fixed = [d for d in diffs if d[0].startswith(_FIXED_ON_RESUME)]
     if fixed:
         raise ConfigError(f"trainer.run_dir {cfg.trainer.run_dir!r}: the run to resume ({ckpt}) was set up "
