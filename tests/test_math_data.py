@@ -173,3 +173,22 @@ def test_resume_of_a_run_saved_with_the_old_train_size_default(tmp_path):
                 check_resume_config(cfg, ckpt)
         else:
             assert check_resume_config(cfg, ckpt) == []
+
+
+def test_prompts_too_long_for_the_context_are_refused_at_start_up(tmp_path):
+    """A prompt + rollout.max_new_tokens beyond the model's positions (tiny-qwen2: 128) is a one-line error before
+    the run starts (vLLM refused it mid-run, HF ran past its position table)."""
+    from alignreg.data import check_prompt_lengths
+    from alignreg.orchestration.trainer import build_run
+
+    tok = build_tokenizer()
+    j = tmp_path / "long.jsonl"
+    j.write_text("\n".join(json.dumps({"prompt": "1+" * (10 + i) + "1=", "answer": "x"}) for i in range(50)) + "\n")
+    longest = max(len(tok("1+" * (10 + i) + "1=")["input_ids"]) for i in range(50))
+    check_prompt_lengths([{"prompt": "1+" * 59 + "1="}], tok, 8, longest + 8, "limit")  # fits exactly
+    base = [f"task.name=jsonl", f"task.path={j}", "task.eval_size=5", f"trainer.run_dir={tmp_path / 'run'}"]
+    with pytest.raises(ConfigError, match=rf"the longest prompt has {longest} tokens, and {longest} \+ rollout.max_new_tokens "
+                                          rf"\(64\) > 128 \(the model's max_position_embeddings\); .*math_data.max_prompt_tokens"):
+        build_run(load_config(RLConfig, None, base + ["rollout.max_new_tokens=64"]), ckpt=None)
+    with pytest.raises(ConfigError, match=r"> 100 \(vllm.max_model_len\)"):
+        check_prompt_lengths([{"prompt": "1+" * 59 + "1="}], tok, 8, 100, "vllm.max_model_len")

@@ -150,6 +150,14 @@ def build_run(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = 
 
     configure_math_rewards(**vars(cfg.math_reward))
     train_records, eval_records = math_prompt_dataset(cfg, tokenizer) or prompt_dataset(cfg.task)
+    from alignreg.data import check_prompt_lengths
+
+    if cfg.rollout.engine == "vllm" and cfg.vllm.max_model_len > 0:
+        limit, where = cfg.vllm.max_model_len, "vllm.max_model_len"
+    else:
+        limit, where = getattr(model.config, "max_position_embeddings", None), "the model's max_position_embeddings"
+    if limit:
+        check_prompt_lengths(train_records + eval_records, tokenizer, cfg.rollout.max_new_tokens, limit, where)
     if ckpt is not None and not (init_dir / "config.json").is_file():
         if cfg.warm_start.steps > 0:  # a warm start is not re-run behind the user's back: it is the KL reference
             raise RunError(f"cannot resume from {ckpt}: {init_dir} (the warm-started starting policy, the reference "
