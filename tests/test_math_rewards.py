@@ -38,6 +38,8 @@ from alignreg.rewards.math import (VerifierPool, batch_rewards, configure, extra
     ("#### (1, 2)", "(1, 2)"),  # commas only go inside numbers
     ("#### 1, 2", "1, 2"),
     ("#### Step 3: Total\n4 + 68 = 72. The answer is 72.", "72"),  # a markdown heading is no answer line
+    ("#### Answer: 72", "72"),  # an answer label on the #### line
+    ("#### Final answer: 1,234 apples", "1234"),
     ("#### 3. Total\nThe answer is 9.", "9"),
     ("#### \n(no answer)", None),
     ("The answer is 12 dollars.", "12"),

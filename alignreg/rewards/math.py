@@ -9,7 +9,7 @@ Rewards (``task.reward``):
 
 Extraction (:func:`extract_answer`): the last non-empty ``\\boxed{...}`` / ``\\fbox{...}`` (balanced
 braces; an empty ``\\boxed{}`` is skipped), else the line after the last ``####`` (GSM8K) if it holds a
-digit and is not a markdown heading (``#### Step 3: Total``), else "the answer is X", else
+digit and is not a markdown heading (``#### Step 3: Total``; an ``Answer:`` label is dropped), else "the answer is X", else
 math-verify's own extraction (last LaTeX / numeric expression). A ``####`` / "answer is" answer loses
 markdown emphasis (``**72**``) and, when it opens with a number followed only by words, a parenthesis
 or a period, everything after the number (``72 dollars``, ``72 (dollars)`` -> ``72``); commas are
@@ -87,6 +87,7 @@ def gsm8k_answer(text: str) -> Optional[str]:
         return None
     tail = text.rsplit("####", 1)[1].strip().splitlines()
     line = tail[0].replace("*", "").strip() if tail else ""
+    line = re.sub(r"^(?:final\s+)?answer\b\s*(?:is\b)?\s*[:=]?\s*", "", line, flags=re.IGNORECASE)  # "#### Answer: 72"
     if not re.search(r"\d|\\boxed", line) or (_HEADING.match(line) and not _LEADING_NUMBER.match(line)):
         return None
     return final_value(line) or None
