@@ -585,6 +585,10 @@ class RayConfig:
     def validate(self, path: str) -> None:
         _at_least(self, path, 1, "num_engines", "learner_ranks")
         _at_least(self, path, 0, "max_restarts", "num_cpus_per_actor", "num_gpus_per_engine", "num_gpus_per_learner")
+        # a Ray bundle must reserve something: CPUs, or GPUs for every role (the reference actor is sized like a learner)
+        _check(self.num_cpus_per_actor > 0 or (self.num_gpus_per_engine > 0 and self.num_gpus_per_learner > 0),
+               f"{path}.num_cpus_per_actor must be > 0 unless every actor holds GPUs ({path}.num_gpus_per_engine and "
+               f"{path}.num_gpus_per_learner > 0): an actor that reserves nothing cannot be placed")
 
     @property
     def whole_gpus(self) -> bool:

@@ -68,6 +68,8 @@ def test_wrong_types_and_choices_name_the_key():
     ("trainer", {"steps": -1}, "config.trainer.steps must be >= 0, got -1"),  # was a silent run of nothing
     ("trainer", {"log_every": -2}, "config.trainer.log_every must be >= 0, got -2"),
     ("ray", {"num_engines": 0}, "config.ray.num_engines must be >= 1, got 0"),
+    ("ray", {"num_cpus_per_actor": 0, "num_gpus_per_engine": 1}, r"config.ray.num_cpus_per_actor must be > 0 unless every "
+                                                                  r"actor holds GPUs"),  # was Ray's "Bundles cannot be an empty"
     ("vllm", {"gpu_memory_utilization": 1.5}, r"config.vllm.gpu_memory_utilization must be in \(0, 1\]"),
     ("sync", {"timeout_s": 0}, "config.sync.timeout_s must be > 0"),
 ])
@@ -258,3 +260,10 @@ def test_empty_output_directories_and_bad_lora_or_score_values_are_refused():
             load_config(RLConfig, None, [key])
     with pytest.raises(ConfigError, match=r"learner.betas: indexed override of a list .* learner.betas=\[...\]"):
         load_config(RLConfig, None, ["learner.betas.0=0.5"])
+
+
+def test_actors_without_cpus_need_gpus_for_every_role():
+    cfg = from_dict(RLConfig, {"ray": {"num_cpus_per_actor": 0, "num_gpus_per_engine": 1, "num_gpus_per_learner": 0.5}})
+    assert cfg.ray.num_cpus_per_actor == 0
+    with pytest.raises(ConfigError, match=r"config.ray.num_cpus_per_actor must be > 0"):
+        from_dict(RLConfig, {"ray": {"num_cpus_per_actor": 0}})
