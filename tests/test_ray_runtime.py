@@ -451,6 +451,124 @@ def test_a_learner_dying_in_a_collective_sync_stops_the_run_with_one_line(cluste
     _assert_learner_death_stops_the_run(cfg, tmp_path, "load_weights")
 
 
+def _bare(cls, **attrs):
+    """An instance of a Ray group with only the attributes a method under test reads (no actors started)."""
+    obj = object.__new__(cls)
+    obj.__dict__.update(attrs)
+    return obj
+
+
+def _sync_cfg(timeout_s: float):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(sync=SimpleNamespace(timeout_s=timeout_s))
+
+
+@pytest.mark.timeout(120, method="thread")
+def test_an_engine_side_sync_failure_is_a_one_line_weight_sync_error(cluster):
+    """The engine's own check of what it received fails (vllm_worker's checksum, a partial load, an unknown
+    name): a WeightSyncError naming the engine and the cause in one line (was a raw RayTaskError traceback,
+    which the CLI does not catch), for the object-store load and for a collective's engine half."""
+    from alignreg.orchestration.ray_groups import RayLearnerGroup, RayRolloutGroup, RemoteWeights
+    from alignreg.orchestration.weight_sync import WeightSyncError
+
+    class Engine:
+        def load_at_version(self, version, method, *args):
+            raise RuntimeError("weight transport corrupted the tensors: checksum 1.0 in the engine, 2.0 sent")
+
+    engine = ray.remote(Engine).options(num_cpus=0).remote()
+    try:
+        group = _bare(RayRolloutGroup, cfg=_sync_cfg(60), version=1, nodes=["a"], actors=[engine], group_ids=[None],
+                      learner=_bare(RayLearnerGroup))
+        with pytest.raises(WeightSyncError) as err:
+            group._load_one(0, RemoteWeights(ref=ray.put([]), node="b"))
+        msg = str(err.value)
+        assert msg == ("weight sync to rollout engine 0 failed in the engine's load_weights (RuntimeError: weight "
+                       "transport corrupted the tensors: checksum 1.0 in the engine, 2.0 sent)"), msg
+        with pytest.raises(WeightSyncError, match=r"^weight sync to rollout engine 0 failed in the engine's "
+                                                  r"load_weights \(RuntimeError: weight transport corrupted"):
+            group._both(0, engine.load_at_version.remote(1, "load_weights_from_group"), ray.put(None), "load_weights")
+    finally:
+        ray.kill(engine, no_restart=True)
+
+
+@pytest.mark.timeout(120, method="thread")
+def test_an_engine_whose_restart_fails_stops_at_once_with_the_cause(cluster, tmp_path):
+    """Ray restarts a dead engine, but the new instance's ``__init__`` raises (a GPU out of memory): the run
+    stops at once with that cause (it retried the dead actor for the whole sync.timeout_s, then dropped it)."""
+    from alignreg.config import WorkerError
+    from alignreg.orchestration.ray_groups import RayRolloutGroup
+
+    class Engine:
+        def __init__(self, marker):
+            if os.path.exists(marker):
+                raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        def node_id(self):
+            return "node"
+
+        def die(self):
+            os._exit(1)
+
+    marker = tmp_path / "restarted"
+    engine = ray.remote(Engine).options(num_cpus=0, max_restarts=2, max_task_retries=0).remote(str(marker))
+    try:
+        assert ray.get(engine.node_id.remote(), timeout=60) == "node"
+        marker.touch()
+        with pytest.raises(ray.exceptions.RayActorError):  # dead once the call fails (a ray.kill lets later calls in)
+            ray.get(engine.die.remote(), timeout=60)
+        group = _bare(RayRolloutGroup, cfg=_sync_cfg(60), actors=[engine], nodes=[None], group_ids=[None], restarts=0,
+                      max_restarts=2, _last=None)
+        t0 = time.monotonic()
+        with pytest.raises(WorkerError) as err:
+            group._on_death(0)
+        assert time.monotonic() - t0 < 30  # not sync.timeout_s
+        msg = str(err.value)
+        assert msg.startswith("rollout engine 0 died and its restart failed (") and "\n" not in msg, msg
+        assert "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB" in msg, msg
+    finally:
+        ray.kill(engine, no_restart=True)
+
+
+@pytest.mark.timeout(120, method="thread")
+def test_a_dead_reference_actor_is_named_not_blamed_on_a_learner_rank(cluster):
+    """``ray.colocate_ref: false``: the reference actor dies while a (live) learner rank's reference pass waits
+    on it. The error names the reference actor, on one line without Ray's colour codes (it said that a
+    learner rank's actor died)."""
+    from alignreg.config import WorkerError
+    from alignreg.orchestration.ray_groups import RayLearnerGroup
+
+    class Reference:
+        def node_id(self):
+            return "node"
+
+        def response_hidden(self, *args):
+            return torch.zeros(1)
+
+    class Rank:
+        def reference_pass(self, reference):
+            from types import SimpleNamespace
+
+            from alignreg.orchestration.ray_groups import _RemoteBody
+
+            ids = torch.zeros(1, 2, dtype=torch.long)
+            rows = SimpleNamespace(input_ids=ids, attention_mask=ids, position_ids=ids, prompt_len=1, response_len=1)
+            return _RemoteBody(reference).response_hidden(rows, None, False)
+
+    reference = ray.remote(Reference).options(num_cpus=0).remote()
+    rank = ray.remote(Rank).options(num_cpus=0).remote()
+    try:
+        _kill_until_dead(reference)
+        with pytest.raises(WorkerError) as err:
+            _bare(RayLearnerGroup)._get([rank.reference_pass.remote(reference)], "train_step")
+        msg = str(err.value)
+        assert msg.startswith("the reference actor (ray.colocate_ref: false) died during a learner's reference pass "
+                              "(ActorDiedError: "), msg
+        assert "learner rank's actor died" not in msg and "\n" not in msg and "\x1b" not in msg, msg
+    finally:
+        ray.kill(rank, no_restart=True)
+
+
 def _driver(run_dir, address, steps, extra=()):
     args = [f"trainer.run_dir={run_dir}", f"trainer.steps={steps}", "orchestration=ray", f"ray.address={address}",
             "learner.backend=torch", "ray.learner_ranks=1", "trainer.save_every=1", *FAST[:-1], *extra]

@@ -36,6 +36,7 @@ import copy
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -53,6 +54,18 @@ from alignreg.rollout.base import ENGINE_STREAM, RolloutBatch, SamplingParams, m
 log = logging.getLogger(__name__)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PG_TIMEOUT_S = 120.0
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # the colour codes of Ray's error texts
+
+
+def _cause_line(e: BaseException) -> str:
+    """``Type: message`` of what failed, on one line for a WorkerError: the exception raised inside the actor
+    for a RayTaskError, else the last line of the error's text (an ActorDiedError of a failed ``__init__``
+    ends with that exception), without Ray's colour codes."""
+    while isinstance(e, ray.exceptions.RayTaskError) and isinstance(getattr(e, "cause", None), BaseException) \
+            and e.cause is not e:
+        e = e.cause
+    lines = [ln.strip() for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip()]
+    return f"{_ANSI.sub('', type(e).__name__)}: {lines[-1] if lines else ''}"[:300]
 
 
 def _fmt(res: dict[str, float]) -> str:
@@ -229,10 +242,15 @@ class _RemoteBody:
 
     def response_hidden(self, batch, autocast: Optional[torch.dtype], share_prompt: bool) -> torch.Tensor:
         """Run ``learner.policy.response_hidden`` in the reference actor (picked up through
-        ``lm_head_and_body``'s ``body.response_hidden``)."""
-        h = ray.get(self.actor.response_hidden.remote(
-            batch.input_ids.cpu(), batch.attention_mask.cpu(), batch.position_ids.cpu(), batch.prompt_len,
-            batch.response_len, autocast, share_prompt))
+        ``lm_head_and_body``'s ``body.response_hidden``). A dead reference actor is a WorkerError that
+        names it (the driver reports it as such, not as a death of this learner rank)."""
+        try:
+            h = ray.get(self.actor.response_hidden.remote(
+                batch.input_ids.cpu(), batch.attention_mask.cpu(), batch.position_ids.cpu(), batch.prompt_len,
+                batch.response_len, autocast, share_prompt))
+        except ray.exceptions.RayActorError as e:
+            raise WorkerError(f"the reference actor (ray.colocate_ref: false) died during a learner's reference pass "
+                              f"({_cause_line(e)}); it is not restarted") from None
         return h.to(batch.input_ids.device)
 
 
@@ -311,12 +329,16 @@ class RayLearnerGroup:
 
     def _get(self, refs: list, method: str) -> list:
         """``ray.get`` of one call per rank (Ray raises at the first failure, without waiting for ranks
-        blocked in a collective with the dead one)."""
+        blocked in a collective with the dead one). A WorkerError a rank raised (its reference actor died)
+        comes out as that one line; an actor error inside a rank's task (a RayTaskError) is no death of the rank."""
         try:
             return ray.get(refs)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(getattr(e, "cause", None), WorkerError):
+                raise WorkerError(" ".join(_ANSI.sub("", str(e.cause)).split())) from None
+            raise
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-            cause = (str(e).strip().splitlines() or [""])[0][:300]
-            raise WorkerError(f"a learner rank's actor died during {method} ({type(e).__name__}: {cause}); the learner "
+            raise WorkerError(f"a learner rank's actor died during {method} ({_cause_line(e)}); the learner "
                               "ranks share optimizer state and collectives, so one cannot be restarted alone") from None
 
     def _shards(self, n: int) -> list[list[int]]:
@@ -529,11 +551,13 @@ class RayRolloutGroup:
             try:
                 self.nodes[i] = ray.get(self.actors[i].node_id.remote(), timeout=self.cfg.sync.timeout_s)
                 break
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-                if time.monotonic() > deadline:
+            except (ray.exceptions.ActorUnavailableError, ray.exceptions.GetTimeoutError) as e:  # still restarting
+                if time.monotonic() > deadline or isinstance(e, ray.exceptions.GetTimeoutError):
                     raise WorkerError(f"rollout engine {i} died and did not come back within sync.timeout_s="
                                       f"{self.cfg.sync.timeout_s:g} s after its restart ({type(e).__name__})") from None
                 time.sleep(0.5)
+            except ray.exceptions.RayActorError as e:  # dead for good: its restart failed (__init__ raised, e.g. out of GPU memory)
+                raise WorkerError(f"rollout engine {i} died and its restart failed ({_cause_line(e)})") from None
         if self._last is not None:
             restaged = self._last.staged is not None and not ray.get(self._last.holder.has_staged.remote())
             if restaged:  # synchronous loop: the learner still holds exactly the synced weights
@@ -624,7 +648,8 @@ class RayRolloutGroup:
     def _both(self, i: int, engine_ref, learner_ref, method: str) -> None:
         """Wait for an engine call and the learner call it pairs with in a collective. A dead engine is
         raised as such (the caller restarts it) once the learner's half has ended too (the group is gone,
-        so it fails; within sync.timeout_s at worst); a dead learner is a WorkerError."""
+        so it fails; within sync.timeout_s at worst); a dead learner is a WorkerError; an error raised in
+        the engine's half (its checks of what it received) is a one-line WeightSyncError."""
         try:
             ray.get(engine_ref, timeout=self.cfg.sync.timeout_s)
         except _ENGINE_LOST:
@@ -632,11 +657,22 @@ class RayRolloutGroup:
             raise
         except ray.exceptions.GetTimeoutError:
             raise self._hung(i, method) from None
-        except ray.exceptions.RayTaskError:
-            ray.wait([learner_ref], timeout=5)
-            self.learner._get([learner_ref], method)  # a dead learner explains a failed collective
-            raise
+        except ray.exceptions.RayTaskError as e:
+            done, _ = ray.wait([learner_ref], timeout=5)
+            if done:  # a dead learner explains a failed collective; else the engine's own error does
+                try:
+                    self.learner._get(done, method)
+                except ray.exceptions.RayTaskError:
+                    pass  # the learner's half failed with the engine's
+            raise self._sync_failed(i, method, e) from None
         self.learner._get([learner_ref], method)
+
+    @staticmethod
+    def _sync_failed(i: int, method: str, e: BaseException) -> WorkerError:
+        """An engine's side of a weight sync raised (a checksum mismatch, a partial load, a name it lacks)."""
+        from alignreg.orchestration.weight_sync import WeightSyncError
+
+        return WeightSyncError(f"weight sync to rollout engine {i} failed in the engine's {method} ({_cause_line(e)})")
 
     def _release_staged(self) -> None:
         """Drop learner rank 0's staged weights after a sync, or keep a host copy when async rollout may
@@ -665,8 +701,12 @@ class RayRolloutGroup:
             call = ("load_weights", weights.ref if weights.ref is not None else ray.put(list(weights)))
         try:
             ray.get(self.actors[i].load_at_version.remote(self.version, *call), timeout=self.cfg.sync.timeout_s)
+        except _ENGINE_LOST:
+            raise  # the caller restarts it
         except ray.exceptions.GetTimeoutError:
             raise self._hung(i, "load_weights") from None
+        except ray.exceptions.RayTaskError as e:
+            raise self._sync_failed(i, call[0], e) from None
 
     def _verify(self, i: int, weights: RemoteWeights) -> dict[str, float]:
         if self._probe is None:
