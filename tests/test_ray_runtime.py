@@ -569,6 +569,74 @@ def test_a_dead_reference_actor_is_named_not_blamed_on_a_learner_rank(cluster):
         ray.kill(rank, no_restart=True)
 
 
+@pytest.mark.timeout(120, method="thread")
+def test_shutdown_waits_once_for_all_actors_stuck_in_a_call(cluster, monkeypatch):
+    """Actors that never answer their close()/shutdown() (blocked in a collective with a dead rank): the
+    groups wait SHUTDOWN_TIMEOUT_S once for all of them, then kill them (it waited 30 s per actor: about
+    15 minutes of apparent hang for 32 ranks before the error was printed)."""
+    from alignreg.orchestration import ray_groups
+
+    class Stuck:
+        def ping(self):
+            return True
+
+        def block(self):
+            time.sleep(600)
+
+        def close(self):
+            pass
+
+        def shutdown(self):
+            pass
+
+    monkeypatch.setattr(ray_groups, "SHUTDOWN_TIMEOUT_S", 2.0)
+    for cls, n in ((ray_groups.RayLearnerGroup, 3), (ray_groups.RayRolloutGroup, 3)):
+        actors = [ray.remote(Stuck).options(num_cpus=0).remote() for _ in range(n)]
+        ray.get([a.ping.remote() for a in actors], timeout=60)
+        for a in actors:
+            a.block.remote()
+        group = _bare(cls, actors=list(actors), reference=None)
+        t0 = time.monotonic()
+        group.shutdown()
+        assert time.monotonic() - t0 < 2.0 * 2, cls.__name__  # one wait, not one per actor
+        assert group.actors == []
+        for a in actors:
+            with pytest.raises(ray.exceptions.RayActorError):
+                ray.get(a.ping.remote(), timeout=30)
+
+
+def test_a_ray_job_keeps_its_own_env_vars(tmp_path, monkeypatch):
+    """Under ``ray job submit --runtime-env-json`` with env vars (launch/ray_job_submit.sh --env
+    OMP_NUM_THREADS=8) Ray merges the driver's runtime env with the job's and refuses a variable both set
+    ("Failed to merge the Job's runtime env"): the driver leaves the job's variables to the job."""
+    from ray.runtime_env.runtime_env import _merge_runtime_env
+
+    from alignreg.orchestration import ray_groups
+
+    job_env = {"env_vars": {"OMP_NUM_THREADS": "8", "PYTHONUNBUFFERED": "1"}, "working_dir": str(tmp_path)}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": job_env, "metadata": {}}))
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def init(**kw):
+        seen.update(kw)
+        raise Stop
+
+    monkeypatch.setattr(ray_groups.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray_groups.ray, "init", init)
+    with pytest.raises(Stop):
+        ray_groups.RayCluster(_cfg(tmp_path, "orchestration=ray", "trainer.threads=2"))
+    env = seen["runtime_env"]["env_vars"]
+    assert "OMP_NUM_THREADS" not in env and env["TOKENIZERS_PARALLELISM"] == "false" and "PYTHONPATH" in env
+    assert _merge_runtime_env(job_env, seen["runtime_env"]) is not None  # what ray.init does in a job
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    with pytest.raises(Stop):
+        ray_groups.RayCluster(_cfg(tmp_path, "orchestration=ray", "trainer.threads=2"))
+    assert seen["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "2"  # outside a job: as before
+
+
 def _driver(run_dir, address, steps, extra=()):
     args = [f"trainer.run_dir={run_dir}", f"trainer.steps={steps}", "orchestration=ray", f"ray.address={address}",
             "learner.backend=torch", "ray.learner_ranks=1", "trainer.save_every=1", *FAST[:-1], *extra]

@@ -33,6 +33,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import os
@@ -54,6 +55,7 @@ from alignreg.rollout.base import ENGINE_STREAM, RolloutBatch, SamplingParams, m
 log = logging.getLogger(__name__)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PG_TIMEOUT_S = 120.0
+SHUTDOWN_TIMEOUT_S = 30.0  # how long a group's shutdown waits for all its actors together before killing them
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # the colour codes of Ray's error texts
 
 
@@ -66,6 +68,22 @@ def _cause_line(e: BaseException) -> str:
         e = e.cause
     lines = [ln.strip() for ln in _ANSI.sub("", str(e)).splitlines() if ln.strip()]
     return f"{_ANSI.sub('', type(e).__name__)}: {lines[-1] if lines else ''}"[:300]
+
+
+def _close_all(actors: list, method: str) -> None:
+    """Call ``method`` on every actor at once, wait up to SHUTDOWN_TIMEOUT_S for all of them together (an
+    actor stuck in a collective with a dead one never answers; one wait per actor added up to minutes),
+    then kill them (without restart)."""
+    refs = []
+    for a in actors:
+        try:
+            refs.append(getattr(a, method).remote())
+        except Exception:  # noqa: BLE001 - a dead actor needs no shutdown
+            pass
+    if refs:
+        ray.wait(refs, num_returns=len(refs), timeout=SHUTDOWN_TIMEOUT_S)
+    for a in actors:
+        ray.kill(a, no_restart=True)
 
 
 def _fmt(res: dict[str, float]) -> str:
@@ -90,6 +108,20 @@ def check_resources(bundles: dict[str, list[dict[str, float]]], total: dict[str,
             if not any(all(n.get(k, 0.0) + 1e-9 >= v for k, v in b.items()) for n in nodes):
                 raise ConfigError(f"ray: no single node has the resources of one {role} actor ({_fmt(b)}); "
                                   f"an actor cannot span nodes - lower ray.num_*_per_* or add a bigger node")
+
+
+def _runtime_env(env: dict[str, str]) -> Optional[dict]:
+    """The driver's ``runtime_env`` for ``ray.init``. Under ``ray job submit`` Ray merges it with the job's
+    runtime env (passed in RAY_JOB_CONFIG_JSON_ENV_VAR) and refuses an env var set by both, so a variable
+    the job sets (``launch/ray_job_submit.sh --env OMP_NUM_THREADS=8``) keeps the job's value."""
+    job = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if job:
+        try:
+            taken = (json.loads(job).get("runtime_env") or {}).get("env_vars") or {}
+        except (ValueError, AttributeError):  # not the JSON Ray writes: let ray.init judge it
+            taken = {}
+        env = {k: v for k, v in env.items() if k not in taken}
+    return {"env_vars": env} if env else None
 
 
 def separate_reference(cfg: RLConfig) -> bool:
@@ -121,7 +153,7 @@ class RayCluster:
                    "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(max(cfg.trainer.threads, 1))}
             try:
                 ray.init(address=rc.address or "local", include_dashboard=False, logging_level=logging.WARNING,
-                         log_to_driver=os.environ.get("ALIGNREG_RAY_LOGS", "0") == "1", runtime_env={"env_vars": env})
+                         log_to_driver=os.environ.get("ALIGNREG_RAY_LOGS", "0") == "1", runtime_env=_runtime_env(env))
             except Exception as e:  # noqa: BLE001
                 _raise_if_auth(e, rc.address)
                 raise
@@ -380,12 +412,7 @@ class RayLearnerGroup:
         self._all("save_hf", path)
 
     def shutdown(self) -> None:
-        for a in self.actors:
-            try:
-                ray.get(a.close.remote(), timeout=30)
-            except Exception:  # noqa: BLE001
-                pass
-            ray.kill(a)
+        _close_all(self.actors, "close")
         self.actors = []
         if self.reference is not None:
             ray.kill(self.reference)
@@ -766,10 +793,5 @@ class RayRolloutGroup:
         return sums[0]
 
     def shutdown(self) -> None:
-        for a in self.actors:
-            try:
-                ray.get(a.shutdown.remote(), timeout=30)
-            except Exception:  # noqa: BLE001 - a dead engine needs no shutdown
-                pass
-            ray.kill(a, no_restart=True)
+        _close_all(self.actors, "shutdown")
         self.actors = []
