@@ -348,3 +348,16 @@ def test_eval_every_is_independent_of_log_every_and_verifier_counters_are_logged
     assert [("eval/greedy_acc" in r) for r in rows] == [True, False, True, True]
     for r in rows[1:]:
         assert r["reward/math_checks"] == 16.0 and r["reward/math_timeouts"] == 0.0  # 4 prompts x 4 responses
+
+
+def test_a_stopped_run_without_a_checkpoint_says_it_starts_again_from_step_0(tmp_path):
+    """A WorkerError before the first checkpoint (trainer.save_every: 0 writes one only at the end): the hint says
+    the same command starts again from step 0 (it said "the latest checkpoint: none (the same command resumes from it)")."""
+    from alignreg.checkpoint import save_checkpoint
+    from alignreg.orchestration.trainer import _resume_hint
+
+    assert _resume_hint(tmp_path) == ("Nothing was saved: the run has no checkpoint yet, so the same command starts "
+                                      "it again from step 0")
+    last = save_checkpoint(tmp_path, 2, {"step": 2})
+    assert _resume_hint(tmp_path) == (f"Nothing was saved after it; the latest checkpoint: {last} (the same command "
+                                      "resumes from it)")

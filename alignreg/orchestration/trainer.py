@@ -367,7 +367,9 @@ def _train(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]]) -> d
 
 def _resume_hint(run_dir: Path) -> str:
     last = latest_checkpoint(run_dir)
-    return f"Nothing was saved after it; the latest checkpoint: {last or 'none'} (the same command resumes from it)"
+    if last is None:
+        return "Nothing was saved: the run has no checkpoint yet, so the same command starts it again from step 0"
+    return f"Nothing was saved after it; the latest checkpoint: {last} (the same command resumes from it)"
 
 
 def _loop(run: Run, run_dir: Path, pre: GracefulStop) -> dict[str, Any]:
