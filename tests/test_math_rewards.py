@@ -45,6 +45,18 @@ from alignreg.rewards.math import (VerifierPool, batch_rewards, configure, extra
     ("The answer is 12 dollars.", "12"),
     ("The answer is **12**.", "12"),
     ("The answer is 3/4.", "3/4"),
+    # words that change the value or join another number keep the answer whole
+    ("#### 5 or 6", "5 or 6"),
+    ("The answer is 12 and 13.", "12 and 13"),
+    ("The answer is 2 pi.", "2 pi"),
+    ("#### 1 million", "1 million"),
+    ("#### 3 hours and 20 minutes", "3 hours and 20 minutes"),
+    # answers without a digit on a #### line are answers; prose is not
+    ("Area is 9\\pi.\n#### \\pi", "\\pi"),
+    ("We get 3 cases.\n#### (C)", "(C)"),
+    ("so x equals y.\n#### x", "x"),
+    ("#### The answer is 42", "42"),
+    ("#### I don't know", None),
     # an empty box (the instruction quoted back) is skipped
     ("Thus the result is \\boxed{5}. As instructed, the final answer goes within \\boxed{}.", "5"),
     ("\\boxed{}", None),

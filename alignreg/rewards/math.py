@@ -8,12 +8,14 @@ Rewards (``task.reward``):
                          expected format (a non-empty ``\\boxed{}`` or a GSM8K ``#### x`` line).
 
 Extraction (:func:`extract_answer`): the last non-empty ``\\boxed{...}`` / ``\\fbox{...}`` (balanced
-braces; an empty ``\\boxed{}`` is skipped), else the line after the last ``####`` (GSM8K) if it holds a
-digit and is not a markdown heading (``#### Step 3: Total``; an ``Answer:`` label is dropped), else "the answer is X", else
-math-verify's own extraction (last LaTeX / numeric expression). A ``####`` / "answer is" answer loses
-markdown emphasis (``**72**``) and, when it opens with a number followed only by words, a parenthesis
-or a period, everything after the number (``72 dollars``, ``72 (dollars)`` -> ``72``); commas are
-removed only inside numbers (``1,234`` -> ``1234``; ``(1, 2)`` stays). Equivalence is math-verify's
+braces; an empty ``\\boxed{}`` is skipped), else the line after the last ``####`` (GSM8K; an ``Answer:``
+label is dropped) unless it is a markdown heading (``#### Step 3: Total``) or plain words (``(no
+answer)``), else "the answer is X", else math-verify's own extraction (last LaTeX / numeric
+expression). A ``####`` / "answer is" answer loses markdown emphasis (``**72**``) and, when it opens
+with a number followed only by unit words (not ``or``, ``and``, ``to``, ``times``, ``pi``, ``million``,
+``dozen`` ...) or a parenthesis without digits, everything after the number (``72 dollars``, ``72
+(dollars)`` -> ``72``; ``5 or 6``, ``2 pi``, ``3 hours and 20 minutes`` stay whole); commas are removed
+only inside numbers (``1,234`` -> ``1234``; ``(1, 2)`` stays). Equivalence is math-verify's
 ``verify`` (sympy; numbers compared after rounding to 6 decimals, sets, intervals, equations).
 
 Why a worker pool: sympy can take unbounded time (``10^{10^{10^{10}}}``, 10^5 nested braces) and
@@ -41,11 +43,19 @@ from alignreg.rewards.base import REWARDS
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _ANSWER_IS = re.compile(r"answer is[:\s]*\$?([^\n$]+?)\$?\s*(?:\.(?!\d)|$)", re.I | re.M)  # a period ends it, a decimal point does not
 _NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"  # 1,234.5: commas only as thousands separators
-# a number that opens the answer and is followed only by words / a parenthesis / a final period:
-# "72 dollars", "72 (dollars)", "$1,234.", but not "3/4", "12\pi", "72%" or "1, 2"
-_LEADING_NUMBER = re.compile(rf"\\?\$?\s*({_NUMBER})\s*\$?(?=\s*\.?\s*$|\s+[A-Za-z]{{2,}}|\s+\()")
+# words after a number that change its value or join another one: the answer is then kept whole
+_NOT_UNITS = ("or", "and", "to", "times", "plus", "minus", "over", "divided", "pi", "sqrt", "root", "squared", "cubed",
+              "hundred", "thousand", "million", "billion", "trillion", "dozen", "half", "third", "thirds", "quarter", "e")
+# a number that opens the answer and is followed only by unit words or a parenthesis without digits, then an
+# optional period: "72 dollars", "72 (dollars)", "$1,234.", but not "3/4", "12\pi", "72%", "1, 2", "5 or 6",
+# "2 pi", "1 million" or "3 hours and 20 minutes"
+_LEADING_NUMBER = re.compile(
+    rf"\\?\$?\s*({_NUMBER})\s*\$?(?=\s*\.?\s*$|\s+\([^\d()]*\)\s*\.?\s*$"
+    rf"|\s+(?!(?:{'|'.join(_NOT_UNITS)})\b)[A-Za-z][A-Za-z ,'-]*\.?\s*$)", re.I)
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
-_HEADING = re.compile(r"[A-Z][a-z]+\b|\d+\.\s+[A-Za-z]")  # "#### Step 3: Total", "#### 3. Total": markdown headings
+_HEADING = re.compile(r"(?:[A-Z][a-z]+\s+)?\d+\s*[.:)]\s+[A-Za-z]")  # "#### Step 3: Total", "#### 3. Total": markdown headings
+_PROSE = re.compile(r"[A-Za-z]+(?:[ ,:;'-]+[A-Za-z]+)+")  # two or more plain words, no math: "no answer", "I don't know"
+_ANSWER_LABEL = re.compile(r"^(?:the\s+)?(?:final\s+)?answer\b\s*(?:is\b)?\s*[:=]?\s*", re.I)  # "#### Answer: 72"
 
 
 def last_boxed(text: str) -> Optional[str]:
@@ -82,13 +92,12 @@ def final_value(s: str) -> str:
 
 def gsm8k_answer(text: str) -> Optional[str]:
     """The answer on the line after the last ``####`` (GSM8K), see :func:`final_value`; ``None`` when
-    there is none or the line holds no digit (and no ``\\boxed``) or is a markdown heading (``#### Step 3``)."""
+    there is none, or the line is a markdown heading (``#### Step 3: Total``) or prose (``(no answer)``)."""
     if "####" not in text:
         return None
     tail = text.rsplit("####", 1)[1].strip().splitlines()
-    line = tail[0].replace("*", "").strip() if tail else ""
-    line = re.sub(r"^(?:final\s+)?answer\b\s*(?:is\b)?\s*[:=]?\s*", "", line, flags=re.IGNORECASE)  # "#### Answer: 72"
-    if not re.search(r"\d|\\boxed", line) or (_HEADING.match(line) and not _LEADING_NUMBER.match(line)):
+    line = _ANSWER_LABEL.sub("", tail[0].replace("*", "").strip() if tail else "")
+    if not line or _HEADING.match(line) or _PROSE.fullmatch(line.strip("()[]. ")):
         return None
     return final_value(line) or None
 
