@@ -216,10 +216,14 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         for i, k in enumerate(keys[:-1]):
             if isinstance(node, list):
                 idx = _list_index(k, node, ".".join(keys[: i + 1]))
+                if isinstance(node[idx], _Override) and isinstance(node[idx].parsed, (dict, list)):
+                    node[idx] = node[idx].parsed  # set by an earlier override (x=[...], then x.0=...)
                 node = node[idx]
             elif isinstance(node, dict):
                 if k not in node or node[k] is None:
                     node[k] = {}
+                if isinstance(node[k], _Override) and isinstance(node[k].parsed, (dict, list)):
+                    node[k] = node[k].parsed  # set by an earlier override (trainer={...}, then trainer.steps=...)
                 node = node[k]
             else:  # e.g. trainer.steps.x=1: trainer.steps is a value
                 raise ConfigError(f"override {text!r}: {'.'.join(keys[:i])} is not a mapping")
@@ -249,6 +253,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *anchor": merged keys may be overridden
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r} (the earlier one would be "
@@ -733,6 +739,9 @@ class MathDataConfig:
         _check(self.template in ("boxed", "gsm8k", "plain") or "{question}" in self.template,
                f"{path}.template: {self.template!r} is neither boxed, gsm8k nor plain, and has no {{question}} "
                "placeholder for the question; add {question} where the question goes")
+        _check("{{" not in self.template and "}}" not in self.template,
+               f"{path}.template: {{{{ and }}}} are no longer escapes (only {{question}} is replaced; other braces are "
+               "kept as written): write \\boxed{} instead of \\boxed{{}}")
 
 
 @dataclass

@@ -152,9 +152,14 @@ def eval_main(argv: list[str]) -> int:
     table = format_table(metrics, title)
     print(table)
     # a training checkpoint's directory is rotated away by the run: its results go to <run_dir>/eval/step_N
-    out = Path(args.out) if args.out else (ckpt.parent.parent / "eval" / ckpt.name if is_training_checkpoint(ckpt) else ckpt)
+    in_run = is_training_checkpoint(ckpt) and ckpt.resolve().parent.name == "checkpoints"
+    out = Path(args.out) if args.out else (ckpt.resolve().parent.parent / "eval" / ckpt.name if in_run else ckpt)
     out.mkdir(parents=True, exist_ok=True)
-    tag = Path(args.data).stem if args.data else cfg.task.name  # one pair of files per evaluated data set
+    if args.data:  # one pair of files per evaluated data set: the file's folder and stem (gsm8k_test, math500_test)
+        data = Path(args.data).resolve()
+        tag = f"{data.parent.name}_{data.stem}" if data.parent.name else data.stem
+    else:
+        tag = cfg.task.name
     settings = {"max_new_tokens": cfg.rollout.max_new_tokens, "temperature": cfg.eval.temperature,
                 "num_samples": cfg.eval.num_samples, "reward": cfg.task.reward, "template": cfg.math_data.template,
                 "seed": args.seed, "limit": args.limit}

@@ -126,7 +126,7 @@ def _finished_run(cfg: SFTRunConfig, out: Path) -> dict | None:
     if summary.get("stopped"):  # an interrupted run: _resume_from continues it
         return None
     diffs = stored_config_diff(SFTRunConfig, load_yaml(stored), cfg, ignore=tuple(k for k in _FREE_ON_RESUME if k != "steps")) \
-        if stored.is_file() else {"sft_config.yaml": ("missing", "present")}
+        if stored.is_file() else [("sft_config.yaml", "missing", "present")]
     if diffs:
         raise ConfigError(f"{str(out)!r} holds a finished SFT model ({summary.get('steps')} steps) trained with other "
                           f"settings ({describe_diff(diffs)}); RL runs may start from it: pick another output_dir, or "

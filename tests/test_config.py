@@ -267,3 +267,15 @@ def test_actors_without_cpus_need_gpus_for_every_role():
     assert cfg.ray.num_cpus_per_actor == 0
     with pytest.raises(ConfigError, match=r"config.ray.num_cpus_per_actor must be > 0"):
         from_dict(RLConfig, {"ray": {"num_cpus_per_actor": 0}})
+
+
+def test_overrides_into_an_overridden_section_yaml_merge_keys_and_old_template_escapes(tmp_path):
+    assert load_config(RLConfig, None, ["trainer={steps: 5}", "trainer.steps=3"]).trainer.steps == 3
+    assert load_config(RLConfig, None, ["lora.target_modules=[q_proj, v_proj]", "lora.target_modules.0=k_proj"]
+                       ).lora.target_modules == ["k_proj", "v_proj"]
+    f = tmp_path / "merge.yaml"  # YAML merge keys are not duplicate keys
+    f.write_text("regularizers:\n  - name: entropy\n    coef: &s {kind: linear, start: 0.1, end: 0.0, steps: 10}\n"
+                 "  - name: kl_ref\n    coef: {<<: *s, start: 0.01}\n")
+    assert load_config(RLConfig, f).regularizers[1].coef == Schedule(kind="linear", start=0.01, end=0.0, steps=10)
+    with pytest.raises(ConfigError, match=r"are no longer escapes .* write \\boxed\{\} instead of \\boxed\{\{\}\}"):
+        load_config(RLConfig, None, ["math_data.template={question} Put it in \\boxed{{}}."])

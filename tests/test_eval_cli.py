@@ -36,12 +36,12 @@ def test_eval_cli_on_a_file_with_self_correction(checkpoint, tmp_path, capsys):
     printed = capsys.readouterr().out
     for key in ("greedy_acc", "pass@1", "pass@4", "maj@4", "accuracy@t1", "accuracy@t2", "delta_t1_t2", "delta_i2c", "delta_c2i"):
         assert f"| {key} |" in printed
-    result = json.loads((out / "eval_sort.json").read_text())
+    result = json.loads((out / f"eval_{tmp_path.name}_sort.json").read_text())
     assert result["settings"]["max_new_tokens"] == 5 and result["settings"]["num_samples"] == 4
     m = result["metrics"]
     assert m["num_problems"] == 6 and 0.0 <= m["pass@1"] <= m["pass@2"] <= m["pass@4"] <= 1.0
     assert m["delta_t1_t2"] == pytest.approx(m["accuracy@t2"] - m["accuracy@t1"])
-    assert (out / "eval_sort.md").read_text().startswith("### ")
+    assert (out / f"eval_{tmp_path.name}_sort.md").read_text().startswith("### ")
 
 
 def test_eval_cli_on_gsm8k_with_math_verify(checkpoint, tmp_path, capsys):
@@ -53,6 +53,6 @@ def test_eval_cli_on_gsm8k_with_math_verify(checkpoint, tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"set the response length, e.g. rollout.max_new_tokens=1024"):
         eval_main(args)  # the default response length (8 tokens) is the tiny task's: a math file needs its own
     assert eval_main(args + ["rollout.max_new_tokens=4"]) == 0
-    m = json.loads((checkpoint / "eval_test.json").read_text())["metrics"]  # default: next to the checkpoint
+    m = json.loads((checkpoint / f"eval_{tmp_path.name}_test.json").read_text())["metrics"]  # default: next to the checkpoint
     assert m["num_problems"] == 3 and "maj@2" in m and "accuracy@t1" not in m
     assert "math_verify" in capsys.readouterr().out

@@ -122,3 +122,9 @@ def test_sft_stops_on_sigterm_with_a_checkpoint_and_resumes_to_the_same_model(tm
     b, _ = load_policy(ModelConfig(path=str(tmp_path / "split")), 0)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         torch.testing.assert_close(y, x, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_finished_output_dir_without_its_config_is_refused(tmp_path):
+    (tmp_path / "sft_summary.json").write_text(json.dumps({"steps": 5}))
+    with pytest.raises(ConfigError, match=r"holds a finished SFT model \(5 steps\) trained with other settings \(sft_config.yaml"):
+        run_sft(SFTRunConfig(output_dir=str(tmp_path), steps=5))
