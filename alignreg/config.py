@@ -64,7 +64,7 @@ class _Override:
         return repr(self.parsed)
 
     def as_str(self) -> Any:
-        return self.parsed if self.raw.strip()[:1] in ("'", '"') or not self.raw.strip() else self.raw
+        return self.parsed if self.raw.strip()[:1] in ("'", '"') or not self.raw.strip() else self.raw.strip()
 
 
 def _parsed(value: Any) -> Any:

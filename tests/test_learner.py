@@ -247,7 +247,8 @@ def test_two_data_parallel_ranks_match_single_process(tmp_path):
     for k in single:
         torch.testing.assert_close(dp[k], single[k], rtol=1e-4, atol=1e-6)
     # the logged losses are the whole batch's, not rank 0's share of it
-    losses = [k for k in metrics if k.endswith("loss") or k.startswith("loss/")] + ["optim/grad_norm"]
+    losses = [k for k in metrics if k.endswith("loss") or k.startswith("loss/")] + [
+        "optim/grad_norm", "policy/entropy", "policy/rollout_logprob_diff"]
     assert len(losses) > 5
     for k in losses:
         assert dp_metrics[k] == pytest.approx(metrics[k], rel=1e-4, abs=1e-6), k

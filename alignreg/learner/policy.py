@@ -451,15 +451,17 @@ class PolicyLearner:
             for t in self.regs:
                 for k, v in t.term.on_step_start(full_view).items():
                     metrics[f"reg/{t.term.id}/{k}"] = v
-            n_valid = max(float(batch.mask.sum()), 1.0)
-            if "old_entropy" in old:
-                metrics["policy/entropy"] = float((old["old_entropy"] * batch.mask).sum() / n_valid)
-            metrics["policy/rollout_logprob_diff"] = float(((old["old_logprobs"] - batch.rollout_logprobs).abs() * batch.mask).sum() / n_valid)
         on_policy = self._on_policy()
         self._reuse_counts = {True: 0, False: 0}
-        sums: dict[str, float] = defaultdict(float)
+        sums: dict[str, float] = defaultdict(float)  # token-weighted metrics: sum of value x tokens, and tokens
         weights: dict[str, float] = defaultdict(float)
         totals: dict[str, float] = defaultdict(float)
+        if not single:  # the no-grad pass's statistics of this rank's rows (summed over ranks below)
+            n_tokens = float(batch.mask.sum())
+            if "old_entropy" in old:
+                sums["policy/entropy"], weights["policy/entropy"] = float((old["old_entropy"] * batch.mask).sum()), n_tokens
+            sums["policy/rollout_logprob_diff"] = float(((old["old_logprobs"] - batch.rollout_logprobs).abs() * batch.mask).sum())
+            weights["policy/rollout_logprob_diff"] = n_tokens
         updates = skipped = 0
 
         mb_size = cfg.learner.mini_batch_size or len(batch)
