@@ -361,3 +361,12 @@ def test_a_stopped_run_without_a_checkpoint_says_it_starts_again_from_step_0(tmp
     last = save_checkpoint(tmp_path, 2, {"step": 2})
     assert _resume_hint(tmp_path) == (f"Nothing was saved after it; the latest checkpoint: {last} (the same command "
                                       "resumes from it)")
+
+
+def test_score_runs_check_that_both_attempts_fit_the_context(tmp_path):
+    """x2 = x1 + y1 + p_sc, then attempt 2: vLLM failed mid-run on an episode the start-up check let through."""
+    cfg = load_config(RLConfig, ROOT / "configs" / "rl" / "tiny_score.yaml",
+                      ["model.path=tiny-qwen2", "rollout.max_new_tokens=60", f"trainer.run_dir={tmp_path}",
+                       "trainer.progress=false"])
+    with pytest.raises(ConfigError, match=r"and \d+ \+ both attempts and score.instruction \(12\d\) > 128"):
+        train(cfg)

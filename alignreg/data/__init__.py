@@ -66,14 +66,15 @@ def log_split(cfg: TaskConfig, n_train: int, n_eval: int, n_records: int, where:
           file=sys.stderr, flush=True)
 
 
-def check_prompt_lengths(records: list[dict], tokenizer, max_new_tokens: int, limit: int, where: str) -> None:
-    """Refuse a prompt that cannot fit ``max_new_tokens`` more tokens in the model's context ``limit``
-    (vLLM would fail mid-run, and HF would run past the position table)."""
+def check_prompt_lengths(records: list[dict], tokenizer, max_new_tokens: int, limit: int, where: str,
+                         added: str = "rollout.max_new_tokens") -> None:
+    """Refuse a prompt that cannot fit ``max_new_tokens`` more tokens (``added`` says which) in the
+    model's context ``limit`` (vLLM would fail mid-run, and HF would run past the position table)."""
     from alignreg.models import prompt_token_ids
 
     longest = max((len(prompt_token_ids(tokenizer, r["prompt"])) for r in records), default=0)
     if longest + max_new_tokens > limit:
-        raise ConfigError(f"task: the longest prompt has {longest} tokens, and {longest} + rollout.max_new_tokens "
+        raise ConfigError(f"task: the longest prompt has {longest} tokens, and {longest} + {added} "
                           f"({max_new_tokens}) > {limit} ({where}); use shorter prompts, drop long ones "
                           "(math_data.max_prompt_tokens for math tasks), or lower rollout.max_new_tokens")
 

@@ -157,7 +157,12 @@ def build_run(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = 
     else:
         limit, where = getattr(model.config, "max_position_embeddings", None), "the model's max_position_embeddings"
     if limit:
-        check_prompt_lengths(train_records + eval_records, tokenizer, cfg.rollout.max_new_tokens, limit, where)
+        new, added = cfg.rollout.max_new_tokens, "rollout.max_new_tokens"
+        if cfg.score.enabled:  # x2 = x1 + y1 + p_sc, then attempt 2 (a chat template adds a few tokens more)
+            p_sc = len(tokenizer(cfg.score.instruction, add_special_tokens=False)["input_ids"])
+            new += p_sc + (cfg.score.second_max_new_tokens or cfg.rollout.max_new_tokens)
+            added = "both attempts and score.instruction"
+        check_prompt_lengths(train_records + eval_records, tokenizer, new, limit, where, added)
     if ckpt is not None and not (init_dir / "config.json").is_file():
         if cfg.warm_start.steps > 0:  # a warm start is not re-run behind the user's back: it is the KL reference
             raise RunError(f"cannot resume from {ckpt}: {init_dir} (the warm-started starting policy, the reference "
