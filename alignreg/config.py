@@ -496,7 +496,7 @@ class LearnerConfig:
     reuse_forward: bool = True  # first update of a step: take the loss statistics from the no-grad pass (pi = pi_old) and run only their backward (exact; checked per micro-batch by a hidden-state fingerprint)
     share_prompt: bool = True  # rows with the same prompt (a GRPO group) run its tokens once: the prompt pass fills a key/value cache the responses continue from (same values up to float rounding, same gradients; off under gradient checkpointing, where HF keeps no cache)
     mixed_precision: Literal["none", "bf16"] = "none"  # "bf16": the policy's (and reference's) transformer body runs under torch.autocast(bfloat16) with float32 weights, gradients and optimizer state; the lm-head statistics (log-probs, entropies, KL) stay in float32
-    max_nonfinite_updates: int = 3  # torch backend: an update whose gradient norm is inf/NaN is skipped (weights and Adam state unchanged; optim/nonfinite_skipped); more than this many in a row stop the run with an error (DeepSpeed: the first stops it)
+    max_nonfinite_updates: int = 3  # an update whose gradient norm is inf/NaN is skipped (weights and Adam state unchanged; optim/nonfinite_skipped; DeepSpeed too: its overflow check skips it); more than this many in a row stop the run with an error
 
     def validate(self, path: str) -> None:
         _check(self.lr > 0, f"{path}.lr must be > 0")

@@ -450,3 +450,8 @@ def test_resume_applies_the_configs_optimizer_settings_not_the_checkpoints():
         p.grad = torch.ones_like(p)
     new.apply_update()
     assert new.optimizer.param_groups[0]["lr"] == pytest.approx(1e-2)
+
+
+def test_logged_learning_rate_is_the_one_the_update_used():
+    _, metrics = _grads_after_step(16, learner={"warmup_steps": 3})
+    assert metrics["optim/lr"] == pytest.approx(1e-2 / 3)  # the first warmup update, not the next one's rate

@@ -456,6 +456,7 @@ class PolicyLearner:
         sums: dict[str, float] = defaultdict(float)  # token-weighted metrics: sum of value x tokens, and tokens
         weights: dict[str, float] = defaultdict(float)
         totals: dict[str, float] = defaultdict(float)
+        lrs: list[float] = []
         if not single:  # the no-grad pass's statistics of this rank's rows (summed over ranks below)
             n_tokens = float(batch.mask.sum())
             if "old_entropy" in old:
@@ -487,6 +488,8 @@ class PolicyLearner:
                         weights[k] += w
                     for k, v in parts.items():  # loss contributions: sum within a mini-batch
                         totals[k] += v
+                if hasattr(be, "scheduler"):  # the rate this update uses (the scheduler steps after it)
+                    lrs.append(be.scheduler.get_last_lr()[0])
                 grad_norm = be.step()
                 totals["optim/grad_norm"] += grad_norm
                 updates += 1
@@ -505,7 +508,7 @@ class PolicyLearner:
         for k in totals:  # mean over optimizer updates
             metrics[k] = totals[k] / updates
         metrics["optim/nonfinite_skipped"] = float(skipped)  # updates of this step skipped for inf/NaN gradients
-        metrics["optim/lr"] = be.scheduler.get_last_lr()[0] if hasattr(be, "scheduler") else cfg.learner.lr
+        metrics["optim/lr"] = sum(lrs) / len(lrs) if lrs else cfg.learner.lr  # mean over this step's updates
         if cfg.learner.reuse_forward and not single:  # fraction of micro-batches whose loss forward came from the no-grad pass
             metrics["learner/forward_reused"] = self._reuse_counts[True] / max(sum(self._reuse_counts.values()), 1)
         return metrics

@@ -222,6 +222,12 @@ class LearnerActor(LearnerWorker):
         ref = RemoteReference(reference) if reference is not None else None
         LearnerWorker.__init__(self, cfg, model_dir=model_dir, ref_model=ref)
 
+    def state_dict_kept(self, keep: bool) -> Optional[dict]:
+        """``state_dict()`` (collective: every rank runs it) returned by the rank that ``keep``s it only, so
+        the driver does not pull one full copy of weights and optimizer moments per rank."""
+        state = self.state_dict()
+        return state if keep else None
+
     def export_weights_checked(self, keep: bool) -> tuple[Optional[float], list]:
         """``(checksum, export_weights(keep))``, called with ``num_returns=2``: the driver waits on the small
         first value (``weights_checksum`` of what rank 0 exports, None on the other ranks), so a dead rank 0
@@ -402,7 +408,7 @@ class RayLearnerGroup:
         return self._all("probe_logprobs", prompt_ids, response_ids, temperature)[0]
 
     def state_dict(self) -> dict:
-        return self._all("state_dict")[0]
+        return self._get([a.state_dict_kept.remote(r == 0) for r, a in enumerate(self.actors)], "state_dict")[0]
 
     def load_state_dict(self, state: dict) -> None:
         ref = ray.put(state)
