@@ -126,7 +126,10 @@ def eval_main(argv: list[str]) -> int:
 
     cfg = load_config(RLConfig, args.config, args.overrides)
     if args.data and not args.config:
-        if not any(o.startswith(("rollout.max_new_tokens=", "rollout=")) for o in args.overrides):
+        from alignreg.config import _parsed, apply_overrides
+
+        rollout = _parsed(apply_overrides({}, list(args.overrides)).get("rollout"))
+        if not (isinstance(rollout, dict) and "max_new_tokens" in rollout):
             raise ConfigError(f"eval --data without --config: set the response length, e.g. rollout.max_new_tokens=1024 "
                               f"(the default, {cfg.rollout.max_new_tokens}, is the tiny sort task's), or pass the run's "
                               "--config")

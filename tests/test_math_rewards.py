@@ -57,6 +57,19 @@ from alignreg.rewards.math import (VerifierPool, batch_rewards, configure, extra
     ("so x equals y.\n#### x", "x"),
     ("#### The answer is 42", "42"),
     ("#### I don't know", None),
+    ("#### x - y", "x - y"),  # one-letter words: an expression, not prose
+    ("#### A, C", "A, C"),
+    # a heading with text below it is no answer line; units with / or ^, hedges and a closing sentence
+    ("Janet sells 9 eggs.\n\n#### Conclusion\nShe makes 9*2 = 18 dollars.", None),
+    ("#### Step 2\nShe makes 18.", None),
+    ("#### 18\n\nExplanation: because", "18"),
+    ("#### 18 km/h", "18"),
+    ("#### $15/hour", "15"),
+    ("#### 5 cm^2", "5"),
+    ("#### 7 e-books", "7"),
+    ("The answer is approximately 18.", "18"),
+    ("#### 18. That is 3 more than 15.", "18"),
+    ("#### 4 dozens", "4 dozens"),
     # an empty box (the instruction quoted back) is skipped
     ("Thus the result is \\boxed{5}. As instructed, the final answer goes within \\boxed{}.", "5"),
     ("\\boxed{}", None),

@@ -9,10 +9,11 @@ Rewards (``task.reward``):
 
 Extraction (:func:`extract_answer`): the last non-empty ``\\boxed{...}`` / ``\\fbox{...}`` (balanced
 braces; an empty ``\\boxed{}`` is skipped), else the line after the last ``####`` (GSM8K; an ``Answer:``
-label is dropped) unless it is a markdown heading (``#### Step 3: Total``) or plain words (``(no
-answer)``), else "the answer is X", else math-verify's own extraction (last LaTeX / numeric
-expression). A ``####`` / "answer is" answer loses markdown emphasis (``**72**``) and, when it opens
-with a number followed only by unit words (not ``or``, ``and``, ``to``, ``times``, ``pi``, ``million``,
+label is dropped) unless it is a markdown heading (``#### Step 3: Total``, or a word with text below
+it: ``#### Conclusion``) or plain words (``(no answer)``), else "the answer is X", else math-verify's
+own extraction (last LaTeX / numeric expression). A ``####`` / "answer is" answer loses markdown
+emphasis (``**72**``) and a hedge (``approximately``) and, when it opens with a number followed only
+by unit words (``km/h``, ``cm^2``) or a new sentence (not ``or``, ``and``, ``to``, ``times``, ``pi``, ``million``,
 ``dozen`` ...) or a parenthesis without digits, everything after the number (``72 dollars``, ``72
 (dollars)`` -> ``72``; ``5 or 6``, ``2 pi``, ``3 hours and 20 minutes`` stay whole); commas are removed
 only inside numbers (``1,234`` -> ``1234``; ``(1, 2)`` stays). Equivalence is math-verify's
@@ -45,16 +46,22 @@ _ANSWER_IS = re.compile(r"answer is[:\s]*\$?([^\n$]+?)\$?\s*(?:\.(?!\d)|$)", re.
 _NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?"  # 1,234.5: commas only as thousands separators
 # words after a number that change its value or join another one: the answer is then kept whole
 _NOT_UNITS = ("or", "and", "to", "times", "plus", "minus", "over", "divided", "pi", "sqrt", "root", "squared", "cubed",
-              "hundred", "thousand", "million", "billion", "trillion", "dozen", "half", "third", "thirds", "quarter", "e")
-# a number that opens the answer and is followed only by unit words or a parenthesis without digits, then an
-# optional period: "72 dollars", "72 (dollars)", "$1,234.", but not "3/4", "12\pi", "72%", "1, 2", "5 or 6",
-# "2 pi", "1 million" or "3 hours and 20 minutes"
+              "hundred", "hundreds", "thousand", "thousands", "million", "millions", "billion", "billions", "trillion",
+              "dozen", "dozens", "half", "halves", "third", "thirds", "quarter", "quarters", "tenths", "hundredths", "e")
+_UNIT = r"[A-Za-z]+(?:\^\d|[²³])?(?:/[A-Za-z]+(?:\^\d|[²³])?)?"  # dollars, km/h, cm^2, e-books (with the separator)
+# a number that opens the answer and is followed only by unit words (or "/unit") or a parenthesis without digits,
+# then an optional period, or by a period and a new sentence: "72 dollars", "18 km/h", "$15/hour", "72 (dollars)",
+# "$1,234.", "18. That is 3 more.", but not "3/4", "12\pi", "72%", "1, 2", "5 or 6", "2 pi", "1 million" or
+# "3 hours and 20 minutes"
 _LEADING_NUMBER = re.compile(
-    rf"\\?\$?\s*({_NUMBER})\s*\$?(?=\s*\.?\s*$|\s+\([^\d()]*\)\s*\.?\s*$"
-    rf"|\s+(?!(?:{'|'.join(_NOT_UNITS)})\b)[A-Za-z][A-Za-z ,'-]*\.?\s*$)", re.I)
+    rf"\\?\$?\s*({_NUMBER})\s*\$?(?=\s*\.?\s*$|\.\s+[A-Z]|/[A-Za-z]+\.?\s*$|\s+\([^\d()]*\)\s*\.?\s*$"
+    rf"|\s+(?!(?:{'|'.join(_NOT_UNITS)})(?![\w-])){_UNIT}(?:[ ,'-]+{_UNIT})*\.?\s*$)", re.I)
+_HEDGE = re.compile(r"^(?:approximately|approx\.?|about|around|roughly|nearly|~|≈)\s*", re.I)
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
-_HEADING = re.compile(r"(?:[A-Z][a-z]+\s+)?\d+\s*[.:)]\s+[A-Za-z]")  # "#### Step 3: Total", "#### 3. Total": markdown headings
-_PROSE = re.compile(r"[A-Za-z]+(?:[ ,:;'-]+[A-Za-z]+)+")  # two or more plain words, no math: "no answer", "I don't know"
+# a #### line with more text below it is a markdown heading when it opens with a word or "N. word":
+# "#### Conclusion", "#### Step 2 - Total", "#### 3. Total" (a last line "#### 18. That is it." is an answer)
+_HEADING = re.compile(r"[A-Za-z]{2,}|\d+\s*[.:)]\s+[A-Za-z]")
+_NUMBERED_HEADING = re.compile(r"[A-Z][a-z]+\s+\d+\s*[:.)–-]")  # "#### Step 3: Total" even as the last line
 _ANSWER_LABEL = re.compile(r"^(?:the\s+)?(?:final\s+)?answer\b\s*(?:is\b)?\s*[:=]?\s*", re.I)  # "#### Answer: 72"
 
 
@@ -83,7 +90,7 @@ def last_boxed(text: str) -> Optional[str]:
 def final_value(s: str) -> str:
     """A stated answer without markdown emphasis, units or thousands separators: ``"**1,234** dollars."``
     -> ``"1234"``. A leading number followed only by words is the answer; anything else is kept whole."""
-    s = s.replace("*", "").strip()
+    s = _HEDGE.sub("", s.replace("*", "").strip())  # "approximately 18" -> "18"
     m = _LEADING_NUMBER.match(s)
     if m:
         return m.group(1).replace(",", "")
@@ -97,9 +104,15 @@ def gsm8k_answer(text: str) -> Optional[str]:
         return None
     tail = text.rsplit("####", 1)[1].strip().splitlines()
     line = _ANSWER_LABEL.sub("", tail[0].replace("*", "").strip() if tail else "")
-    if not line or _HEADING.match(line) or _PROSE.fullmatch(line.strip("()[]. ")):
+    below = any(t.strip() for t in tail[1:])
+    if not line or (below and _HEADING.match(line)) or _NUMBERED_HEADING.match(line) or _is_prose(line.strip("()[]. ")):
         return None
     return final_value(line) or None
+
+
+def _is_prose(s: str) -> bool:
+    """Plain words and no math (``no answer``, ``I don't know``); ``x - y``, ``a, b`` or ``A, C`` are answers."""
+    return bool(re.fullmatch(r"[A-Za-z]+(?:[ ,:;'-]+[A-Za-z]+)+", s)) and sum(len(w) > 1 for w in re.findall(r"[A-Za-z]+", s)) >= 2
 
 
 def extract_answer(text: str) -> Optional[str]:
