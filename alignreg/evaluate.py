@@ -150,6 +150,9 @@ def eval_main(argv: list[str]) -> int:
         tokenizer.save_pretrained(model_dir)
     engine = RolloutWorker(cfg, model_dir, args.seed, model=None if cfg.rollout.engine == "vllm" else model, tokenizer=tokenizer)
     records = eval_records(cfg, tokenizer, args.data, args.format, args.limit)
+    from alignreg.data import check_context
+
+    check_context(cfg, records, tokenizer, model.config, two_attempts=args.self_correct or cfg.score.enabled)
     metrics = evaluate_checkpoint(engine, tokenizer, records, cfg, args.self_correct, args.seed)
     title = f"{ckpt} on {args.data or cfg.task.name} ({len(records)} problems, reward {cfg.task.reward})"
     table = format_table(metrics, title)

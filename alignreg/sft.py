@@ -258,6 +258,7 @@ def sft_main(argv: list[str]) -> int:
         print(f"sft: {summary['stopped']}: checkpoint written at step {summary['steps']} of {cfg.steps} "
               f"({summary['checkpoint']}); run the same command again to resume")
         return exit_code(summary["stopped"])
-    print(f"sft: {summary['steps']} steps, loss {summary['loss_first']} -> {summary['loss_last']}; "
+    print(f"sft: {summary['steps']} steps, loss {summary['loss_first']} -> {summary['loss_last']} (logged every "
+          f"{cfg.logging_steps} steps; mean {summary.get('train_loss')}); "
           f"checkpoint: {summary['output_dir']} (alignreg rl CONFIG model.path={summary['output_dir']})")
     return 0

@@ -54,6 +54,8 @@ def test_eval_cli_on_gsm8k_with_math_verify(checkpoint, tmp_path, capsys):
         eval_main(args)  # the default response length (8 tokens) is the tiny task's: a math file needs its own
     with pytest.raises(ConfigError, match=r"set the response length"):
         eval_main(args + ["rollout={temperature: 0.7}"])  # a rollout section without the length
+    with pytest.raises(ConfigError, match=r"\+ rollout.max_new_tokens \(1024\) > 128"):
+        eval_main(args + ["rollout.max_new_tokens=1024"])  # as alignreg rl: a response that cannot fit the context
     assert eval_main(args + ["rollout.max_new_tokens=4"]) == 0
     m = json.loads((checkpoint / f"eval_{tmp_path.name}_test.json").read_text())["metrics"]  # default: next to the checkpoint
     assert m["num_problems"] == 3 and "maj@2" in m and "accuracy@t1" not in m

@@ -182,8 +182,11 @@ def test_resume_refuses_what_it_cannot_honour_and_keeps_the_old_config(tmp_path)
     # start from it)
     init = (tmp_path / "init_policy" / "model.safetensors").read_bytes()
     os.rename(tmp_path / "init_policy", tmp_path / "init_policy.lost")
+    (tmp_path / "final" / "eval_sort.json").write_text("{}")  # alignreg eval of the step-2 model
     # a change a resume can honour applies from the resumed step on; the config of steps 1-2 is kept
-    assert train(_cfg(tmp_path, "trainer.steps=3", *base, "learner.lr=1e-4"))["steps"] == 3
+    summary = train(_cfg(tmp_path, "trainer.steps=3", *base, "learner.lr=1e-4"))
+    assert summary["steps"] == summary["final_step"] == 3
+    assert not (tmp_path / "final" / "eval_sort.json").exists()  # it described the model final/ held before
     assert (tmp_path / "init_policy" / "model.safetensors").read_bytes() == init
     assert (tmp_path / "config.step_00000002.yaml").read_text() == saved
     assert load_yaml(tmp_path / "config.yaml")["learner"]["lr"] == 1e-4

@@ -79,6 +79,24 @@ def check_prompt_lengths(records: list[dict], tokenizer, max_new_tokens: int, li
                           "(math_data.max_prompt_tokens for math tasks), or lower rollout.max_new_tokens")
 
 
+def check_context(cfg, records: list[dict], tokenizer, model_config, two_attempts: bool = False) -> None:
+    """:func:`check_prompt_lengths` with the run's context limit (``vllm.max_model_len``, else the model's
+    ``max_position_embeddings``) and response budget (SCoRe: x2 = x1 + y1 + p_sc, then attempt 2; a chat
+    template adds a few tokens more)."""
+    if cfg.rollout.engine == "vllm" and cfg.vllm.max_model_len > 0:
+        limit, where = cfg.vllm.max_model_len, "vllm.max_model_len"
+    else:
+        limit, where = getattr(model_config, "max_position_embeddings", None), "the model's max_position_embeddings"
+    if not limit:
+        return
+    new, added = cfg.rollout.max_new_tokens, "rollout.max_new_tokens"
+    if two_attempts:
+        new += len(tokenizer(cfg.score.instruction, add_special_tokens=False)["input_ids"]) + (
+            cfg.score.second_max_new_tokens or cfg.rollout.max_new_tokens)
+        added = "both attempts and score.instruction"
+    check_prompt_lengths(records, tokenizer, new, limit, where, added)
+
+
 def prompt_dataset(cfg: TaskConfig) -> tuple[list[dict], list[dict]]:
     """``(train_records, eval_records)`` for ``cfg.name``: ``jsonl`` or a registered synthetic task."""
     if cfg.name == "jsonl":

@@ -31,7 +31,8 @@ def generated_path(d: OfflineDataConfig) -> Path:
         return Path(d.path).expanduser()
     from alignreg.offline.generate import policy_version
 
-    return Path(d.cache_dir).expanduser() / f"{d.env}-{d.level}-v5-p{policy_version(d.env)}-s{d.seed}-n{d.size}.hdf5"
+    size = "all" if d.level == "medium-replay" else d.size  # medium-replay: the snapshots' whole stretches, any size
+    return Path(d.cache_dir).expanduser() / f"{d.env}-{d.level}-v5-p{policy_version(d.env)}-s{d.seed}-n{size}.hdf5"
 
 
 def check_generated_file(path: Path, d: OfflineDataConfig) -> None:

@@ -150,19 +150,9 @@ def build_run(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = 
 
     configure_math_rewards(**vars(cfg.math_reward))
     train_records, eval_records = math_prompt_dataset(cfg, tokenizer) or prompt_dataset(cfg.task)
-    from alignreg.data import check_prompt_lengths
+    from alignreg.data import check_context
 
-    if cfg.rollout.engine == "vllm" and cfg.vllm.max_model_len > 0:
-        limit, where = cfg.vllm.max_model_len, "vllm.max_model_len"
-    else:
-        limit, where = getattr(model.config, "max_position_embeddings", None), "the model's max_position_embeddings"
-    if limit:
-        new, added = cfg.rollout.max_new_tokens, "rollout.max_new_tokens"
-        if cfg.score.enabled:  # x2 = x1 + y1 + p_sc, then attempt 2 (a chat template adds a few tokens more)
-            p_sc = len(tokenizer(cfg.score.instruction, add_special_tokens=False)["input_ids"])
-            new += p_sc + (cfg.score.second_max_new_tokens or cfg.rollout.max_new_tokens)
-            added = "both attempts and score.instruction"
-        check_prompt_lengths(train_records + eval_records, tokenizer, new, limit, where, added)
+    check_context(cfg, train_records + eval_records, tokenizer, model.config, two_attempts=cfg.score.enabled)
     if ckpt is not None and not (init_dir / "config.json").is_file():
         if cfg.warm_start.steps > 0:  # a warm start is not re-run behind the user's back: it is the KL reference
             raise RunError(f"cannot resume from {ckpt}: {init_dir} (the warm-started starting policy, the reference "
@@ -455,9 +445,14 @@ def _loop(run: Run, run_dir: Path, pre: GracefulStop) -> dict[str, Any]:
                     "stop_signal": pre.name if stopped else None})
     if step == tc.steps:
         final_dir = run_dir / "final"
+        for old in final_dir.glob("eval_*"):  # alignreg eval results of an earlier final/ (a shorter run)
+            old.unlink()
         run.learner.save_hf(str(final_dir))
         run.tokenizer.save_pretrained(final_dir)
-        summary["final_model"] = str(final_dir)
+        summary["final_model"], summary["final_step"] = str(final_dir), step
+    else:  # stopped early: final/ (if any) is an earlier, shorter run's model
+        summary.pop("final_model", None)
+        summary.pop("final_step", None)
     png = plot_curves(logger.path, run_dir / "curves.png", PLOT_KEYS)
     if png:
         summary["plot"] = str(png)
