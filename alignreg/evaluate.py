@@ -167,8 +167,12 @@ def eval_main(argv: list[str]) -> int:
     else:
         tag = cfg.task.name
     settings = {"max_new_tokens": cfg.rollout.max_new_tokens, "temperature": cfg.eval.temperature,
-                "num_samples": cfg.eval.num_samples, "reward": cfg.task.reward, "template": cfg.math_data.template,
-                "seed": args.seed, "limit": args.limit}
+                "num_samples": cfg.eval.num_samples, "reward": cfg.task.reward, "seed": args.seed, "limit": args.limit,
+                "self_correct": bool(args.self_correct or cfg.score.enabled)}
+    if args.data or cfg.task.name in ("gsm8k", "math", "math_mixture"):  # the prompts a math template rendered
+        settings["template"] = cfg.math_data.template
+    if settings["self_correct"]:
+        settings["instruction"] = cfg.score.instruction
     (out / f"eval_{tag}.md").write_text(table)
     (out / f"eval_{tag}.json").write_text(json.dumps({"checkpoint": str(ckpt), "data": args.data or cfg.task.name,
                                                       "settings": settings, "metrics": metrics}, indent=2))

@@ -38,6 +38,7 @@ def test_eval_cli_on_a_file_with_self_correction(checkpoint, tmp_path, capsys):
         assert f"| {key} |" in printed
     result = json.loads((out / f"eval_{tmp_path.name}_sort.json").read_text())
     assert result["settings"]["max_new_tokens"] == 5 and result["settings"]["num_samples"] == 4
+    assert result["settings"]["self_correct"] and result["settings"]["instruction"] == " check:"
     m = result["metrics"]
     assert m["num_problems"] == 6 and 0.0 <= m["pass@1"] <= m["pass@2"] <= m["pass@4"] <= 1.0
     assert m["delta_t1_t2"] == pytest.approx(m["accuracy@t2"] - m["accuracy@t1"])

@@ -85,6 +85,7 @@ def test_resume_continues_exactly_and_skips_a_damaged_checkpoint(tmp_path, capsy
     assert (split / "checkpoints" / "step_00000003.unreadable" / "state.pt").is_file()
     err = capsys.readouterr().err
     assert "step_00000003 is unreadable" in err and "metrics.jsonl:5 is not a JSON line" in err
+    assert "resuming from " in err and "step_00000002" in err
     assert (split / "metrics.jsonl.before_resume").read_text() == before
     # TensorBoard shows each step once: the resume purged step 3 of the first run (it was logged, then set aside)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

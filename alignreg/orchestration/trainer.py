@@ -345,6 +345,8 @@ def _train(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]]) -> d
             os.replace(run_dir / "config.yaml", kept)
         print(f"resuming from {ckpt} with changed settings: {describe_diff(changed)} (the config of the steps so "
               f"far: {kept if kept.is_file() else ckpt / 'config.yaml'})", file=sys.stderr, flush=True)
+    elif ckpt is not None:
+        print(f"resuming from {ckpt}", file=sys.stderr, flush=True)
     if ckpt is not None:
         abandon_later_checkpoints(run_dir, ckpt, lambda msg: print(msg, file=sys.stderr, flush=True))
     save_config(cfg, run_dir / "config.yaml")
