@@ -134,21 +134,25 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
-def load_policy(cfg: ModelConfig, seed: int):
-    """Return ``(model, tokenizer)``: built in code for ``tiny-qwen2``, else from a local HF dir."""
-    if cfg.path == TINY_MODEL:
+def load_policy(cfg: ModelConfig, seed: int, saved: Optional[str | Path] = None):
+    """Return ``(model, tokenizer)``: built in code for ``tiny-qwen2``, else from a local HF dir.
+    ``saved``: a directory this ``cfg``'s model was saved to (a run's ``init_policy/``), loaded instead,
+    with the kernels the model of ``cfg`` runs (eager attention for ``tiny-qwen2``), so a resumed run
+    computes as the uninterrupted one."""
+    if cfg.path == TINY_MODEL and saved is None:
         tokenizer = build_tokenizer()
         model = build_model(cfg, len(tokenizer), seed, tokenizer)
     else:
-        path = Path(cfg.path)
+        path = Path(saved if saved is not None else cfg.path)
         if not (path.is_dir() and (path / "config.json").is_file()):
             raise ConfigError(
                 f"model.path: {cfg.path!r} is not a local Hugging Face checkpoint directory "
                 f"(no config.json); use {TINY_MODEL!r} or a directory saved with save_pretrained"
             )
         tokenizer = load_tokenizer(path)
+        attn = {"attn_implementation": "eager"} if cfg.path == TINY_MODEL else {}
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype=getattr(torch, cfg.dtype)
+            path, local_files_only=True, dtype=getattr(torch, cfg.dtype), **attn
         )
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()

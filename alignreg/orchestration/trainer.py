@@ -144,7 +144,10 @@ def build_run(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = 
         ckpt = _resolve_resume(cfg)
     init_dir = run_dir / "init_policy"
 
-    model, tokenizer = load_policy(cfg.model, cfg.trainer.seed)
+    # a resume starts from the run's own starting policy (the KL reference): model.path may hold another model
+    # since (e.g. an SFT output trained again), or a warm start made it
+    saved = init_dir if ckpt is not None and (init_dir / "config.json").is_file() else None
+    model, tokenizer = load_policy(cfg.model, cfg.trainer.seed, saved=saved)
     from alignreg.data.math import math_prompt_dataset  # also registers the math_verify rewards
     from alignreg.rewards.math import configure as configure_math_rewards
 
@@ -169,16 +172,6 @@ def build_run(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = 
             (run_dir / "warm_start.json").write_text(json.dumps(ws, indent=2))
         model.save_pretrained(init_dir)  # the reference policy and the run's starting point
         tokenizer.save_pretrained(init_dir)
-    else:  # the run's own starting policy (the KL reference): model.path may hold another model since
-        from transformers import AutoModelForCausalLM  # (e.g. an SFT output trained again), or a warm start ran
-
-        from alignreg.models import load_tokenizer
-
-        attn = model.config._attn_implementation  # same kernels as the uninterrupted run: exact resume
-        model = AutoModelForCausalLM.from_pretrained(init_dir, local_files_only=True, dtype=model.dtype, attn_implementation=attn)
-        tokenizer = load_tokenizer(init_dir)
-        if cfg.model.gradient_checkpointing:
-            model.gradient_checkpointing_enable()
     prompts = PromptIterator(train_records, cfg.rollout.prompts_per_step, cfg.trainer.seed)
     if cfg.orchestration == "ray":
         rollout, learner, close = _ray_groups(cfg, init_dir, len(tokenizer), resources)
