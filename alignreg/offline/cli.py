@@ -63,7 +63,6 @@ def data_main(argv: list[str]) -> int:
         if args.seed < 0:
             raise ConfigError(f"--seed must be >= 0, got {args.seed}")
         dc = OfflineDataConfig(env=args.env, level=args.level, size=args.size, seed=args.seed, path=args.out)
-        dc.validate("data")
         path = generate_dataset(args.env, args.level, args.size, args.seed, generated_path(dc))
     except ConfigError as e:
         return _fail(e)
