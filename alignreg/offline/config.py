@@ -28,7 +28,7 @@ class OfflineDataConfig:
     level: Level = "medium"  # generated: behaviour-policy level (D4RL naming)
     path: str = ""  # d4rl_hdf5: the file; generated: cache file ("" = <cache_dir>/<env>-<level>-v5-p<policy hash>-s<seed>-n<size>.hdf5)
     cache_dir: str = "~/.cache/alignreg/offline"  # generated: where datasets are written when path is ""
-    minari_id: str = ""  # minari: dataset id, e.g. "mujoco/hopper/medium-v0"
+    minari_id: str = ""  # minari: dataset id, e.g. "mujoco/hopper/medium-v0" (local: `minari download <id>` first)
     size: int = 100_000  # generated: env steps per behaviour policy (medium-expert holds 2 x size)
     seed: int = 0  # generated: generation seed (same seed -> same file)
     reference: Literal["auto", "d4rl", "alignreg-v5"] = "auto"  # normalised-score references; auto: alignreg-v5 for generated data, d4rl otherwise

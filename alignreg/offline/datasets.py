@@ -9,7 +9,8 @@
   unless step ``i`` is a final timestep (``timeouts[i]``, or -- for files without ``timeouts`` --
   the 1000th step of an episode counted by D4RL's ``episode_step`` rule), which is skipped; the last
   row ``N-1`` is always dropped; ``next_observations`` in the file are *not* used (D4RL ignores them).
-* :func:`read_minari` converts a Minari dataset's episodes (true next observations, terminations);
+* :func:`read_minari` converts a local Minari dataset's episodes: every step, the episode's own next
+  observation (also at a truncation), ``terminals`` = ``terminations``;
   :func:`from_arrays` validates user arrays.
 * :class:`OfflineData` holds the transitions, the state normalisation ``(s - mean) / (std + 1e-3)``
   (TD3+BC / PRDC) and samples :class:`~alignreg.offline.batch.TransitionBatch` es.
@@ -128,13 +129,43 @@ def from_arrays(observations, actions, rewards, next_observations, terminals, wh
             ("observations", "actions", "next_observations", "rewards", "terminals")}
 
 
-def read_minari(dataset_id: str) -> dict:
-    """Transitions of a Minari dataset (``pip install minari``; the dataset must be downloaded)."""
+def read_minari(dataset_id: str, env: str | None = None) -> dict:
+    """Transitions of a local Minari dataset (``pip install 'alignreg[offline]'``; download it first with
+    ``minari download <id>``): per episode ``(obs[t], act[t], rew[t], obs[t+1], terminations[t])`` for every
+    step, so a truncated (time-limit) step keeps its true next observation and is not terminal. A missing
+    dataset, non-Box (e.g. ``Dict``) spaces, or -- with ``env`` (``data.env``) -- data recorded in another
+    environment than ``env``'s evaluation environment are a :class:`DatasetError`."""
+    where = f"minari:{dataset_id}"
     try:
         import minari
     except ImportError:
-        raise DatasetError("data.source=minari needs the 'minari' package: pip install minari") from None
-    ds = minari.load_dataset(dataset_id)
+        raise DatasetError("data.source=minari needs the 'minari' package: pip install 'minari[hdf5]'") from None
+    try:
+        ds = minari.load_dataset(dataset_id)
+    except FileNotFoundError:
+        from minari.storage import get_dataset_path
+
+        raise DatasetError(f"{where}: no such dataset in the local Minari folder {get_dataset_path()} "
+                           f"(MINARI_DATASETS_PATH chooses it); download it with `minari download {dataset_id}` "
+                           f"(`minari list remote` lists the ids, `minari list local` the downloaded ones)") from None
+    import gymnasium as gym
+
+    for name, space in (("observation", ds.observation_space), ("action", ds.action_space)):
+        if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
+            kind = f"Dict with keys {', '.join(space.spaces)}" if isinstance(space, gym.spaces.Dict) else str(space)
+            fix = ("record the dataset with flat observations (e.g. gymnasium.wrappers.FlattenObservation)"
+                   if name == "observation" else "the TD3 learners need continuous actions")
+            raise DatasetError(f"{where}: the {name} space is {kind}; alignreg needs flat Box {name}s (1-D "
+                               f"vectors): {fix}")
+    if env is not None and ds.env_spec is not None:
+        from alignreg.offline.generate import ENV_IDS
+
+        want = gym.spec(ENV_IDS[env]) if env in ENV_IDS else None
+        if want is not None and (ds.env_spec.namespace, ds.env_spec.name) != (want.namespace, want.name):
+            match = [k for k, v in ENV_IDS.items() if gym.spec(v).name == ds.env_spec.name]
+            fix = f"set data.env={match[0]}" if match else f"alignreg evaluates only in {', '.join(ENV_IDS.values())}"
+            raise DatasetError(f"{where}: recorded in {ds.env_spec.id}, but data.env={env} evaluates in {want.id}; "
+                               f"{fix}")
     parts: dict[str, list] = {k: [] for k in ("observations", "actions", "next_observations", "rewards", "terminals")}
     for ep in ds.iterate_episodes():
         obs = np.asarray(ep.observations)
@@ -143,7 +174,9 @@ def read_minari(dataset_id: str) -> dict:
         parts["actions"].append(np.asarray(ep.actions))
         parts["rewards"].append(np.asarray(ep.rewards))
         parts["terminals"].append(np.asarray(ep.terminations))
-    return from_arrays(*(np.concatenate(parts[k]) for k in parts), where=f"minari:{dataset_id}")
+    if not parts["observations"]:
+        raise DatasetError(f"{where}: the dataset holds no episodes")
+    return from_arrays(**{k: np.concatenate(v) for k, v in parts.items()}, where=where)
 
 
 class OfflineData:

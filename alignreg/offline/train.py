@@ -68,7 +68,7 @@ def check_generated_file(path: Path, d: OfflineDataConfig) -> None:
 def load_transitions(d: OfflineDataConfig, log=print) -> tuple[dict, str]:
     """Transitions for ``d`` and the reference set for normalised scores."""
     if d.source == "minari":
-        return read_minari(d.minari_id), "d4rl" if d.reference == "auto" else d.reference
+        return read_minari(d.minari_id, env=d.env), "d4rl" if d.reference == "auto" else d.reference
     if d.source == "generated":
         path = generated_path(d)
         if not path.is_file():

@@ -3,7 +3,8 @@ import h5py
 import numpy as np
 import pytest
 
-from alignreg.offline.datasets import DatasetError, OfflineData, from_arrays, qlearning_dataset, read_d4rl_hdf5
+from alignreg.offline.datasets import (DatasetError, OfflineData, from_arrays, qlearning_dataset, read_d4rl_hdf5,
+                                       read_minari)
 from alignreg.offline.scores import D4RL_REF, normalized_score
 
 
@@ -156,3 +157,113 @@ def test_offline_imports_stay_light():
             "print(','.join(m for m in ('gymnasium','mujoco','h5py','scipy','ray','matplotlib') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == ""
+
+
+def write_minari(dataset_id, episodes, **spaces_or_env):
+    """A Minari dataset written locally by Minari itself (``create_dataset_from_buffers``: the files
+    ``DataCollector.create_dataset`` writes, without the jax that ``DataCollector`` needs to stack steps)."""
+    import warnings
+
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    buffers = [EpisodeBuffer(id=i, **ep) for i, ep in enumerate(episodes)]
+    with warnings.catch_warnings():  # minari's reminders to set author, code_permalink, ...
+        warnings.simplefilter("ignore")
+        minari.create_dataset_from_buffers(dataset_id, buffers, algorithm_name="alignreg-test", **spaces_or_env)
+
+
+def record_hopper_minari(tmp_path, monkeypatch, dataset_id="test/hopper/tiny-v0"):
+    """Three Hopper-v5 episodes under a 15-step TimeLimit, recorded as ``DataCollector`` does (reset
+    observation + one observation per step): small random actions run into the time limit (truncated),
+    a fixed full-torque action makes the hopper fall at step 10 (terminated). Returns the recorded episodes."""
+    import gymnasium as gym
+
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    env = gym.make("Hopper-v5", max_episode_steps=15)
+    rng = np.random.default_rng(0)
+    episodes = []
+    for seed, fall in enumerate([False, True, False]):
+        o, _ = env.reset(seed=seed)
+        ep = {"observations": [o], "actions": [], "rewards": [], "terminations": [], "truncations": []}
+        while not (ep["terminations"] and (ep["terminations"][-1] or ep["truncations"][-1])):
+            a = np.array([1, -1, 1], np.float32) if fall else rng.uniform(-0.1, 0.1, 3).astype(np.float32)
+            o, r, term, trunc, _ = env.step(a)
+            for k, v in zip(("observations", "actions", "rewards", "terminations", "truncations"), (o, a, r, term, trunc)):
+                ep[k].append(v)
+        episodes.append({k: np.array(v) for k, v in ep.items()})
+    assert [(len(e["actions"]), e["terminations"][-1], e["truncations"][-1]) for e in episodes] == \
+        [(15, False, True), (10, True, False), (15, False, True)]
+    write_minari(dataset_id, episodes, env=env)
+    return episodes
+
+
+def test_minari_dataset_gives_the_recorded_transitions(tmp_path, monkeypatch):
+    """Every step of every episode, next observation = the episode's own next one (also at a truncation,
+    never the next episode's reset), terminals = terminations only; read directly and via data.source=minari."""
+    from alignreg.config import from_dict
+    from alignreg.offline.config import OfflineConfig
+    from alignreg.offline.train import load_transitions
+
+    eps = record_hopper_minari(tmp_path, monkeypatch)
+    want = {"observations": np.concatenate([e["observations"][:-1] for e in eps]).astype(np.float32),
+            "actions": np.concatenate([e["actions"] for e in eps]),
+            "next_observations": np.concatenate([e["observations"][1:] for e in eps]).astype(np.float32),
+            "rewards": np.concatenate([e["rewards"] for e in eps]).astype(np.float32),
+            "terminals": np.concatenate([e["terminations"] for e in eps])}
+    cfg = from_dict(OfflineConfig, {"data": {"source": "minari", "minari_id": "test/hopper/tiny-v0", "env": "hopper"}})
+    via_config, ref = load_transitions(cfg.data)
+    assert ref == "d4rl"
+    for t in (read_minari("test/hopper/tiny-v0"), via_config):
+        assert set(t) == set(want) and len(t["rewards"]) == 40
+        for k in want:
+            assert t[k].dtype == want[k].dtype, k
+            np.testing.assert_array_equal(t[k], want[k], err_msg=k)
+        assert np.flatnonzero(t["terminals"]).tolist() == [24]  # the fall, not the two truncations (rows 14, 39)
+        np.testing.assert_array_equal(t["next_observations"][14], eps[0]["observations"][15].astype(np.float32))
+        np.testing.assert_array_equal(t["observations"][15], eps[1]["observations"][0].astype(np.float32))
+
+
+def test_minari_short_training_run(tmp_path, monkeypatch):
+    from alignreg.config import from_dict
+    from alignreg.offline.config import OfflineConfig
+    from alignreg.offline.train import train
+
+    record_hopper_minari(tmp_path, monkeypatch)
+    cfg = from_dict(OfflineConfig, {"data": {"source": "minari", "minari_id": "test/hopper/tiny-v0"},
+                                    "learner": {"batch_size": 16, "actor_hidden": [16], "critic_hidden": [16]},
+                                    "regularizers": [{"name": "bc_mse"}], "eval": {"every": 0, "episodes": 1},
+                                    "trainer": {"steps": 10, "log_every": 5, "checkpoint_every": 10,
+                                                "progress": False}})
+    res = train(cfg, tmp_path / "run", log=lambda *a: None)
+    assert res["source"] == "minari" and res["reference"] == "d4rl" and np.isfinite(res["final_score"])
+
+
+def test_minari_errors_are_clear(tmp_path, monkeypatch):
+    """A missing id was minari's FileNotFoundError (with 'Use download=True', which alignreg cannot pass); a
+    Dict observation space crashed in from_arrays; data.env of another task was only caught by dimensions."""
+    import gymnasium as gym
+
+    from alignreg.offline.config import OfflineDataConfig
+    from alignreg.offline.train import load_transitions
+
+    record_hopper_minari(tmp_path, monkeypatch)
+    with pytest.raises(DatasetError) as e:
+        load_transitions(OfflineDataConfig(source="minari", minari_id="mujoco/hopper/medium-v0"))
+    msg = str(e.value)
+    assert msg.startswith(f"minari:mujoco/hopper/medium-v0: no such dataset in the local Minari folder {tmp_path / 'minari'}")
+    assert "`minari download mujoco/hopper/medium-v0`" in msg and "`minari list remote`" in msg and "\n" not in msg
+
+    with pytest.raises(DatasetError, match=r"^minari:test/hopper/tiny-v0: recorded in Hopper-v5, but data.env="
+                                           r"walker2d evaluates in Walker2d-v5; set data.env=hopper$"):
+        load_transitions(OfflineDataConfig(source="minari", minari_id="test/hopper/tiny-v0", env="walker2d"))
+
+    obs_space = gym.spaces.Dict({"achieved": gym.spaces.Box(-1, 1, (2,)), "observation": gym.spaces.Box(-1, 1, (3,))})
+    rng = np.random.default_rng(1)
+    ep = {"observations": {"achieved": rng.uniform(-1, 1, (6, 2)), "observation": rng.uniform(-1, 1, (6, 3))},
+          "actions": rng.uniform(-1, 1, (5, 2)), "rewards": np.ones(5), "terminations": np.zeros(5, bool),
+          "truncations": np.eye(5, dtype=bool)[4]}
+    write_minari("test/dict/tiny-v0", [ep], observation_space=obs_space, action_space=gym.spaces.Box(-1, 1, (2,)))
+    with pytest.raises(DatasetError, match=r"^minari:test/dict/tiny-v0: the observation space is Dict with keys "
+                                           r"achieved, observation; alignreg needs flat Box observations"):
+        read_minari("test/dict/tiny-v0")
