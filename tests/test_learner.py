@@ -455,3 +455,120 @@ def test_resume_applies_the_configs_optimizer_settings_not_the_checkpoints():
 def test_logged_learning_rate_is_the_one_the_update_used():
     _, metrics = _grads_after_step(16, learner={"warmup_steps": 3})
     assert metrics["optim/lr"] == pytest.approx(1e-2 / 3)  # the first warmup update, not the next one's rate
+
+
+@pytest.mark.parametrize("single_pass", [True, False])
+def test_learner_log_probs_use_the_rollout_temperature(single_pass):
+    """The engine reports log_softmax(logits / T) at rollout.temperature; the learner's pi_old statistics
+    (the no-grad pass, or the single pass's loss pass) divide by the same T, so their gap to the engine's
+    log-probs on the learner's own weights is float noise. At T = 1 the same batch would be far off."""
+    from alignreg.models import encode_prompts
+    from alignreg.rollout.base import SamplingParams
+    from alignreg.rollout.hf import HFRolloutEngine
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    model = _model(tok)
+    engine = HFRolloutEngine(model, tok)
+    prompts = encode_prompts(tok, ["3142=", "97=", "5511=", "80="])
+    rb = engine.generate(prompts, SamplingParams(temperature=0.7, n=4, max_new_tokens=6, seed=0))
+    adv = torch.randn(len(rb), generator=torch.Generator().manual_seed(1))
+    batch = collate(rb.prompt_ids, rb.response_ids, rb.logprobs, torch.zeros(len(rb)), adv, rb.prompt_index,
+                    tok.pad_token_id)
+
+    def diff(temperature):
+        cfg = from_dict(RLConfig, {"rollout": {"group_size": 4, "prompts_per_step": 4, "max_new_tokens": 6,
+                                               "temperature": temperature},
+                                   "learner": {"micro_batch_size": 16, "single_pass": single_pass}})
+        learner = PolicyLearner(copy.deepcopy(model), cfg, build_regularizers([]))
+        m = learner.train_step(batch, step=0)
+        assert m.get("learner/single_pass", 0.0) == float(single_pass)
+        return m["policy/rollout_logprob_diff"]
+
+    assert diff(0.7) < 1e-4
+    assert diff(1.0) > 1e-2  # the check can tell: the same batch scored at T = 1
+
+
+class _UpdateCapture(TorchBackend):
+    """The torch backend, keeping (weights before the update, gradients) of every update of a step."""
+
+    updates: list
+
+    def apply_update(self) -> float:
+        self.updates = getattr(self, "updates", [])
+        self.updates.append(({n: p.detach().clone() for n, p in self.model.named_parameters()},
+                             {n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None}))
+        return super().apply_update()
+
+
+def _teacher_forced_logprobs(model, batch, temperature):
+    """Per-row float64 forward on the unpadded sequence: log_softmax(logits / T) at each response token."""
+    rows = []
+    for i in range(len(batch)):
+        ids = batch.input_ids[i][batch.attention_mask[i] == 1]
+        n = int(batch.mask[i].sum())
+        logits = model(input_ids=ids[None]).logits[0].double() / temperature
+        lp = torch.log_softmax(logits[len(ids) - n - 1 : len(ids) - 1], -1).gather(-1, ids[len(ids) - n :, None])[:, 0]
+        rows.append(torch.cat([lp, lp.new_zeros(batch.response_len - n)]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("policy_loss", ["ppo", "drgrpo"])
+def test_off_policy_updates_match_a_float64_clipped_pg_loss(policy_loss):
+    """Two PPO epochs of two mini-batches each (updates 2-4 are off-policy), eps_low != eps_high, dual clip,
+    truncated importance weights from rollout log-probs != pi_old's: each update's gradient equals the
+    gradient of a float64 re-implementation of the clipped objective, written out here token by token,
+    at the weights that update saw (pi_old: the weights at step start)."""
+    eps_low, eps_high, c, cap, T = 0.1, 0.3, 3.0, 2.0, 0.8
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    model = _model(tok)
+    cfg = from_dict(RLConfig, {
+        "rollout": {"group_size": 4, "prompts_per_step": 4, "max_new_tokens": 6, "temperature": T},
+        "algorithm": {"policy_loss": policy_loss, "loss_agg_mode": "token-mean", "eps_low": eps_low,
+                      "eps_high": eps_high, "dual_clip_c": c, "tis_cap": cap},
+        "learner": {"micro_batch_size": 3, "mini_batch_size": 8, "ppo_epochs": 2, "lr": 0.1, "grad_clip": 0.0},
+    })
+    batch = _batch(tok, shared=True)
+    model64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        old = _teacher_forced_logprobs(model64, batch, T)
+    # the engine's log-probs: pi_old's, off by up to +-1.2 nats (importance weights from 0.3 to 3.3, capped at 2)
+    noise = 2.4 * torch.rand(batch.mask.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) - 1.2
+    batch.rollout_logprobs = ((old + noise) * batch.mask).float()
+    backend = _UpdateCapture(model, cfg)
+    PolicyLearner(model, cfg, build_regularizers([]), backend=backend).train_step(batch, step=0)
+    assert len(backend.updates) == 4
+    m = batch.mask.double()
+    adv = batch.advantages.double()
+    is_w = torch.exp(old - batch.rollout_logprobs.double()).clamp(max=cap)
+    seen = {"low": 0, "high": 0, "dual": 0, "capped": 0}
+    for k, (weights, grads) in enumerate(backend.updates):
+        rows = slice(0, 8) if k % 2 == 0 else slice(8, 16)
+        with torch.no_grad():
+            for n, p in model64.named_parameters():
+                p.copy_(weights[n].double())
+        model64.zero_grad()
+        mb = batch.rows(rows)
+        lp = _teacher_forced_logprobs(model64, mb, T)
+        ratio = torch.exp(lp - old[rows])
+        a, mm = adv[rows], m[rows]
+        loss = torch.maximum(-a * ratio, -a * ratio.clamp(1 - eps_low, 1 + eps_high))
+        dual = (a < 0) & (loss > -a * c)
+        loss = torch.where(dual, -a * c, loss) * is_w[rows]
+        if policy_loss == "drgrpo":  # seq-mean-token-sum-norm over rollout.max_new_tokens
+            total = (loss * mm).sum() / cfg.rollout.max_new_tokens / mm.shape[0]
+        else:
+            total = (loss * mm).sum() / mm.sum()
+        total.backward()
+        on = mm > 0
+        seen["low"] += int(((ratio < 1 - eps_low) & on).sum())
+        seen["high"] += int(((ratio > 1 + eps_high) & on).sum())
+        seen["dual"] += int((dual & on).sum())
+        seen["capped"] += int(((is_w[rows] == cap) & on).sum())
+        ref = {n: p.grad for n, p in model64.named_parameters() if p.grad is not None}
+        norm = sum(float(g.norm() ** 2) for g in ref.values()) ** 0.5
+        assert norm > 1e-3 and grads.keys() == ref.keys()
+        for n, g in grads.items():
+            assert torch.allclose(g.double(), ref[n], atol=1e-5 * norm, rtol=1e-3), (k, n)
+    assert all(v > 0 for v in seen.values()), seen  # every branch of the objective was taken
