@@ -1,4 +1,4 @@
-"""TD3+BC and A2PR actor losses against float64 re-implementations of their equations (value + grad)."""
+"""TD3+BC and A2PR actor losses, the TD3 critic target and the target-network update, against float64 re-implementations of their equations (value + grad)."""
 import copy
 
 import numpy as np
@@ -175,3 +175,58 @@ def test_a2pr_aux_update_order_and_targets():
     torch.testing.assert_close(term._stale_v[1], v_before)
     frac = (critic.q1(b.states, b.actions) > v_before).double().mean().item()
     assert m["vae_weight_frac"] == pytest.approx(frac)
+
+
+def test_td3_critic_target_and_polyak_update_float64():
+    """One TD3 iteration without target noise, on a batch with terminal rows: the critic's gradient is that of
+    MSE(Q1, y) + MSE(Q2, y), y = r + gamma * not_done * min(Q1', Q2')(s', pi'(s')) from the target networks;
+    after the actor step (iteration policy_freq) each target parameter is (1 - tau) old target + tau online."""
+    torch.manual_seed(0)
+    gamma, tau = 0.9, 0.3
+    L = TD3Learner(S, A, discount=gamma, tau=tau, policy_noise=0.0, policy_freq=2, critic_hidden=(16, 16),
+                   actor_hidden=(16, 16))
+    for net in (L.actor, L.actor_target, L.critic, L.critic_target):
+        net.double()
+    with torch.no_grad():  # targets that lag the online networks, as after some training
+        for p in list(L.critic_target.parameters()) + list(L.actor_target.parameters()):
+            p.add_(0.3 * torch.randn_like(p))
+    grads = []
+    critic_step = L.critic_opt.step
+
+    def record_and_step(*args, **kwargs):
+        grads.append([p.grad.clone() for p in L.critic.parameters()])
+        return critic_step(*args, **kwargs)
+
+    L.critic_opt.step = record_and_step
+    for it in (1, 2):
+        b = batch(seed=it)
+        b.not_done[::4] = 0.0  # terminal rows: no bootstrap
+        critic = [p.detach().clone().requires_grad_(True) for p in L.critic.parameters()]
+        targets = {n: [p.detach().clone() for p in net.parameters()] for n, net in
+                   (("critic", L.critic_target), ("actor", L.actor_target))}
+        L.train_step(b)
+        # reference: the same networks written out as plain float64 matrix products
+        with torch.no_grad():
+            next_a = torch.tanh(_mlp(b.next_states, targets["actor"])).clamp(-1, 1)
+            ta = torch.cat([b.next_states, next_a], 1)
+            n1 = len(targets["critic"]) // 2
+            tq = torch.min(_mlp(ta, targets["critic"][:n1]), _mlp(ta, targets["critic"][n1:]))
+            y = b.rewards + gamma * b.not_done * tq
+        sa = torch.cat([b.states, b.actions], 1)
+        q1, q2 = _mlp(sa, critic[:n1]), _mlp(sa, critic[n1:])
+        (((q1 - y) ** 2).mean() + ((q2 - y) ** 2).mean()).backward()
+        assert len(grads) == it
+        for got, p in zip(grads[-1], critic):
+            torch.testing.assert_close(got, p.grad, rtol=1e-10, atol=1e-12)
+        for name, net, online in (("critic", L.critic_target, L.critic), ("actor", L.actor_target, L.actor)):
+            for old, new, p in zip(targets[name], net.parameters(), online.parameters()):
+                expect = old if it == 1 else (1 - tau) * old + tau * p.detach()  # only after the actor step
+                torch.testing.assert_close(new.detach(), expect, rtol=1e-12, atol=1e-14)
+
+
+def _mlp(x, params):
+    """``[w0, b0, w1, b1, ...]`` as a ReLU MLP (no activation after the last layer)."""
+    for i in range(0, len(params), 2):
+        x = x @ params[i].T + params[i + 1]
+        x = torch.relu(x) if i < len(params) - 2 else x
+    return x
