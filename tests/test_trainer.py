@@ -374,3 +374,82 @@ def test_score_runs_check_that_both_attempts_fit_the_context(tmp_path):
                        "trainer.progress=false"])
     with pytest.raises(ConfigError, match=r"and \d+ \+ both attempts and score.instruction \(12\d\) > 128"):
         train(cfg)
+
+
+class _ScriptedRollout:
+    """A rollout group whose ``generate_scored`` answers every prompt with ``n`` one-token responses and
+    the rewards of a table (``rewards[i][j]``: response j of prompt i)."""
+
+    def __init__(self, tok, rewards):
+        self.tok, self.rewards, self.sampling = tok, rewards, None
+
+    def generate_scored(self, prompts, sampling, records, reward):
+        from alignreg.rollout.base import RolloutBatch
+
+        self.sampling = sampling
+        rb, raw = RolloutBatch(), []
+        for i, p in enumerate(prompts):
+            for j in range(sampling.n):
+                rb.prompt_ids.append(p)
+                rb.response_ids.append([self.tok.eos_token_id] * (1 + j % 2))
+                rb.logprobs.append([-0.5] * (1 + j % 2))
+                rb.prompt_index.append(i)
+                rb.finished.append(True)
+                raw.append(self.rewards[i][j])
+        return rb, raw
+
+    def reward_metrics(self):
+        return {}
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "drgrpo", "rloo"])
+def test_rollout_step_advantages_are_per_prompt_group(estimator):
+    """The advantages in the learner batch: each response's reward against the other responses to the same
+    prompt (GRPO: (r - mean) / (unbiased std + eps)), computed here by brute force, group by group."""
+    import statistics
+
+    from alignreg.models import build_tokenizer
+    from alignreg.orchestration.trainer import Run, rollout_step
+    from alignreg.regularizers.base import build_regularizers
+
+    cfg = load_config(RLConfig, DEMO, ["regularizers=[]", "rollout.group_size=4", f"algorithm.advantage={estimator}"])
+    tok = build_tokenizer()
+    rewards = [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 1.0], [0.3, 0.9, 0.0, 0.6]]
+    rollout = _ScriptedRollout(tok, rewards)
+    records = [{"prompt": p, "answer": ""} for p in ("3142=", "97=", "5511=", "80=")]
+    run = Run(cfg, tok, rollout, None, build_regularizers([]), [], [], None)
+    batch, metrics = rollout_step(run, records, step=0)
+    assert rollout.sampling.n == 4 and rollout.sampling.temperature == cfg.rollout.temperature
+    expected = []
+    for g in rewards:
+        mean = sum(g) / len(g)
+        for r in g:
+            if estimator == "grpo":
+                expected.append((r - mean) / (statistics.stdev(g) + cfg.algorithm.adv_eps))
+            elif estimator == "drgrpo":
+                expected.append(r - mean)
+            else:  # rloo: r minus the mean of the other responses' rewards
+                expected.append(r - (sum(g) - r) / (len(g) - 1))
+    expected = torch.tensor(expected)
+    assert batch.group_index.tolist() == [i for i in range(4) for _ in range(4)]
+    assert torch.allclose(batch.rewards, torch.tensor([r for g in rewards for r in g]))
+    # one advantage per response, on every response token, 0 on padding
+    assert torch.allclose(batch.advantages, expected[:, None] * batch.mask, atol=1e-5)
+    assert batch.mask.sum(1).tolist() == [1.0, 2.0] * 8
+    assert metrics["rollout/adv_abs_mean"] == pytest.approx(float(expected.abs().mean()), abs=1e-5)
+    assert metrics["rollout/reward_mean"] == pytest.approx(sum(map(sum, rewards)) / 16)
+
+
+@pytest.mark.slow
+def test_grpo_raises_the_train_reward(tmp_path):
+    """The whole loop learns: 30 GRPO steps on the embedded sort task (4-5 digits, after the warm start) raise
+    the mean train reward of the last 5 steps over the first 5. Measured gains for seeds 0 / 1 / 2: 0.24 / 0.20 /
+    0.28 (about 8 s on 2 cores); a sign or grouping error in the advantages makes it fall instead."""
+    train(load_config(RLConfig, DEMO, [
+        "regularizers=[]", "task.max_length=5", "rollout.prompts_per_step=32", "learner.lr=1e-3", "trainer.steps=30",
+        "eval.every=0", "trainer.save_every=0", "trainer.tensorboard=false", "trainer.progress=false",
+        "trainer.seed=0", f"trainer.run_dir={tmp_path}"]))
+    rewards = [r["rollout/reward_mean"] for r in _rows(tmp_path)[1:]]
+    assert len(rewards) == 30
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.1, (first, last, rewards)
