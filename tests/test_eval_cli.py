@@ -61,3 +61,75 @@ def test_eval_cli_on_gsm8k_with_math_verify(checkpoint, tmp_path, capsys):
     m = json.loads((checkpoint / f"eval_{tmp_path.name}_test.json").read_text())["metrics"]  # default: next to the checkpoint
     assert m["num_problems"] == 3 and "maj@2" in m and "accuracy@t1" not in m
     assert "math_verify" in capsys.readouterr().out
+
+
+class _TableEngine:
+    """Answers by prompt text: greedy first attempts ``greedy[p]``, samples ``samples[p][:n]``, and a second
+    attempt (the prompt holds ``score.instruction``) ``second[p]``, for the record prompt ``p`` it starts with."""
+
+    def __init__(self, tok, greedy, samples, second, instruction):
+        self.tok, self.greedy, self.samples, self.second, self.instruction = tok, greedy, samples, second, instruction
+
+    def generate(self, prompts, sampling):
+        from alignreg.rollout.base import RolloutBatch
+
+        batch = RolloutBatch()
+        for i, p in enumerate(prompts):
+            text = self.tok.decode(p, skip_special_tokens=True)
+            key = next(k for k in self.greedy if text.startswith(k))
+            if self.instruction.strip() in text[len(key):]:
+                assert sampling.greedy and sampling.n == 1
+                answers = [self.second[key]]
+            else:
+                answers = [self.greedy[key]] if sampling.greedy else self.samples[key][: sampling.n]
+            for a in answers:
+                ids = self.tok(a, add_special_tokens=False)["input_ids"] + [self.tok.eos_token_id]
+                batch.prompt_ids.append(p)
+                batch.response_ids.append(ids)
+                batch.logprobs.append([0.0] * len(ids))
+                batch.prompt_index.append(i)
+                batch.finished.append(True)
+        return batch
+
+
+def test_eval_metric_values_on_scripted_answers():
+    """evaluate_checkpoint's numbers from answers of known correctness (4 problems, 4 samples each):
+    greedy 2/4 right; samples right 2, 3, 4, 1 times; majority of the 4 samples right for all, of the first
+    1-2 for 3; second attempts fix 2 wrong first attempts and break 1 right one."""
+    import math
+
+    from alignreg.config import RLConfig, load_config
+    from alignreg.evaluate import evaluate_checkpoint
+    from alignreg.models import build_tokenizer
+    from alignreg.orchestration.score import score_evaluate
+
+    tok = build_tokenizer()
+    records = [{"prompt": "sort 21=", "answer": "12"}, {"prompt": "sort 43=", "answer": "34"},
+               {"prompt": "sort 5=", "answer": "5"}, {"prompt": "sort 87=", "answer": "78"}]
+    engine = _TableEngine(
+        tok, greedy={"sort 21=": "12", "sort 43=": "43", "sort 5=": "5", "sort 87=": "87"},
+        samples={"sort 21=": ["12", "13", "13", "12"], "sort 43=": ["43", "34", "34", "34"],
+                 "sort 5=": ["5", "5", "5", "5"], "sort 87=": ["78", "1", "2", "3"]},
+        second={"sort 21=": "21", "sort 43=": "34", "sort 5=": "5", "sort 87=": "78"}, instruction=" check:")
+    cfg = load_config(RLConfig, None, ["task.reward=exact_match", "eval.num_samples=4", "eval.ks=[1,2,4,8]",
+                                       "score.instruction=' check:'"])
+    m = evaluate_checkpoint(engine, tok, records, cfg, self_correct=True)
+    right = [2, 3, 4, 1]  # correct samples per problem, out of n = 4
+
+    def pass_k(c, k):  # 1 - P(k samples drawn without replacement are all wrong)
+        return 1 - math.comb(4 - c, k) / math.comb(4, k)
+
+    expected = {
+        "num_problems": 4.0, "greedy_acc": 0.5,
+        "pass@1": sum(pass_k(c, 1) for c in right) / 4, "pass@2": sum(pass_k(c, 2) for c in right) / 4,
+        "pass@4": 1.0, "maj@1": 0.75, "maj@2": 0.75, "maj@4": 1.0, "mean_reward": 10 / 16,
+        "accuracy@t1": 0.5, "accuracy@t2": 0.75, "delta_t1_t2": 0.25, "delta_i2c": 0.5, "delta_c2i": 0.25,
+    }  # no pass@8 / maj@8: k > eval.num_samples
+    assert m.keys() == expected.keys()
+    for k, v in expected.items():
+        assert m[k] == pytest.approx(v, abs=1e-12), k
+    assert m["pass@2"] == pytest.approx((5 / 6 + 1 + 1 + 1 / 2) / 4)
+    # the trainer's held-out self-correction metrics: the same episodes, under eval/
+    sc = score_evaluate(engine, tok, records, cfg.task.reward, cfg.score, cfg.rollout.max_new_tokens)
+    assert sc == {f"eval/{k}": v for k, v in m.items() if k in ("accuracy@t1", "accuracy@t2", "delta_t1_t2",
+                                                                 "delta_i2c", "delta_c2i")}

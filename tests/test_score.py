@@ -172,10 +172,12 @@ def test_self_correction_metrics():
     assert m == pytest.approx({"accuracy@t1": 0.4, "accuracy@t2": 0.6, "delta_t1_t2": 0.2, "delta_i2c": 0.4, "delta_c2i": 0.2})
 
 
-def test_score_rollout_step_and_train_step():
-    """The trainer's SCoRe step (episodes -> shaping -> batch) feeds the learner; metrics are logged."""
+def test_score_rollout_step_and_train_step(monkeypatch):
+    """The trainer's SCoRe step (episodes -> shaping -> batch) feeds the learner; metrics are logged, the
+    self-correction ones from attempt 1 -> attempt 2 of the episodes (not the other way round)."""
     from types import SimpleNamespace
 
+    from alignreg.orchestration import score
     from alignreg.orchestration.score import score_evaluate, score_rollout_step
 
     cfg, model, ref, tok, _ = setup(2, seed=5)
@@ -184,10 +186,23 @@ def test_score_rollout_step_and_train_step():
     engine = HFRolloutEngine(model, tok)
     run = SimpleNamespace(cfg=cfg, tokenizer=tok, rollout=engine, regs=regs)
     train, held = prompt_dataset(cfg.task)
+    episodes = []
+
+    def scripted_rewards(*args, **kwargs):  # the tiny model's attempts: a known mix of right and wrong
+        ep = generate_episodes(*args, **kwargs)
+        n = len(ep)
+        ep.r1 = [float(i % 4 == 0) for i in range(n)]  # right in 1 of 4 first attempts
+        ep.r2 = [float(i % 2 == 0) for i in range(n)]  # right in 1 of 2 second attempts
+        episodes.append(ep)
+        return ep
+
+    monkeypatch.setattr(score, "generate_episodes", scripted_rewards)
     batch, m = score_rollout_step(run, train[:4], 0)
-    assert len(batch) == 2 * 4 * cfg.rollout.group_size
-    for k in ("rollout/accuracy@t1", "rollout/accuracy@t2", "rollout/delta_t1_t2", "reg/score/bonus_mean"):
-        assert k in m
+    monkeypatch.undo()
+    assert len(batch) == 2 * 4 * cfg.rollout.group_size and len(episodes) == 1
+    assert {k: m[f"rollout/{k}"] for k in ("accuracy@t1", "accuracy@t2", "delta_t1_t2", "delta_i2c", "delta_c2i")} == \
+        pytest.approx({"accuracy@t1": 0.25, "accuracy@t2": 0.5, "delta_t1_t2": 0.25, "delta_i2c": 0.25, "delta_c2i": 0.0})
+    assert "reg/score/bonus_mean" in m
     learner = PolicyLearner(model, cfg, regs, ref_model=ref)
     out = learner.train_step(batch, 0)
     assert "reg/score_kl/kl" in out and torch.isfinite(torch.tensor(out["loss/total"]))
