@@ -177,7 +177,7 @@ def collect_results(out: Path) -> list[dict]:
 
 
 def write_summary(results: list[dict], out: Path) -> str:
-    """results.json, results.md/.csv (final score mean +- std over seeds) and curve plots."""
+    """results.json, results.md/.csv (final score mean +- population std, ddof 0, over seeds) and curve plots."""
     import matplotlib
 
     matplotlib.use("Agg")

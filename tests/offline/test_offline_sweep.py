@@ -1,5 +1,6 @@
 """Sweep: seeds x datasets x algorithms -> results table (mean +- std) and curve plots."""
 import json
+import statistics
 
 import pytest
 import yaml
@@ -31,6 +32,15 @@ def test_serial_sweep_table_and_plots(tmp_path):
     assert len(res) == 4 and {r["algo"] for r in res} == {"bc", "td3bc"}
     table = (tmp_path / "sw" / "results.md").read_text()
     assert "| hopper-random |" in table and table.count("±") == 2
+    # each cell: mean ± population std (ddof 0) of the final scores in the runs' own results.json
+    scores = {a: [json.loads((tmp_path / "sw" / a / "hopper-medium" / f"seed{s}" / "results.json").read_text())["final_score"]
+                  for s in (0, 1)] for a in ("bc", "td3bc")}
+    assert all(len(set(v)) == 2 for v in scores.values())  # the seeds differ: a std of 0 would show
+    stats = {a: (statistics.fmean(v), statistics.pstdev(v)) for a, v in scores.items()}
+    assert f"| hopper-random | {stats['bc'][0]:.1f} ± {stats['bc'][1]:.1f} | {stats['td3bc'][0]:.1f} ± " \
+           f"{stats['td3bc'][1]:.1f} |" in table, (table, stats)
+    csv = (tmp_path / "sw" / "results.csv").read_text().splitlines()
+    assert csv == ["dataset,algo,mean,std,n,steps"] + [f"hopper-random,{a},{m:.2f},{sd:.2f},2,40" for a, (m, sd) in stats.items()]
     assert (tmp_path / "sw" / "curves_hopper-random.png").stat().st_size > 1000
     assert (tmp_path / "sw" / "td3bc" / "hopper-medium" / "seed1" / "results.json").is_file()
     # finished runs are not repeated
@@ -49,6 +59,28 @@ def test_serial_sweep_table_and_plots(tmp_path):
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({"out_dir": str(tmp_path / "sw"), "backend": "serial"}))
     assert sweep_main([str(tmp_path / "s.yaml"), "--summary-only"]) == 0
     assert (tmp_path / "sw" / "results.md").read_text() == table
+
+
+def test_summary_cells_are_mean_and_std_over_seeds(tmp_path):
+    """results.md / results.csv from known final scores: mean ± population std (ddof 0) per (dataset, algo),
+    ``(n=2)`` where a seed is missing, ``-`` where an algorithm has no run."""
+    from alignreg.offline.sweep import write_summary
+
+    scores = {("hopper", "medium", "bc"): [10.0, 20.0, 36.0], ("hopper", "medium", "td3bc"): [50.0, 44.5, 61.25],
+              ("walker2d", "medium", "bc"): [-3.0, 7.0]}
+    results = [{"env": env, "level": level, "algo": algo, "seed": seed, "final_score": v, "steps": 100,
+                "reference": "d4rl", "evals": [{"step": 50, "score_mean": v / 2}, {"step": 100, "score_mean": v}]}
+               for (env, level, algo), vs in scores.items() for seed, v in enumerate(vs)]
+    table = write_summary(results, tmp_path)
+    cells = {k: f"{statistics.fmean(v):.1f} ± {statistics.pstdev(v):.1f}" for k, v in scores.items()}
+    assert cells[("hopper", "medium", "bc")] == "22.0 ± 10.7"
+    assert table.splitlines()[2:] == [
+        f"| hopper-medium | {cells[('hopper', 'medium', 'bc')]} | {cells[('hopper', 'medium', 'td3bc')]} |",
+        f"| walker2d-medium | {cells[('walker2d', 'medium', 'bc')]} (n=2) | - |"]
+    assert (tmp_path / "results.md").read_text() == table
+    assert (tmp_path / "results.csv").read_text().splitlines()[1:] == [
+        f"{env}-{level},{algo},{statistics.fmean(v):.2f},{statistics.pstdev(v):.2f},{len(v)},100"
+        for (env, level, algo), v in scores.items()]
 
 
 def test_sweep_config_errors(tmp_path, capsys):
