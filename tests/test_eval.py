@@ -24,7 +24,7 @@ def test_pass_at_k_large_n_and_errors():
     assert pass_at_k(1000, 10, 1) == pytest.approx(0.01)
     exact = 1 - math.comb(990, 100) / math.comb(1000, 100)
     assert pass_at_k(1000, 10, 100) == pytest.approx(exact, rel=1e-9)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"1 <= k <= n, got n=4 c=1 k=5"):
         pass_at_k(4, 1, 5)
 
 

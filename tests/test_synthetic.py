@@ -65,7 +65,7 @@ def test_exact_match_verifier():
     assert compute_rewards("exact_match", ["8", " 8\n", "08", "8 8", ""], [rec] * 5) == [1, 1, 0, 0, 0]
     with pytest.raises(ConfigError, match="valid choices: .*exact_match"):
         REWARDS.get("exact")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"compute_rewards: 1 texts but 0 records"):
         compute_rewards("exact_match", ["8"], [])
 
 
