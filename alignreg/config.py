@@ -685,6 +685,14 @@ class RLConfig:
                        f"rank's share of a mini-batch must hold whole groups: learner.micro_batch_size "
                        f"({self.learner.micro_batch_size}) and learner.mini_batch_size / ray.learner_ranks ({mb} / {ranks}) "
                        f"must be multiples of rollout.group_size ({g})")
+            rows = bs * (2 if self.score.enabled else 1)  # learner rows per step (SCoRe: both attempts)
+            _check("transform_log_ratio" not in t.term.kind or self.learner.ppo_epochs > 1
+                   or self.learner.mini_batch_size not in (0, rows),
+                   f"{path}.regularizers: {t.term.id!r} transforms the importance ratio pi_theta / pi_old, which is "
+                   f"exactly 1 when every update is on-policy (learner.ppo_epochs 1, learner.mini_batch_size "
+                   f"{self.learner.mini_batch_size} = the whole batch), so the run would train the plain loss at the cost "
+                   f"of an extra pass; set learner.mini_batch_size to a divisor of {bs} below the batch's {rows} rows "
+                   "(several updates per step) or learner.ppo_epochs > 1")
         _check(self.orchestration == "ray" or self.sync.transport in ("auto", "shm"),
                f"{path}.sync.transport: {self.sync.transport!r} needs orchestration: ray (one process syncs through "
                "shared memory or in place); use auto")

@@ -64,3 +64,14 @@ def test_siren_configs_use_the_official_script_values(path):
     assert a.loss_agg_mode == "seq-mean-token-sum-norm" and lc.lr == 1e-6 and lc.weight_decay == 0.1
     assert lc.mini_batch_size == 8 * cfg.rollout.group_size
     assert cfg.rollout.prompts_per_step * cfg.rollout.group_size // lc.mini_batch_size == 16
+
+
+@pytest.mark.parametrize("path", [p for p in REAL if p.stem.endswith("_grpo_guard")], ids=lambda p: p.stem)
+def test_grpo_guard_configs_update_off_policy(path):
+    """GRPO-Guard rescales pi_theta / pi_old, which is exactly 1 on-policy: the shipped configs make several
+    updates per step (mini-batches), each rank's share a whole number of micro-batches."""
+    cfg = load_config(RLConfig, path)
+    lc, bs = cfg.learner, cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    assert lc.ppo_epochs * bs // (lc.mini_batch_size or bs) > 1
+    share = lc.mini_batch_size // cfg.ray.learner_ranks
+    assert lc.mini_batch_size % cfg.ray.learner_ranks == 0 and share % lc.micro_batch_size == 0

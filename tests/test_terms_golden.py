@@ -557,7 +557,29 @@ def test_grpo_guard_config_checks():
                              "orchestration": "ray", "ray": {"learner_ranks": 8}})
     from_dict(RLConfig, {**base, "learner": {"micro_batch_size": 16, "mini_batch_size": 64},
                          "orchestration": "ray", "ray": {"learner_ranks": 4}})
-    from_dict(RLConfig, {**base, "learner": {"micro_batch_size": 4}, "regularizers": [{"name": "grpo_guard"}]})  # kl_correct: per token
+    from_dict(RLConfig, {**base, "learner": {"micro_batch_size": 4, "mini_batch_size": 32}, "regularizers": [{"name": "grpo_guard"}]})  # kl_correct: per token
+
+
+@pytest.mark.parametrize("variant", ["kl_correct", "seq_standardize", "group_standardize"])
+def test_grpo_guard_is_refused_when_every_update_is_on_policy(variant):
+    """pi_theta = pi_old makes every r_hat exactly 1: the term would train the plain loss at extra cost."""
+    from alignreg.config import ConfigError, RLConfig, from_dict
+
+    base = {"rollout": {"group_size": 8, "prompts_per_step": 16},
+            "regularizers": [{"name": "grpo_guard", "params": {"variant": variant}}]}
+    for learner in ({}, {"mini_batch_size": 128}):  # 0 = the whole batch of 128 responses
+        with pytest.raises(ConfigError, match=r"'grpo_guard' transforms the importance ratio .* on-policy .*"
+                                              r"learner.mini_batch_size to a divisor of 128 .* or learner.ppo_epochs > 1"):
+            from_dict(RLConfig, {**base, "learner": {"micro_batch_size": 8, **learner}})
+    from_dict(RLConfig, {**base, "learner": {"micro_batch_size": 8, "mini_batch_size": 64}})  # two updates
+    from_dict(RLConfig, {**base, "learner": {"micro_batch_size": 8, "ppo_epochs": 2}})  # second epoch off-policy
+    from_dict(RLConfig, {**base, "learner": {"micro_batch_size": 8, "mini_batch_size": 32}, "regularizers": []})  # not active: no check
+    from_dict(RLConfig, {**base, "learner": {"micro_batch_size": 8}, "regularizers": [{"name": "grpo_guard", "coef": 0.0}]})
+    # SCoRe trains both attempts (256 rows): a 128-response mini-batch is two updates, 0 is one
+    score = {**base, "score": {"enabled": True}, "regularizers": [*base["regularizers"], {"name": "score"}]}
+    from_dict(RLConfig, {**score, "learner": {"micro_batch_size": 8, "mini_batch_size": 128}})
+    with pytest.raises(ConfigError, match="on-policy"):
+        from_dict(RLConfig, {**score, "learner": {"micro_batch_size": 8}})
 
 
 # ------------------------------------------------------------------------------------------------

@@ -33,7 +33,10 @@ The ``1/dt`` reweighting has no token analogue and is not ported. Statistics are
 ``log r`` carries gradient), and with ``pi_theta = pi_old`` every variant returns ``r_hat = 1``
 exactly (the log-ratios and the KL are exactly 0; standardising zeros gives zeros); not with
 ``lora.dropout > 0``, where the loss pass samples dropout masks and the no-grad pass for pi_old does
-not, so the ratios scatter around 1 by the dropout noise (TRL disables dropout for this). Group variants
+not, so the ratios scatter around 1 by the dropout noise (TRL disables dropout for this). The term only
+acts on off-policy updates, so the config refuses it when every update is on-policy
+(``learner.ppo_epochs: 1`` with ``learner.mini_batch_size`` the whole batch): set a smaller
+``mini_batch_size`` (several updates per step) or ``ppo_epochs > 1``. Group variants
 need whole groups inside each micro-batch: the config is refused unless the micro-batch and each
 rank's share of the mini-batch are multiples of ``rollout.group_size``.
 
