@@ -395,7 +395,7 @@ class ModelConfig:
     num_kv_heads: int = 2  # tiny-qwen2 only: key/value heads (GQA)
     intermediate_size: int = 128  # tiny-qwen2 only: MLP width
     tie_word_embeddings: bool = True  # tiny-qwen2 only: share input embedding and lm_head
-    dtype: Literal["float32", "bfloat16"] = "float32"  # parameter dtype on the learner
+    dtype: Literal["float32", "bfloat16"] = "float32"  # parameter dtype on the learner (bfloat16: the torch backend and alignreg sft have no float32 master copy, and sft refuses it without LoRA; DeepSpeed keeps float32 masters)
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
 
     def validate(self, path: str) -> None:

@@ -10,6 +10,11 @@ that ``alignreg rl model.path=<output_dir>`` starts from:
 * ``lora.enabled: true``: ``output_dir/adapter`` holds the PEFT adapter and ``output_dir`` the merged
   full weights (what ``alignreg rl`` and ``alignreg eval`` load; vLLM engines too).
 
+Precision: full fine-tuning needs ``model.dtype: float32`` (refused otherwise: TRL's optimizer would
+step bfloat16 weights with no float32 master copy, and updates of ``lr x`` a small gradient round
+away); ``bf16: true`` adds bfloat16 autocast on a GPU. LoRA may load the base in bfloat16 (PEFT
+keeps the adapters in float32).
+
 Prompts and completions: any task of ``alignreg rl`` (synthetic, ``jsonl``, ``gsm8k``, ``math``,
 ``math_mixture`` with the same ``math_data`` templates). The completion is the record's
 ``solution`` (GSM8K / MATH worked solution) or, for synthetic tasks, its ``answer``; EOS is appended
@@ -65,6 +70,11 @@ class SFTRunConfig:
         _at_least(self, path, 1, "steps", "batch_size", "grad_accum", "max_length", "logging_steps")
         _at_least(self, path, 0, "warmup_steps", "threads", "save_steps", "keep_checkpoints", "correction_pairs")
         _check(bool(self.output_dir.strip()), f"{path}.output_dir is empty (it would write into the current directory); name a directory")
+        _check(self.lora.enabled or self.model.dtype == "float32",
+               f"{path}.model.dtype: {self.model.dtype} with full fine-tuning (lora.enabled: false) has TRL's optimizer "
+               f"step the {self.model.dtype} weights themselves, with no float32 master copy, so most small updates "
+               "round away; set model.dtype: float32 and bf16: true (autocast computes in bfloat16, the weights stay "
+               "float32), or lora.enabled: true")
 
 
 def sft_records(cfg: SFTRunConfig, tokenizer) -> tuple[list[dict], list[dict]]:

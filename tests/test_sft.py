@@ -128,3 +128,18 @@ def test_a_finished_output_dir_without_its_config_is_refused(tmp_path):
     (tmp_path / "sft_summary.json").write_text(json.dumps({"steps": 5}))
     with pytest.raises(ConfigError, match=r"holds a finished SFT model \(5 steps\) trained with other settings \(sft_config.yaml"):
         run_sft(SFTRunConfig(output_dir=str(tmp_path), steps=5))
+
+
+def test_full_fine_tuning_in_half_precision_is_refused():
+    """TRL's optimizer steps the model's own parameters: bfloat16 weights have no float32 master copy and
+    most lr-sized updates round away. Full fine-tuning must load float32 (bf16: true adds autocast)."""
+    from pathlib import Path
+
+    from alignreg.config import from_dict, load_config
+
+    with pytest.raises(ConfigError, match=r"config.model.dtype: bfloat16 with full fine-tuning .*set model.dtype: float32 "
+                                          r"and bf16: true"):
+        from_dict(SFTRunConfig, {"model": {"dtype": "bfloat16"}, "bf16": True})
+    from_dict(SFTRunConfig, {"model": {"dtype": "bfloat16"}, "lora": {"enabled": True}})  # PEFT keeps float32 adapters
+    shipped = load_config(SFTRunConfig, Path(__file__).resolve().parents[1] / "configs/sft/qwen25_math_1.5b_math.yaml")
+    assert shipped.model.dtype == "float32" and shipped.bf16 and not shipped.lora.enabled
