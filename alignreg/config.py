@@ -453,7 +453,7 @@ class RolloutConfig:
 
 @dataclass
 class AlgorithmConfig:
-    advantage: Literal["grpo", "drgrpo", "rloo"] = "grpo"  # advantage estimator
+    advantage: Literal["grpo", "drgrpo", "rloo"] = "grpo"  # advantage estimator (SCoRe runs use score.advantage; another value here is refused)
     policy_loss: Literal["ppo", "drgrpo"] = "ppo"  # ppo: clipped ratio objective; drgrpo: same with seq-mean-token-sum-norm
     eps_low: float = 0.2  # lower clip: ratio >= 1 - eps_low
     eps_high: float = 0.2  # upper clip (clip-higher when > eps_low): ratio <= 1 + eps_high
@@ -674,6 +674,10 @@ class RLConfig:
                f"{path}.lora.dropout: {self.lora.dropout:g} with trainer.async_rollout in one process: the HF engine's "
                "seeded sampling (on its thread) and the learner's dropout share the process's random generator, so "
                "neither would be reproducible; set lora.dropout: 0, or orchestration: ray (each in its own process)")
+        _check(not self.score.enabled or self.algorithm.advantage == AlgorithmConfig.advantage,
+               f"{path}.algorithm.advantage: {self.algorithm.advantage!r} is not used with score.enabled (SCoRe's "
+               f"advantages come from score.advantage, now {self.score.advantage!r}); set score.advantage: "
+               f"{self.algorithm.advantage} and leave algorithm.advantage at its default ({AlgorithmConfig.advantage})")
         for t in regs:
             _check(self.score.enabled or type(t.term) not in episodic,
                    f"{path}.regularizers: {t.term.id!r} ({episodic.get(type(t.term))}) needs SCoRe's two-attempt episodes; "

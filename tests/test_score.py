@@ -208,3 +208,15 @@ def test_score_rollout_step_and_train_step(monkeypatch):
     assert "reg/score_kl/kl" in out and torch.isfinite(torch.tensor(out["loss/total"]))
     ev = score_evaluate(engine, tok, held[:4], "exact_match", cfg.score, 6)
     assert set(ev) == {f"eval/{k}" for k in ("accuracy@t1", "accuracy@t2", "delta_t1_t2", "delta_i2c", "delta_c2i")}
+
+
+def test_algorithm_advantage_is_refused_in_score_runs():
+    """SCoRe batches take their advantages from score.advantage: another algorithm.advantage would be ignored."""
+    from alignreg.config import ConfigError, from_dict
+
+    base = {"score": {"enabled": True, "advantage": "reinforce"}, "regularizers": [{"name": "score"}]}
+    with pytest.raises(ConfigError, match=r"config.algorithm.advantage: 'rloo' is not used with score.enabled .*now "
+                                          r"'reinforce'\); set score.advantage: rloo"):
+        from_dict(RLConfig, {**base, "algorithm": {"advantage": "rloo"}})
+    from_dict(RLConfig, {**base, "algorithm": {"advantage": "grpo"}})  # the default: nothing is ignored
+    from_dict(RLConfig, {"algorithm": {"advantage": "rloo"}})  # single-response runs use it
