@@ -14,7 +14,9 @@ of it is in the paper. ``variant``:
   ``log r_hat_t = log r_t + KL(pi_old(.|s_t) || pi_theta(.|s_t))`` with the exact full-vocabulary KL
   (detached). This is the literal token analogue of RatioNorm's bias term (the categorical
   ``E_{a~pi_old}[log r] = -KL``), so ``E_old[log r_hat] = 0`` per token. It keeps PPO's clip range
-  meaning unchanged and never amplifies gradients, which is why it is the default. Costs one extra
+  meaning unchanged, which is why it is the default; ``r_hat = r * e^KL`` with the KL detached, so it
+  scales an unclipped token's gradient by ``e^KL >= 1`` (slightly, for the small KL between a step's
+  mini-batch updates; the standardize variants' floor does not apply to it). Costs one extra
   lm-head matmul per chunk against the lm-head weights saved at the start of the step.
 * ``seq_standardize`` / ``group_standardize`` - standardise all valid log-ratios of a response / of
   a prompt group with detached mean and std:
