@@ -585,6 +585,14 @@ def test_grpo_guard_is_refused_when_every_update_is_on_policy(variant):
 # ------------------------------------------------------------------------------------------------
 # clipped PG loss
 # ------------------------------------------------------------------------------------------------
+def test_unclipped_tokens_skip_the_dual_clip_bound():
+    """Lp-Reg's regularised tokens keep the plain -A r, without the dual-clip bound -A c that the other
+    negative-advantage tokens get (the official compute_policy_loss_lp_reg has no dual-clip)."""
+    out = clipped_pg_loss(torch.full((1, 2), math.log(10.0), dtype=F64), -torch.ones(1, 2, dtype=F64), 0.2, 0.2,
+                          dual_clip_c=3.0, unclipped_mask=torch.tensor([[False, True]]))
+    close(out.loss, torch.tensor([[3.0, 10.0]], dtype=F64), what="loss")
+
+
 @pytest.mark.parametrize("dual_c", [0.0, 3.0])
 @pytest.mark.parametrize("eps_low,eps_high", [(0.2, 0.2), (0.2, 0.28), (1.0, 9.0)])
 def test_clipped_pg_loss(eps_low, eps_high, dual_c):

@@ -33,7 +33,8 @@ def clipped_pg_loss(
 ) -> PGOutput:
     """Per-token ``max(-A r, -A clip(r, 1-eps_low, 1+eps_high))`` (+ dual clip for A < 0).
 
-    ``unclipped_mask`` marks tokens whose loss is the plain ``-A r`` (Lp-Reg's regularised tokens);
+    ``unclipped_mask`` marks tokens whose loss is the plain ``-A r`` (Lp-Reg's regularised tokens),
+    with neither clip nor dual-clip (the official Lp-Reg loss has no dual-clip);
     ``is_weights`` multiplies the loss by a detached truncated importance weight (rollout/learner
     mismatch correction).
     """

@@ -27,6 +27,11 @@ Choices / deviations:
   threshold all included), which makes the term invariant to micro-batching.
 * Ties inside a micro-batch are broken by flattened position (stable sort); the official
   ``torch.topk`` leaves the order of equal values unspecified.
+* ``algorithm.dual_clip_c > 0`` (not in the recipes): the official ``compute_policy_loss_lp_reg`` has
+  no dual-clip at all. Here the other negative-advantage tokens get it, while the regularised tokens
+  R keep the official plain ``-A r``, so R also loses the dual-clip bound ``-A c``: with ``c = 3``,
+  ``A = -1`` and ``r = 10`` a token outside R costs 3, one in R costs 10 (and its gradient is not
+  cut). ``policy/dual_clipfrac`` still counts R's tokens that the bound would have hit.
 """
 from __future__ import annotations
 
