@@ -436,7 +436,7 @@ class TaskConfig:
 class RolloutConfig:
     engine: Literal["hf", "vllm"] = "hf"  # rollout engine implementation
     group_size: int = 8  # responses sampled per prompt (the GRPO group, G)
-    prompts_per_step: int = 16  # prompts per training step; the batch has prompts_per_step * group_size responses
+    prompts_per_step: int = 16  # prompts per training step; the batch has prompts_per_step * group_size responses (twice that with SCoRe: both attempts)
     max_new_tokens: int = 8  # maximum response length in tokens
     temperature: float = 1.0  # sampling temperature (log-probs in the loss use the same temperature)
     top_p: float = 1.0  # nucleus sampling threshold at rollout time
@@ -487,7 +487,7 @@ class LearnerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     grad_clip: float = 1.0  # max global grad norm (0 = off)
     warmup_steps: int = 0  # linear learning-rate warmup steps
-    mini_batch_size: int = 0  # responses per optimizer step (0 = whole batch: one on-policy update)
+    mini_batch_size: int = 0  # responses (batch rows) per optimizer step (0 = whole batch: one on-policy update; a SCoRe batch holds both attempts)
     micro_batch_size: int = 32  # responses per forward/backward (gradient accumulation inside a mini-batch)
     ppo_epochs: int = 1  # passes over the batch per training step
     chunk_size: int = 0  # tokens per lm-head chunk in the statistics pass (0 = automatic from a memory budget)
@@ -659,11 +659,17 @@ class RLConfig:
     score: "ScoreConfig" = field(default_factory=lambda: ScoreConfig())  # SCoRe two-attempt self-correction training
     lora: "LoRAConfig" = field(default_factory=lambda: LoRAConfig())  # PEFT LoRA on the learner
 
+    @property
+    def batch_rows(self) -> int:
+        """Rows (responses) of one training batch: prompts_per_step * group_size, twice that with SCoRe
+        (its batch holds every first attempt and then every second attempt)."""
+        return self.rollout.prompts_per_step * self.rollout.group_size * (2 if self.score.enabled else 1)
+
     def validate(self, path: str) -> None:
         from alignreg.regularizers import build_regularizers  # validates names and params
 
         regs = build_regularizers(self.regularizers, path=f"{path}.regularizers")
-        bs = self.rollout.prompts_per_step * self.rollout.group_size
+        bs = self.batch_rows
         mb = self.learner.mini_batch_size or bs
         _check(bs % mb == 0, f"{path}.learner.mini_batch_size ({mb}) must divide the batch size {bs}")
         from alignreg.regularizers.base import REGULARIZERS

@@ -208,6 +208,16 @@ def test_score_terms_need_two_attempt_episodes(name):
     from_dict(RLConfig, {"regularizers": [{"name": name, "coef": 0.1}], "score": {"enabled": True}})
 
 
+def test_score_batch_holds_both_attempts():
+    """A SCoRe batch has 2 x prompts_per_step x group_size rows: the mini-batch divides that."""
+    base = {"rollout": {"prompts_per_step": 2, "group_size": 4}, "score": {"enabled": True}}
+    assert from_dict(RLConfig, base).batch_rows == 16
+    from_dict(RLConfig, {**base, "learner": {"mini_batch_size": 16, "micro_batch_size": 8}})
+    with pytest.raises(ConfigError, match="mini_batch_size \\(12\\) must divide the batch size 16"):
+        from_dict(RLConfig, {**base, "learner": {"mini_batch_size": 12}})
+    assert from_dict(RLConfig, {**base, "score": {"enabled": False}}).batch_rows == 8
+
+
 def test_async_rollout_in_one_process_refuses_lora_dropout():
     base = {"trainer": {"async_rollout": True}, "lora": {"enabled": True, "dropout": 0.05}}
     with pytest.raises(ConfigError, match="lora.dropout: 0.05 with trainer.async_rollout in one process"):

@@ -189,6 +189,31 @@ def test_local_and_ray_runs_match(cluster, tmp_path):
 
 
 @pytest.mark.slow
+def test_local_and_ray_score_runs_make_one_update_per_step(cluster, tmp_path):
+    """SCoRe: a batch holds both attempts (2 x prompts_per_step x group_size rows), and
+    ``mini_batch_size: 0`` is one update over all of them in a Ray run as in a local one (the Ray
+    group took the mini-batch as prompts_per_step x group_size and made two updates: attempt 1, then
+    attempt 2 off-policy; the warm-up ran twice as fast). The entropy term gives a gradient without
+    rewards; the learning rate after 2 steps of a 4-update warm-up tells the number of updates."""
+    extra = ["rollout.engine=hf", "learner.backend=torch", "score.enabled=true", "score.advantage=grpo",
+             "score.instruction=\" check:\"", "learner.warmup_steps=4", "learner.mini_batch_size=0", "trainer.steps=2",
+             "regularizers=[{name: entropy, coef: 0.05}]"]
+    train(load_config(RLConfig, DEMO, FAST + extra + [f"trainer.run_dir={tmp_path / 'local'}"]))
+    train(load_config(RLConfig, DEMO, FAST + extra + [f"trainer.run_dir={tmp_path / 'ray'}", "orchestration=ray",
+                                                      "ray.learner_ranks=1"]))
+    local, remote = _rows(tmp_path / "local"), _rows(tmp_path / "ray")
+    for rows in (local, remote):  # one update per step
+        assert [r["optim/lr"] for r in rows[1:]] == pytest.approx([1e-2 / 4, 2e-2 / 4])
+    for a, b in zip(local, remote):
+        for k, v in a.items():
+            if not k.startswith("time/"):
+                assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-5), (a["step"], k)
+    wa, wb = _final_weights(tmp_path / "local"), _final_weights(tmp_path / "ray")
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
 @pytest.mark.timeout(300, method="thread")  # a hang sits in ray.get, which SIGALRM does not interrupt
 def test_object_store_sync_with_every_cpu_held_and_a_bfloat16_hf_engine(cluster, tmp_path):
     """The actors' bundles hold all 8 CPUs of the cluster: the sync's checksum must not need a Ray task

@@ -344,14 +344,13 @@ class RemoteWeights:
 class RayLearnerGroup:
     def __init__(self, cluster: RayCluster, cfg: RLConfig, model_dir: str):
         world = cfg.ray.learner_ranks
-        bs = cfg.rollout.prompts_per_step * cfg.rollout.group_size
-        mini = cfg.learner.mini_batch_size or bs
+        mini = cfg.learner.mini_batch_size or cfg.batch_rows
         if mini % world:
             raise ConfigError(f"ray.learner_ranks: {world} ranks must divide the mini-batch ({mini} responses) "
                               f"so that every rank runs the same number of micro-batches")
-        self.world, self.mini = world, mini
+        self.world, self.mini = world, cfg.learner.mini_batch_size  # 0: the whole batch, whatever its length
         rank_cfg = copy.deepcopy(cfg)
-        rank_cfg.learner.mini_batch_size = mini // world
+        rank_cfg.learner.mini_batch_size = self.mini // world  # 0 stays 0: the rank's whole share
         self.reference = None
         if "reference" in cluster.bundles:  # ray.colocate_ref: false
             self.reference = ray.remote(ReferenceActor).options(**cluster.options("reference", 0, max_restarts=0)).remote(cfg, model_dir)
@@ -379,15 +378,17 @@ class RayLearnerGroup:
             raise WorkerError(f"a learner rank's actor died during {method} ({_cause_line(e)}); the learner "
                               "ranks share optimizer state and collectives, so one cannot be restarted alone") from None
 
-    def _shards(self, n: int) -> list[list[int]]:
+    def _shards(self, n: int, mini: int) -> list[list[int]]:
         """Row indices of each rank: the r-th slice of every mini-batch."""
-        per = self.mini // self.world
-        return [[i for s in range(0, n, self.mini) for i in range(s + r * per, s + (r + 1) * per)] for r in range(self.world)]
+        per = mini // self.world
+        return [[i for s in range(0, n, mini) for i in range(s + r * per, s + (r + 1) * per)] for r in range(self.world)]
 
     def train_step(self, batch, step: int) -> dict[str, float]:
-        if len(batch) % self.mini:
-            raise ValueError(f"train_step: batch of {len(batch)} rows is not a multiple of the mini-batch {self.mini}")
-        parts = [batch.rows(torch.tensor(idx)) for idx in self._shards(len(batch))]
+        mini = self.mini or len(batch)  # as the local learner: 0 = the whole batch (a SCoRe batch: both attempts)
+        if len(batch) % mini or mini % self.world:
+            raise ValueError(f"train_step: batch of {len(batch)} rows is not a multiple of the mini-batch {mini}, "
+                             f"or {self.world} ranks do not divide the mini-batch")
+        parts = [batch.rows(torch.tensor(idx)) for idx in self._shards(len(batch), mini)]
         return self._get([a.train_step.remote(p, step) for a, p in zip(self.actors, parts)], "train_step")[0]
 
     def export_weights(self) -> RemoteWeights:
