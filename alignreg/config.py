@@ -460,7 +460,7 @@ class AlgorithmConfig:
     dual_clip_c: float = 0.0  # dual-clip constant c > 1 bounds the loss of negative-advantage tokens (0 = off)
     loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = "token-mean"  # policy-loss aggregation
     norm_len: int = 0  # length divisor of seq-mean-token-sum-norm (0 = rollout.max_new_tokens)
-    adv_eps: float = 1e-6  # epsilon added to the group std in GRPO advantages
+    adv_eps: float = 1e-6  # epsilon added to the group std in GRPO advantages (0 is valid: a group of equal rewards gets advantage 0)
     tis_cap: float = 0.0  # truncated importance sampling cap for rollout/learner log-prob mismatch (0 = off)
 
     def validate(self, path: str) -> None:

@@ -682,3 +682,15 @@ def test_advantages(name):
     r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
     grp = torch.tensor([0, 0, 0, 0, 1, 1])
     close(compute_advantages(name, r, grp), brute_adv(name, r.tolist(), grp.tolist()), tol=1e-6)
+
+
+def test_grpo_advantages_with_eps_zero_are_zero_for_equal_rewards():
+    """algorithm.adv_eps: 0 is valid: a group of equal rewards (std 0) gets 0, not 0/0 = NaN; even when
+    the mean of equal non-binary rewards rounds (0.1 x 3 / 3 != 0.1), which would make std tiny, not 0."""
+    r = torch.tensor([1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0])
+    grp = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    # group 1: mean 0.25, unbiased std sqrt(0.75 / 3) = 0.5
+    close(compute_advantages("grpo", r, grp, 0.0), [0.0] * 4 + [-0.5, 1.5, -0.5, -0.5], tol=1e-6)
+    for dtype in (F64, torch.float32):
+        tied = compute_advantages("grpo", torch.tensor([0.1, 0.1, 0.1, 0.7, 0.3], dtype=dtype), torch.tensor([0, 0, 0, 1, 1]), 0.0)
+        close(tied, [0.0, 0.0, 0.0, 1 / math.sqrt(2), -1 / math.sqrt(2)], tol=1e-6)
