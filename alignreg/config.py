@@ -486,7 +486,7 @@ class LearnerConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
     grad_clip: float = 1.0  # max global grad norm (0 = off)
-    warmup_steps: int = 0  # linear learning-rate warmup steps
+    warmup_steps: int = 0  # linear learning-rate warm-up length in OPTIMIZER UPDATES, not training steps (as TRL/OpenRLHF; veRL's lr_warmup_steps counts training steps: multiply it by the updates per step, batch / mini_batch_size x ppo_epochs)
     mini_batch_size: int = 0  # responses (batch rows) per optimizer step (0 = whole batch: one on-policy update; a SCoRe batch holds both attempts)
     micro_batch_size: int = 32  # responses per forward/backward (gradient accumulation inside a mini-batch)
     ppo_epochs: int = 1  # passes over the batch per training step

@@ -37,6 +37,8 @@ def test_real_run_config(path):
         new += (cfg.score.second_max_new_tokens or cfg.rollout.max_new_tokens) + 64
         assert {t.term.id for t in build_regularizers(cfg.regularizers)} == {"score", "score_kl"}
     assert cfg.math_data.max_prompt_tokens + new <= cfg.vllm.max_model_len <= 4096  # Qwen2.5-Math context
+    lc = cfg.learner  # learner.warmup_steps counts optimizer updates: 5 training steps in every recipe
+    assert lc.warmup_steps == 5 * cfg.batch_rows // (lc.mini_batch_size or cfg.batch_rows) * lc.ppo_epochs
     variant = path.stem.split("_", 4)[-1]
     if variant not in ("grpo", "score"):
         assert [t.term.id for t in build_regularizers(cfg.regularizers)] == [variant]
@@ -57,13 +59,14 @@ def test_sft_configs(path):
 @pytest.mark.parametrize("path", [p for p in REAL if p.stem.endswith("_siren")], ids=lambda p: p.stem)
 def test_siren_configs_use_the_official_script_values(path):
     """siren.sh (REGULARIZERS.md §3.1-3.2): advantages without std normalisation, clip 0.28 / dual-clip 3,
-    seq-mean-token-sum-norm, wd 0.1, 8-prompt mini-batches (16 updates per 128-prompt step)."""
+    seq-mean-token-sum-norm, wd 0.1, 8-prompt mini-batches (16 updates per 128-prompt step), a 5-step warm-up."""
     cfg = load_config(RLConfig, path)
     a, lc = cfg.algorithm, cfg.learner
     assert a.advantage == "drgrpo" and a.eps_low == a.eps_high == 0.28 and a.dual_clip_c == 3.0
     assert a.loss_agg_mode == "seq-mean-token-sum-norm" and lc.lr == 1e-6 and lc.weight_decay == 0.1
     assert lc.mini_batch_size == 8 * cfg.rollout.group_size
     assert cfg.rollout.prompts_per_step * cfg.rollout.group_size // lc.mini_batch_size == 16
+    assert lc.warmup_steps == 5 * 16  # siren.sh: 5 warm-up training steps (veRL steps its scheduler once per step)
 
 
 @pytest.mark.parametrize("path", [p for p in REAL if p.stem.endswith("_grpo_guard")], ids=lambda p: p.stem)
