@@ -454,7 +454,7 @@ class RolloutConfig:
 @dataclass
 class AlgorithmConfig:
     advantage: Literal["grpo", "drgrpo", "rloo"] = "grpo"  # advantage estimator (SCoRe runs use score.advantage; another value here is refused)
-    policy_loss: Literal["ppo", "drgrpo"] = "ppo"  # ppo: clipped ratio objective; drgrpo: same with seq-mean-token-sum-norm
+    policy_loss: Literal["ppo", "drgrpo"] = "ppo"  # ppo: clipped ratio objective; drgrpo: same with seq-mean-token-sum-norm aggregation only (Dr.GRPO also needs advantage: drgrpo)
     eps_low: float = 0.2  # lower clip: ratio >= 1 - eps_low
     eps_high: float = 0.2  # upper clip (clip-higher when > eps_low): ratio <= 1 + eps_high
     dual_clip_c: float = 0.0  # dual-clip constant c > 1 bounds the loss of negative-advantage tokens (0 = off)
@@ -468,6 +468,9 @@ class AlgorithmConfig:
         _check(self.dual_clip_c == 0 or self.dual_clip_c > 1, f"{path}.dual_clip_c must be 0 (off) or > 1")
         _check(self.norm_len >= 0, f"{path}.norm_len must be >= 0 (0 = rollout.max_new_tokens): a negative length flips the loss's sign")
         _check(self.adv_eps >= 0, f"{path}.adv_eps must be >= 0")
+        _check(self.policy_loss != "drgrpo" or self.loss_agg_mode in ("token-mean", "seq-mean-token-sum-norm"),
+               f"{path}.policy_loss: drgrpo aggregates with seq-mean-token-sum-norm, which overrides loss_agg_mode: "
+               f"{self.loss_agg_mode}; drop loss_agg_mode (or set it to seq-mean-token-sum-norm), or use policy_loss: ppo")
         _check(self.tis_cap >= 0, f"{path}.tis_cap must be >= 0 (0 = off)")
 
 

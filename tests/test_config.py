@@ -218,6 +218,15 @@ def test_score_batch_holds_both_attempts():
     assert from_dict(RLConfig, {**base, "score": {"enabled": False}}).batch_rows == 8
 
 
+def test_drgrpo_policy_loss_refuses_another_aggregation():
+    """policy_loss: drgrpo aggregates with seq-mean-token-sum-norm: a different loss_agg_mode was silently ignored."""
+    with pytest.raises(ConfigError, match="algorithm.policy_loss: drgrpo aggregates with seq-mean-token-sum-norm, which "
+                                          "overrides loss_agg_mode: seq-mean-token-mean; drop loss_agg_mode"):
+        from_dict(RLConfig, {"algorithm": {"policy_loss": "drgrpo", "loss_agg_mode": "seq-mean-token-mean"}})
+    for mode in ("token-mean", "seq-mean-token-sum-norm"):  # the default, or the one drgrpo uses
+        from_dict(RLConfig, {"algorithm": {"policy_loss": "drgrpo", "loss_agg_mode": mode}})
+
+
 def test_async_rollout_in_one_process_refuses_lora_dropout():
     base = {"trainer": {"async_rollout": True}, "lora": {"enabled": True, "dropout": 0.05}}
     with pytest.raises(ConfigError, match="lora.dropout: 0.05 with trainer.async_rollout in one process"):

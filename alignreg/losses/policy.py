@@ -4,8 +4,9 @@ PPO / GRPO clipped objective with decoupled clip range (``eps_low``, ``eps_high`
 clip-higher when ``eps_high > eps_low``) and optional dual-clip (Ye et al. 2020, "Mastering Complex
 Control in MOBA Games"): for negative advantages the loss is bounded by ``-A * c``. Dr.GRPO (Liu et
 al. 2025, "Understanding R1-Zero-Like Training") uses the same per-token objective; its changes are
-in the advantage (no std division) and the aggregation (``seq-mean-token-sum-norm``), configured by
-``algorithm.policy_loss: drgrpo``.
+in the advantage (no std division: ``algorithm.advantage: drgrpo``) and the aggregation
+(``seq-mean-token-sum-norm``: ``algorithm.policy_loss: drgrpo``, which changes only the aggregation).
+Dr.GRPO is both settings.
 """
 from __future__ import annotations
 
