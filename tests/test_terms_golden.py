@@ -163,6 +163,40 @@ def test_kl_ref_k3_without_clamp():
     close(grad_of(out.loss, lpl), grad_of(want, lpb))
 
 
+def test_kl_ref_expected_gradients_as_a_loss():
+    """Exact expectation over y ~ pi on a 6-token vocabulary (the mask weighs each token by its detached
+    probability: the sampling carries no gradient). As a loss k1 has zero expected gradient, k2 and
+    ``full`` give grad KL(pi || ref), k3 gives grad KL(ref || pi) (the reverse KL); k1 and k3 are
+    unbiased in value. The start-up warning names k1 only."""
+    g = torch.Generator().manual_seed(0)
+    theta = torch.randn(6, generator=g, dtype=F64)
+    ref = torch.log_softmax(torch.randn(6, generator=g, dtype=F64), -1)
+
+    def grad(fn):
+        th = theta.clone().requires_grad_()
+        return grad_of(fn(torch.log_softmax(th, -1)), th)
+
+    def expected(est, lp):  # E_{y ~ pi}[loss(y)], value and gradient exact
+        pi = lp.detach().exp()[None]
+        stats = {"ref_logprobs": ref[None], "kl_ref_full": (lp.exp() * (lp - ref)).sum()[None, None].expand(1, 6)}
+        return KLRef(KLRefParams(estimator=est, clamp=0.0), "kl_ref").token_loss(make_ctx(lp[None], pi, stats)).loss
+
+    fwd = grad(lambda lp: (lp.exp() * (lp - ref)).sum())  # grad KL(pi || ref)
+    rev = grad(lambda lp: (ref.exp() * (ref - lp)).sum())  # grad KL(ref || pi)
+    assert (fwd - rev).abs().max() > 0.05  # the two directions differ here
+    close(grad(lambda lp: expected("k1", lp)), torch.zeros(6, dtype=F64), what="k1")
+    close(grad(lambda lp: expected("k2", lp)), fwd, what="k2")
+    close(grad(lambda lp: expected("full", lp)), fwd, what="full")
+    close(grad(lambda lp: expected("k3", lp)), rev, what="k3")
+    lp = torch.log_softmax(theta, -1)
+    kl = float((lp.exp() * (lp - ref)).sum())
+    for est in ("k1", "k3", "full"):
+        assert float(expected(est, lp)) == pytest.approx(kl, rel=1e-12), est
+    warn = KLRef(KLRefParams(estimator="k1"), "kl1").start_up_warning()
+    assert "'kl1' (kl_ref, estimator k1) has zero expected gradient" in warn and "\n" not in warn
+    assert all(KLRef(KLRefParams(estimator=e), "kl_ref").start_up_warning() == "" for e in ("k2", "k3", "full"))
+
+
 def test_k3_gradient_finite_when_exp_overflows():
     """The k3 value is clamped to 10, so its gradient must be 0 (not NaN) however large
     ``log pi_ref - log pi`` is. BUG (kl_ref.py / lp_reg.py): ``exp(d)`` overflows to inf for

@@ -137,6 +137,9 @@ def build_run(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = 
     run_dir = Path(cfg.trainer.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     regs = build_regularizers(cfg.regularizers)
+    for t in regs:
+        if t.term.start_up_warning():
+            print(f"warning: {t.term.start_up_warning()}", file=sys.stderr, flush=True)
     if cfg.rollout.engine == "vllm":  # before anything is trained or written
         _check_vllm(cfg)
     if ckpt == "resolve":  # called on its own (train() has done both before writing anything)

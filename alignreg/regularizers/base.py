@@ -148,6 +148,10 @@ class Regularizer:
         """Statistics this term reads from ``ctx.stats`` / ``StepView.stats``."""
         return []
 
+    def start_up_warning(self) -> str:
+        """One line the run prints at start-up about these settings ("" = none)."""
+        return ""
+
     def needs_whole_groups(self) -> bool:
         """Whether the term reads statistics over a prompt group's rows, so every micro-batch (and
         every rank's share of a mini-batch) must hold whole groups; the config checks it."""
