@@ -196,9 +196,13 @@ def test_score_rollout_step_and_train_step(monkeypatch):
         episodes.append(ep)
         return ep
 
+    from alignreg.rewards.math import math_scores
+
+    assert math_scores(["so \\boxed{7}"], [{"answer": "7"}]) == [1.0]  # another run's check in this process
     monkeypatch.setattr(score, "generate_episodes", scripted_rewards)
     batch, m = score_rollout_step(run, train[:4], 0)
     monkeypatch.undo()
+    assert not [k for k in m if k.startswith("reward/math_")]  # exact_match: no verifier counters, none leaked
     assert len(batch) == 2 * 4 * cfg.rollout.group_size and len(episodes) == 1
     assert {k: m[f"rollout/{k}"] for k in ("accuracy@t1", "accuracy@t2", "delta_t1_t2", "delta_i2c", "delta_c2i")} == \
         pytest.approx({"accuracy@t1": 0.25, "accuracy@t2": 0.5, "delta_t1_t2": 0.25, "delta_i2c": 0.25, "delta_c2i": 0.0})

@@ -174,7 +174,8 @@ def score_rollout_step(run, records: list[dict], step: int) -> tuple[TrainBatch,
         "rollout/shaped_reward_mean": float(stage_rewards(ep, shaped).mean()),
         "rollout/response_len": float(lengths.mean()),
         "rollout/adv_abs_mean": float(batch.advantages[:, 0].abs().mean()),
-        **pop_reward_metrics(),
+        # only for a math reward: the verifier pool is process-wide and may hold another run's counts
+        **(pop_reward_metrics() if cfg.task.reward.startswith("math_verify") else {}),
     })
     return batch, metrics
 
