@@ -22,7 +22,8 @@ by TRL. ``alignreg.warmstart`` is the built-in few-step variant used inside ``al
 
 Checkpoints and resume: TRL checkpoints (weights, optimizer, scheduler, RNG) go to ``output_dir/trl``
 every ``save_steps``; SIGTERM or a first Ctrl-C writes one at the end of the current step and stops
-(``alignreg.stop``). Running the same command again continues from the latest one (``resume: true``);
+(``alignreg.stop``). Running the same command again continues from the latest complete one (``resume: true``;
+one a kill cut short while it was written is renamed ``incomplete-checkpoint-N``, with a warning);
 a resume refuses changed training settings (model, data, LoRA, optimisation, seed). A finished run is
 not trained again: the same command reports it, other settings are refused (RL runs start from, and
 take their KL reference from, the model it wrote; train those in another ``output_dir``).
@@ -32,6 +33,8 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,17 +147,55 @@ def _finished_run(cfg: SFTRunConfig, out: Path) -> dict | None:
     return summary
 
 
-def _resume_from(cfg: SFTRunConfig, out: Path) -> str | None:
-    """The TRL checkpoint to continue from (None: a fresh run); refuses what it cannot honour."""
-    from transformers.trainer_utils import get_last_checkpoint
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")  # TRL's checkpoint directories in output_dir/trl
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
+            "adapter_model.safetensors", "adapter_model.bin")
 
-    last = get_last_checkpoint(str(out / "trl")) if (out / "trl").is_dir() else None
-    if last is None:
-        return None
+
+def _complete(ckpt: Path, step: int) -> bool:
+    """Whether a resume can load ``ckpt``: the Trainer writes ``trainer_state.json`` (not atomically) after
+    the weights, optimizer, scheduler and RNG state, so a checkpoint killed mid-write lacks it or holds a
+    cut-off one; the files it needs are checked too (a missing optimizer.pt would resume with a fresh one)."""
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (isinstance(state, dict) and state.get("global_step") == step
+            and any((ckpt / f).is_file() for f in _WEIGHTS)
+            and all((ckpt / f).is_file() for f in ("optimizer.pt", "scheduler.pt"))
+            and any(ckpt.glob("rng_state*.pth")))
+
+
+def _set_aside(ckpt: Path) -> Path:
+    """Rename an incomplete checkpoint out of TRL's way, keeping its files: ``incomplete-checkpoint-N``
+    (a ``checkpoint-N.*`` name would still be listed, and deleted, by TRL's checkpoint rotation)."""
+    dest, n = ckpt.with_name(f"incomplete-{ckpt.name}"), 1
+    while dest.exists():
+        dest, n = ckpt.with_name(f"incomplete-{ckpt.name}.{n}"), n + 1
+    ckpt.rename(dest)
+    return dest
+
+
+def _resume_from(cfg: SFTRunConfig, out: Path) -> tuple[str | None, int]:
+    """The TRL checkpoint to continue from and its step (None, 0: a fresh run); refuses what it cannot honour.
+    Newer checkpoints a kill left incomplete are renamed (see :func:`_set_aside`), with a warning."""
+    trl = out / "trl"
+    found = sorted((int(m.group(1)), p) for p in (trl.iterdir() if trl.is_dir() else ())
+                   if p.is_dir() and (m := _CHECKPOINT.fullmatch(p.name)))
+    if not found:
+        return None, 0
     if not cfg.resume:
-        raise ConfigError(f"resume=false: {str(out / 'trl')!r} holds checkpoints of an earlier run; pick another "
+        raise ConfigError(f"resume=false: {str(trl)!r} holds checkpoints of an earlier run; pick another "
                           "output_dir for a new run (or delete that directory), or resume it with resume=true")
-    done = int(Path(last).name.split("-")[-1])
+    while found and not _complete(found[-1][1], found[-1][0]):
+        step, path = found.pop()
+        kept = _set_aside(path)
+        then = f"resuming from {found[-1][1]}" if found else "no complete checkpoint is left: training starts at step 0"
+        print(f"warning: {path} is incomplete (no readable trainer_state.json for step {step}, or files missing: the "
+              f"run was killed while writing it); renamed to {kept.name}, {then}", file=sys.stderr, flush=True)
+    if not found:
+        return None, 0
+    done, last = found[-1][0], str(found[-1][1])
     if done > cfg.steps:
         raise ConfigError(f"steps={cfg.steps} is below the step of {last} ({done}); set steps >= {done}, or start "
                           "a new run in another output_dir")
@@ -164,7 +205,7 @@ def _resume_from(cfg: SFTRunConfig, out: Path) -> str | None:
         if diffs:
             raise ConfigError(f"{last} was trained with different settings: {describe_diff(diffs)}. A resume continues "
                               f"that run; use its values ({stored}) or start a new run in another output_dir")
-    return last
+    return last, done
 
 
 def _stop_callback(stop):
@@ -206,7 +247,7 @@ def _run_sft(cfg: SFTRunConfig, callbacks: tuple) -> dict:
     if done is not None:
         print(f"sft: {out} already holds this run, finished ({done['steps']} steps); nothing to do", flush=True)
         return done
-    last = _resume_from(cfg, out)
+    last, _ = _resume_from(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "sft_config.yaml")
     model, tokenizer = load_policy(cfg.model, cfg.seed)

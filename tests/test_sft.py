@@ -143,3 +143,56 @@ def test_full_fine_tuning_in_half_precision_is_refused():
     from_dict(SFTRunConfig, {"model": {"dtype": "bfloat16"}, "lora": {"enabled": True}})  # PEFT keeps float32 adapters
     shipped = load_config(SFTRunConfig, Path(__file__).resolve().parents[1] / "configs/sft/qwen25_math_1.5b_math.yaml")
     assert shipped.model.dtype == "float32" and shipped.bf16 and not shipped.lora.enabled
+
+
+def _tiny(out, **kw):
+    task = TaskConfig(name="sort", min_length=3, max_length=4, eval_size=8, train_size=64)
+    return SFTRunConfig(task=task, steps=4, lr=3e-3, batch_size=8, max_length=32, threads=1, logging_steps=1,
+                        output_dir=str(out), **kw)
+
+
+def _same_weights(a_dir, b_dir):
+    a, _ = load_policy(ModelConfig(path=str(a_dir)), 0)
+    b, _ = load_policy(ModelConfig(path=str(b_dir)), 0)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(y, x, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_checkpoint_killed_mid_write_is_set_aside_and_the_run_resumes_from_the_one_before(tmp_path, capsys):
+    """A kill while TRL writes checkpoint-N (trainer_state.json, written last, missing or cut off) left the
+    run unresumable: the newest checkpoint-N was always taken. It is renamed, kept, and the run continues
+    from the newest complete checkpoint to the weights of an uninterrupted run."""
+    run_sft(_tiny(tmp_path / "straight"))
+    split = tmp_path / "split"
+    run_sft(_tiny(split, save_steps=2, keep_checkpoints=0))
+    trl = split / "trl"
+    state = (trl / "checkpoint-4" / "trainer_state.json").read_text()
+    (trl / "checkpoint-4" / "trainer_state.json").write_text(state[: len(state) // 2])  # killed while writing it
+    for f in ("sft_summary.json", "config.json", "model.safetensors"):  # before the export
+        (split / f).unlink()
+    capsys.readouterr()
+    done = run_sft(_tiny(split, save_steps=2, keep_checkpoints=0))
+    err = capsys.readouterr().err
+    assert f"warning: {trl / 'checkpoint-4'} is incomplete" in err and "renamed to incomplete-checkpoint-4" in err
+    assert f"resuming from {trl / 'checkpoint-2'}" in err
+    assert done["steps"] == 4 and "stopped" not in done
+    assert (trl / "incomplete-checkpoint-4" / "trainer_state.json").read_text() == state[: len(state) // 2]  # kept
+    assert (trl / "checkpoint-4" / "trainer_state.json").is_file()  # written again by the resumed run
+    _same_weights(tmp_path / "straight", split)
+
+
+def test_only_incomplete_checkpoints_start_over_and_resume_false_renames_nothing(tmp_path, capsys):
+    from alignreg.sft import _resume_from
+
+    part = tmp_path / "trl" / "checkpoint-3"
+    part.mkdir(parents=True)
+    (part / "model.safetensors").write_bytes(b"partial")  # killed before the optimizer state
+    with pytest.raises(ConfigError, match="holds checkpoints of an earlier run"):
+        _resume_from(_tiny(tmp_path, resume=False), tmp_path)
+    assert part.is_dir()
+    assert _resume_from(_tiny(tmp_path), tmp_path) == (None, 0)
+    assert "no complete checkpoint is left: training starts at step 0" in capsys.readouterr().err
+    assert not part.exists() and (tmp_path / "trl" / "incomplete-checkpoint-3" / "model.safetensors").read_bytes() == b"partial"
+    part.mkdir()  # the same step killed again: the earlier copy is kept too
+    assert _resume_from(_tiny(tmp_path), tmp_path) == (None, 0)
+    assert (tmp_path / "trl" / "incomplete-checkpoint-3.1").is_dir()
