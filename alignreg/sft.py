@@ -247,9 +247,11 @@ def _run_sft(cfg: SFTRunConfig, callbacks: tuple) -> dict:
     if done is not None:
         print(f"sft: {out} already holds this run, finished ({done['steps']} steps); nothing to do", flush=True)
         return done
-    last, _ = _resume_from(cfg, out)
+    last, step = _resume_from(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "sft_config.yaml")
+    if last is not None and step == cfg.steps:
+        return _export_final_checkpoint(cfg, out, last)
     model, tokenizer = load_policy(cfg.model, cfg.seed)
     train, held = sft_records(cfg, tokenizer)
     peft_config = None
@@ -283,19 +285,44 @@ def _run_sft(cfg: SFTRunConfig, callbacks: tuple) -> dict:
                    "checkpoint": str(out / "trl" / f"checkpoint-{step}")}
         (out / "sft_summary.json").write_text(json.dumps(summary, indent=2))
         return summary
-    trained = trainer.model
+    return _export(cfg, out, trainer.model, tokenizer, int(result.global_step), float(result.training_loss),
+                   trainer.state.log_history, len(train))
+
+
+def _export(cfg: SFTRunConfig, out: Path, trained, tokenizer, steps: int, train_loss: float | None,
+            log_history: list[dict], train_records: int) -> dict:
+    """Write the trained model (LoRA: the adapter, then the merged weights) and the summary, last."""
     if cfg.lora.enabled:
         trained.save_pretrained(out / "adapter")
         tokenizer.save_pretrained(out / "adapter")
         trained = trained.merge_and_unload()
     trained.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    summary = {"output_dir": str(out), "steps": int(result.global_step), "train_loss": float(result.training_loss),
+    losses = [h["loss"] for h in log_history if "loss" in h]
+    summary = {"output_dir": str(out), "steps": steps, "train_loss": train_loss,
                "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-               "train_records": len(train), "lora": cfg.lora.enabled}
+               "train_records": train_records, "lora": cfg.lora.enabled}
     (out / "sft_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _export_final_checkpoint(cfg: SFTRunConfig, out: Path, last: str) -> dict:
+    """A run killed after its final checkpoint (while exporting): export that checkpoint. Handing it to
+    ``trainer.train`` would train one step past ``steps``. ``train_loss`` is None: the mean over the
+    run's steps is not in the checkpoint (its logged losses are)."""
+    from alignreg.models import load_policy
+
+    print(f"sft: {last} is the final step ({cfg.steps}); exporting it, nothing to train", flush=True)
+    if cfg.lora.enabled:
+        from peft import PeftModel
+
+        base, tokenizer = load_policy(cfg.model, cfg.seed)
+        trained = PeftModel.from_pretrained(base, last)
+    else:
+        trained, tokenizer = load_policy(cfg.model, cfg.seed, saved=last)
+    state = json.loads((Path(last) / "trainer_state.json").read_text())  # read by _complete already
+    train, _ = sft_records(cfg, tokenizer)
+    return _export(cfg, out, trained, tokenizer, cfg.steps, None, state.get("log_history", []), len(train))
 
 
 def sft_main(argv: list[str]) -> int:

@@ -196,3 +196,37 @@ def test_only_incomplete_checkpoints_start_over_and_resume_false_renames_nothing
     part.mkdir()  # the same step killed again: the earlier copy is kept too
     assert _resume_from(_tiny(tmp_path), tmp_path) == (None, 0)
     assert (tmp_path / "trl" / "incomplete-checkpoint-3.1").is_dir()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_a_run_killed_after_its_final_checkpoint_exports_it_without_training(tmp_path, lora):
+    """A kill during the export (after checkpoint-N of the final step N): the same command used to hand
+    that checkpoint to the Trainer, which trained step N + 1. It now exports it as it is."""
+    from transformers import TrainerCallback
+
+    class CountSteps(TrainerCallback):
+        steps = 0
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps += 1
+
+    cfg = _tiny(tmp_path, save_steps=4)
+    cfg.lora.enabled, cfg.lora.r = lora, 4
+    first = run_sft(cfg)
+    before, _ = load_policy(ModelConfig(path=str(tmp_path)), 0)
+    for f in ("sft_summary.json", "config.json", "model.safetensors"):  # killed while exporting
+        (tmp_path / f).unlink()
+    if lora:
+        import shutil
+
+        shutil.rmtree(tmp_path / "adapter")
+    count = CountSteps()
+    again = run_sft(cfg, callbacks=(count,))
+    assert count.steps == 0 and again["steps"] == 4 and "stopped" not in again
+    assert again["loss_first"] == first["loss_first"] and again["loss_last"] == first["loss_last"]
+    assert json.loads((tmp_path / "sft_summary.json").read_text()) == again
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file() == lora
+    after, _ = load_policy(ModelConfig(path=str(tmp_path)), 0)
+    for (name, x), (_, y) in zip(before.state_dict().items(), after.state_dict().items()):
+        torch.testing.assert_close(y, x, rtol=0, atol=1e-6, msg=name)
+    assert run_sft(cfg) == again  # finished: nothing to do
