@@ -94,6 +94,13 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _atomic_write_text(path: Path, text: str) -> None:
+    """Replace ``path`` whole: a kill mid-write leaves the old file (and a ``.tmp``), never a cut-off one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def plot_curve(evals: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -215,8 +222,10 @@ def _train(cfg: OfflineConfig, out_dir: str | Path, log, handle_signals: bool) -
         torch.set_rng_state(state["torch_rng"])
         evals = state["evals"]
         resumed_acc = state.get("acc", {})
-        for f in ("metrics.jsonl", "evals.jsonl"):
-            truncate_jsonl(out / f, learner.it)
+        truncate_jsonl(out / "metrics.jsonl", learner.it)
+        # the checkpoint's evaluations, once each: a kill between appending a row and writing the checkpoint
+        # (the final evaluation: same step as the checkpoint) left a row the resumed run appends again
+        _atomic_write_text(out / "evals.jsonl", "".join(json.dumps(r) + "\n" for r in evals))
         log(f"resumed from {ckpt} at step {learner.it}")
     else:
         for f in ("metrics.jsonl", "evals.jsonl"):

@@ -309,3 +309,30 @@ def test_default_out_dir_separates_seeds(tmp_path, monkeypatch):
     for seed in (0, 1):
         assert offline_main(["td3bc_small.yaml", f"trainer.seed={seed}"]) == 0
         assert json.loads((tmp_path / "runs" / "offline" / f"td3bc_small-s{seed}" / "results.json").read_text())["seed"] == seed
+
+
+def test_a_kill_after_the_final_eval_row_and_before_its_checkpoint_leaves_no_duplicate_row(tmp_path, monkeypatch):
+    """The final evaluation appends its row to evals.jsonl, then the checkpoint holding it is written; a kill
+    in between resumed from the checkpoint of the same step, kept that row and appended it again."""
+    from alignreg.config import from_dict
+    import alignreg.offline.train as train_mod
+
+    d = cfg_dict(tmp_path, "td3bc", steps=50)
+    d["eval"]["every"], d["trainer"]["checkpoint_every"] = 25, 0
+    real, saves = train_mod._atomic_save, []
+
+    def killed_at_the_second_final_save(obj, path):
+        saves.append(obj["learner"]["it"])
+        if len(saves) == 2:  # after the final evaluation's row: the process dies here
+            raise KeyboardInterrupt
+        real(obj, path)
+
+    monkeypatch.setattr(train_mod, "_atomic_save", killed_at_the_second_final_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(from_dict(OfflineConfig, d), tmp_path / "run", log=lambda *a: None)
+    rows = lambda: [json.loads(l)["step"] for l in (tmp_path / "run" / "evals.jsonl").read_text().splitlines()]  # noqa: E731
+    assert saves == [50, 50] and rows() == [25, 50]
+    monkeypatch.undo()
+    res = train(from_dict(OfflineConfig, d), tmp_path / "run", log=lambda *a: None)
+    assert [e["step"] for e in res["evals"]] == rows() == [25, 50]
+    assert [json.loads(l) for l in (tmp_path / "run" / "evals.jsonl").read_text().splitlines()] == res["evals"]
