@@ -176,8 +176,9 @@ def train(cfg: OfflineConfig, out_dir: str | Path, log=print, handle_signals: bo
     """Train (or resume) one offline run into ``out_dir``; returns the results (also ``results.json``).
 
     ``handle_signals``: SIGTERM or a first Ctrl-C finishes the current iteration, writes the checkpoint and
-    returns ``{"stopped": <signal>, "steps": ...}`` without a final evaluation (``alignreg.stop``); sweeps
-    running as Ray tasks pass False and leave the signals to Ray. One process per ``out_dir``
+    returns ``{"stopped": <signal>, "steps": ...}`` without a final evaluation (``alignreg.stop``); one that
+    comes during the final evaluation or the writing of the results lets the run finish, and the results it
+    returns carry ``"stopped"`` too. Sweeps running as Ray tasks pass False and leave the signals to Ray. One process per ``out_dir``
     (:class:`~alignreg.runlock.RunLock`)."""
     with RunLock(out_dir, key="trainer.out_dir"):
         return _train(cfg, out_dir, log, handle_signals)
@@ -247,9 +248,17 @@ def _train(cfg: OfflineConfig, out_dir: str | Path, log, handle_signals: bool) -
         _atomic_save({"learner": learner.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
                       "evals": evals, "acc": dict(acc), "config": to_dict(cfg), "data_fingerprint": fingerprint}, ckpt)
 
+    def stopped(step: int) -> dict:
+        bar.close()
+        log(f"{stop.name}: checkpoint written at iteration {step} of {T.steps} ({ckpt}); run the same "
+            "command again to resume")
+        return {"name": cfg.name, "steps": step, "stopped": stop.name, "checkpoint": str(ckpt)}
+
     t0, start = time.time(), learner.it
     bar = tqdm(range(learner.it, T.steps), initial=learner.it, total=T.steps, disable=not T.progress,
                desc=cfg.name or "offline", dynamic_ncols=True)
+    # the handlers cover the final checkpoint, evaluation and results too: a signal there killed the
+    # process mid-write
     with GracefulStop() if handle_signals else contextlib.nullcontext() as stop:
         for _ in bar:
             m = learner.train_step(data.sample(cfg.learner.batch_size, gen))
@@ -267,29 +276,40 @@ def _train(cfg: OfflineConfig, out_dir: str | Path, log, handle_signals: bool) -
                 bar.set_postfix(score=f"{evals[-1]['score_mean']:.1f}")
             if stop is not None and stop.requested and step < T.steps:
                 save()
-                bar.close()
-                log(f"{stop.name}: checkpoint written at iteration {step} of {T.steps} ({ckpt}); run the same "
-                    "command again to resume")
-                return {"name": cfg.name, "steps": step, "stopped": stop.name, "checkpoint": str(ckpt)}
+                return stopped(step)
             if T.checkpoint_every and step % T.checkpoint_every == 0 and step < T.steps:
                 save()
-    bar.close()
-    wall = time.time() - t0
-    save()  # before the final evaluation: an error there loses no training
-    if not evals or evals[-1]["step"] != learner.it:
-        do_eval(learner.it)
-        save()
-    speed = (learner.it - start) / max(wall, 1e-9)
-    if learner.it == start and (out / "results.json").is_file():  # nothing trained now: keep the run's speed
-        speed = json.loads((out / "results.json").read_text()).get("steps_per_s", speed)
-    algo = "bc" if cfg.learner.algo == "bc" else cfg.regularizers[0].name
-    results = {"name": cfg.name, "env": cfg.data.env, "level": cfg.data.level, "source": cfg.data.source,
-               "algo": algo, "seed": T.seed, "steps": learner.it, "reference": ref,
-               "final_score": evals[-1]["score_mean"], "final_return": evals[-1]["return_mean"],
-               "best_score": max(e["score_mean"] for e in evals),
-               "steps_per_s": speed, "evals": evals}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    plot_curve(evals, out / "curve.png", f"{cfg.name or algo}: {cfg.data.env}-{cfg.data.level} ({ref})")
+        bar.close()
+        wall = time.time() - t0
+        save()  # before the final evaluation: an error there loses no training
+        if not evals or evals[-1]["step"] != learner.it:
+            if stop is not None and stop.requested:  # the resumed run only evaluates
+                return stopped(learner.it)
+            do_eval(learner.it)
+            save()
+        speed = (learner.it - start) / max(wall, 1e-9)
+        if learner.it == start:  # nothing trained now: keep the run's speed
+            speed = _stored_speed(out / "results.json", speed)
+        algo = "bc" if cfg.learner.algo == "bc" else cfg.regularizers[0].name
+        results = {"name": cfg.name, "env": cfg.data.env, "level": cfg.data.level, "source": cfg.data.source,
+                   "algo": algo, "seed": T.seed, "steps": learner.it, "reference": ref,
+                   "final_score": evals[-1]["score_mean"], "final_return": evals[-1]["return_mean"],
+                   "best_score": max(e["score_mean"] for e in evals),
+                   "steps_per_s": speed, "evals": evals}
+        _atomic_write_text(out / "results.json", json.dumps(results, indent=1))
+        plot_curve(evals, out / "curve.png", f"{cfg.name or algo}: {cfg.data.env}-{cfg.data.level} ({ref})")
     log(f"final normalised score ({ref}) {results['final_score']:.1f}, return {results['final_return']:.1f}; "
         f"results in {out / 'results.json'}")
+    if stop is not None and stop.requested:  # it came during the final evaluation or results: finished first
+        log(f"{stop.name}: it came while the run was finishing (final evaluation, results); the run finished "
+            "before stopping")
+        return {**results, "stopped": stop.name}
     return results
+
+
+def _stored_speed(path: Path, default: float) -> float:
+    """``steps_per_s`` of the run's ``results.json`` (``default`` without a readable one)."""
+    try:
+        return float(json.loads(path.read_text())["steps_per_s"])
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or cut off by a kill (before atomic writes)
+        return default

@@ -336,3 +336,50 @@ def test_a_kill_after_the_final_eval_row_and_before_its_checkpoint_leaves_no_dup
     res = train(from_dict(OfflineConfig, d), tmp_path / "run", log=lambda *a: None)
     assert [e["step"] for e in res["evals"]] == rows() == [25, 50]
     assert [json.loads(l) for l in (tmp_path / "run" / "evals.jsonl").read_text().splitlines()] == res["evals"]
+
+
+def test_a_signal_at_the_end_of_training_is_handled_too(tmp_path, monkeypatch):
+    """SIGTERM used to be handled only inside the training loop: one during the final evaluation or the
+    writing of the results reached the previous handler (the default one kills the process mid-write), and
+    one during the last iteration was ignored. Now: during the last iteration, the checkpoint is written and
+    the run stops before the final evaluation (the resumed run only evaluates); during the final
+    evaluation, the run finishes and reports the signal."""
+    from alignreg.config import from_dict
+    import alignreg.offline.evaluate as evaluate_mod
+    from alignreg.offline.td3 import TD3Learner
+
+    def outer(signum, frame):  # stands in for the default handler, which would kill pytest
+        raise AssertionError("SIGTERM reached the handler outside train()")
+
+    previous = signal.signal(signal.SIGTERM, outer)
+    try:
+        d = cfg_dict(tmp_path, "td3bc", steps=50)
+        d["eval"]["every"], d["trainer"]["checkpoint_every"] = 25, 0
+        original_step, real_eval = TD3Learner.train_step, evaluate_mod.evaluate
+
+        def train_step(self, batch):
+            if self.it == 49:  # the last iteration
+                os.kill(os.getpid(), signal.SIGTERM)
+            return original_step(self, batch)
+
+        monkeypatch.setattr(TD3Learner, "train_step", train_step)
+        res = train(from_dict(OfflineConfig, d), tmp_path / "run", log=lambda *a: None)
+        assert res["stopped"] == "SIGTERM" and res["steps"] == 50 and "final_score" not in res
+        assert not (tmp_path / "run" / "results.json").exists()
+        assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["learner"]["it"] == 50
+        monkeypatch.setattr(TD3Learner, "train_step", original_step)
+
+        def evaluate(*a, **k):  # the final evaluation (the resumed run only evaluates)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real_eval(*a, **k)
+
+        monkeypatch.setattr(evaluate_mod, "evaluate", evaluate)
+        lines: list[str] = []
+        res = train(from_dict(OfflineConfig, d), tmp_path / "run", log=lines.append)
+        assert res["stopped"] == "SIGTERM" and [e["step"] for e in res["evals"]] == [25, 50]
+        assert "SIGTERM: it came while the run was finishing" in lines[-1]
+        stored = json.loads((tmp_path / "run" / "results.json").read_text())
+        assert stored == {k: v for k, v in res.items() if k != "stopped"}
+        assert signal.getsignal(signal.SIGTERM) is outer
+    finally:
+        signal.signal(signal.SIGTERM, previous)
