@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import sys
@@ -135,13 +136,19 @@ def _finished_run(cfg: SFTRunConfig, out: Path) -> dict | None:
     summary_file, stored = out / "sft_summary.json", out / "sft_config.yaml"
     if not summary_file.is_file():
         return None
-    summary = json.loads(summary_file.read_text())
-    if summary.get("stopped"):  # an interrupted run: _resume_from continues it
+    try:
+        summary = json.loads(summary_file.read_text())
+    except ValueError:  # written in place before: a kill could cut it off
+        print(f"warning: {summary_file} is not valid JSON (cut off by a kill while it was written); the run is "
+              "continued from its checkpoints and the summary written again", file=sys.stderr, flush=True)
+        summary = None
+    if summary is not None and summary.get("stopped"):  # an interrupted run: _resume_from continues it
         return None
     diffs = stored_config_diff(SFTRunConfig, load_yaml(stored), cfg, ignore=tuple(k for k in _FREE_ON_RESUME if k != "steps")) \
         if stored.is_file() else [("sft_config.yaml", "missing", "present")]
     if diffs:
-        raise ConfigError(f"{str(out)!r} holds a finished SFT model ({summary.get('steps')} steps) trained with other "
+        steps = f"{summary.get('steps')} steps" if summary is not None else "its summary cut off"
+        raise ConfigError(f"{str(out)!r} holds a finished SFT model ({steps}) trained with other "
                           f"settings ({describe_diff(diffs)}); RL runs may start from it: pick another output_dir, or "
                           "delete that directory to train it again")
     return summary
@@ -283,7 +290,7 @@ def _run_sft(cfg: SFTRunConfig, callbacks: tuple) -> dict:
         step = int(trainer.state.global_step)
         summary = {"output_dir": str(out), "steps": step, "stopped": stop.name,
                    "checkpoint": str(out / "trl" / f"checkpoint-{step}")}
-        (out / "sft_summary.json").write_text(json.dumps(summary, indent=2))
+        _write_summary(out, summary)
         return summary
     return _export(cfg, out, trainer.model, tokenizer, int(result.global_step), float(result.training_loss),
                    trainer.state.log_history, len(train))
@@ -302,8 +309,15 @@ def _export(cfg: SFTRunConfig, out: Path, trained, tokenizer, steps: int, train_
     summary = {"output_dir": str(out), "steps": steps, "train_loss": train_loss,
                "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
                "train_records": train_records, "lora": cfg.lora.enabled}
-    (out / "sft_summary.json").write_text(json.dumps(summary, indent=2))
+    _write_summary(out, summary)
     return summary
+
+
+def _write_summary(out: Path, summary: dict) -> None:
+    """``sft_summary.json``, replaced whole: a kill mid-write leaves the previous one, never a cut-off one."""
+    tmp = out / "sft_summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    os.replace(tmp, out / "sft_summary.json")
 
 
 def _export_final_checkpoint(cfg: SFTRunConfig, out: Path, last: str) -> dict:

@@ -230,3 +230,18 @@ def test_a_run_killed_after_its_final_checkpoint_exports_it_without_training(tmp
     for (name, x), (_, y) in zip(before.state_dict().items(), after.state_dict().items()):
         torch.testing.assert_close(y, x, rtol=0, atol=1e-6, msg=name)
     assert run_sft(cfg) == again  # finished: nothing to do
+
+
+def test_a_summary_cut_off_by_a_kill_is_written_again(tmp_path, capsys):
+    """sft_summary.json was written in place, last: a kill mid-write left invalid JSON that every later run
+    failed to parse. The run continues from its checkpoints (here: the final one, exported again)."""
+    cfg = _tiny(tmp_path, save_steps=4)
+    first = run_sft(cfg)
+    text = (tmp_path / "sft_summary.json").read_text()
+    (tmp_path / "sft_summary.json").write_text(text[: len(text) // 2])
+    capsys.readouterr()
+    again = run_sft(cfg)
+    assert "sft_summary.json is not valid JSON (cut off by a kill" in capsys.readouterr().err
+    assert json.loads((tmp_path / "sft_summary.json").read_text()) == again
+    assert again["steps"] == 4 and again["loss_last"] == first["loss_last"]
+    assert not (tmp_path / "sft_summary.json.tmp").exists()
