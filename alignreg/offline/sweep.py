@@ -86,16 +86,19 @@ def _check_finished(oc, out: Path) -> None:
 
 
 def run_one(oc, seed: int, out_dir: str, threads: int) -> dict:
-    from alignreg.offline.train import train
+    from alignreg.offline.train import atomic_write_text, train
 
     out = Path(out_dir)
     oc.trainer.seed, oc.trainer.progress, oc.trainer.threads = seed, False, threads
     if (out / "results.json").is_file():
         _check_finished(oc, out)
-        return json.loads((out / "results.json").read_text())
+        try:
+            return json.loads((out / "results.json").read_text())
+        except ValueError:  # cut off by a kill while written in place: train() resumes and writes it again
+            pass
     res = train(oc, out, log=lambda *a: None, handle_signals=False)  # a Ray task: signals are Ray's
     res["algo"] = oc.name.split("_")[0]
-    (out / "results.json").write_text(json.dumps(res, indent=1))
+    atomic_write_text(out / "results.json", json.dumps(res, indent=1))
     return res
 
 

@@ -94,7 +94,7 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     """Replace ``path`` whole: a kill mid-write leaves the old file (and a ``.tmp``), never a cut-off one."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -226,7 +226,7 @@ def _train(cfg: OfflineConfig, out_dir: str | Path, log, handle_signals: bool) -
         truncate_jsonl(out / "metrics.jsonl", learner.it)
         # the checkpoint's evaluations, once each: a kill between appending a row and writing the checkpoint
         # (the final evaluation: same step as the checkpoint) left a row the resumed run appends again
-        _atomic_write_text(out / "evals.jsonl", "".join(json.dumps(r) + "\n" for r in evals))
+        atomic_write_text(out / "evals.jsonl", "".join(json.dumps(r) + "\n" for r in evals))
         log(f"resumed from {ckpt} at step {learner.it}")
     else:
         for f in ("metrics.jsonl", "evals.jsonl"):
@@ -296,7 +296,7 @@ def _train(cfg: OfflineConfig, out_dir: str | Path, log, handle_signals: bool) -
                    "final_score": evals[-1]["score_mean"], "final_return": evals[-1]["return_mean"],
                    "best_score": max(e["score_mean"] for e in evals),
                    "steps_per_s": speed, "evals": evals}
-        _atomic_write_text(out / "results.json", json.dumps(results, indent=1))
+        atomic_write_text(out / "results.json", json.dumps(results, indent=1))
         plot_curve(evals, out / "curve.png", f"{cfg.name or algo}: {cfg.data.env}-{cfg.data.level} ({ref})")
     log(f"final normalised score ({ref}) {results['final_score']:.1f}, return {results['final_return']:.1f}; "
         f"results in {out / 'results.json'}")

@@ -126,3 +126,20 @@ def test_sweep_finishes_the_other_runs_when_one_fails(tmp_path, backend):
     res = json.loads((tmp_path / "sw" / "results.json").read_text())
     assert sorted(r["seed"] for r in res) == [0, 1] and {r["algo"] for r in res} == {"td3bc"}
     assert (tmp_path / "sw" / "results.md").read_text().count("±") == 1
+
+
+def test_a_run_whose_results_a_kill_cut_off_is_finished_again(tmp_path):
+    """A run's results.json was rewritten in place by the sweep: one cut off by a kill failed every later
+    sweep (invalid JSON). The run is resumed (nothing left to train) and its results written again."""
+    from alignreg.config import load_config
+    from alignreg.offline.config import OfflineConfig
+    from alignreg.offline.sweep import run_one
+
+    oc = load_config(OfflineConfig, write_configs(tmp_path) / "bc_hopper_medium.yaml", ["trainer.steps=20"])
+    oc.name = "bc_hopper_medium"
+    first = run_one(oc, 0, str(tmp_path / "run"), 1)
+    text = (tmp_path / "run" / "results.json").read_text()
+    (tmp_path / "run" / "results.json").write_text(text[: len(text) // 2])
+    again = run_one(oc, 0, str(tmp_path / "run"), 1)
+    assert json.loads((tmp_path / "run" / "results.json").read_text()) == again
+    assert again["algo"] == "bc" and again["evals"] == first["evals"]
