@@ -7,7 +7,9 @@ DeepSpeed wrapping - are exercised on CPU as on a GPU with a real checkpoint.
 
 The learner never calls ``model(...)`` for training: full ``[B, T, V]`` logits are what run real
 vocabularies out of memory. It takes the body and the lm-head apart with :func:`lm_head_and_body`
-and computes logits a chunk of tokens at a time.
+and computes logits a chunk of tokens at a time, so a model whose logits are more than
+``hidden @ W.T (+ b)`` (Gemma2's soft-capping, Cohere's logit scale) is refused up front
+(:func:`check_plain_lm_head`).
 """
 from __future__ import annotations
 
@@ -199,3 +201,53 @@ def lm_head_and_body(model) -> tuple[Callable[..., Tensor], Tensor, Optional[Ten
     body.can_cache = lambda: getattr(decoder, "config", None) is not None and not (
         getattr(decoder, "gradient_checkpointing", False) and decoder.training)
     return body, head.weight, getattr(head, "bias", None)
+
+
+# config attributes of HF models that transform the lm-head output, and their no-op values
+LOGIT_TRANSFORMS = {
+    "final_logit_softcapping": (None, 0, 0.0),  # Gemma2/Gemma3: cap * tanh(logits / cap)
+    "logit_scale": (None, 1, 1.0),  # Cohere, Cohere2: logits * scale
+    "logits_scaling": (None, 1, 1.0),  # Granite: logits / scaling
+    "lm_head_multiplier": (None, 1, 1.0),  # FalconH1: logits * multiplier
+    "output_multiplier_scale": (None, 1, 1.0),
+}
+
+
+@torch.no_grad()
+def check_plain_lm_head(model, tokens: int = 8) -> None:
+    """Raise ConfigError unless the model's logits are exactly ``hidden @ W.T (+ b)`` of
+    :func:`lm_head_and_body`, the only form the learner (and the parity probe) computes: a final
+    transform it did not reproduce would make every learner log-prob wrong while the engine samples
+    from the transformed ones. Checked from the config (known attributes, see
+    :data:`LOGIT_TRANSFORMS`) and by one forward of ``tokens`` tokens against the split computation
+    (a transform no attribute names, e.g. in remote code)."""
+    cfgs = [model.config]
+    if hasattr(model.config, "get_text_config"):  # a multimodal model's language part
+        cfgs.append(model.config.get_text_config(decoder=True))
+    name = type(model).__name__
+    for c in cfgs:
+        for attr, off in LOGIT_TRANSFORMS.items():
+            v = getattr(c, attr, None)
+            if v not in off:
+                raise ConfigError(
+                    f"model: {name} transforms its logits ({attr}={v!r} in its config), which the learner does "
+                    f"not reproduce (it computes hidden @ lm_head.weight.T itself): its log-probs, ratios and KL "
+                    f"terms would be wrong. alignreg trains only models whose logits are the plain lm-head output "
+                    f"(e.g. Qwen2, Llama); use such a model")
+    was_training = model.training
+    model.eval()
+    try:
+        body, w, b = lm_head_and_body(model)
+        ids = torch.arange(min(tokens, w.shape[0]), device=w.device)[None]
+        logits = model(input_ids=ids).logits.float()
+        h = body(ids)
+        mine = (h @ w.to(h.dtype).T + (0 if b is None else b)).float()
+    finally:
+        model.train(was_training)
+    diff = float((logits - mine).abs().max())
+    if not diff <= 1e-3 * (1.0 + float(logits.abs().max())):
+        raise ConfigError(
+            f"model: {name}'s logits differ from hidden @ lm_head.weight.T (+ bias) by up to {diff:.3g}: its forward "
+            f"applies a final transform the learner does not reproduce (it computes the lm head itself), so its "
+            f"log-probs would be wrong. alignreg trains only models whose logits are the plain lm-head output "
+            f"(e.g. Qwen2, Llama); use such a model")

@@ -83,3 +83,44 @@ def test_load_policy_local_dir_and_missing_path(tmp_path):
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
     with pytest.raises(ConfigError, match="not a local Hugging Face checkpoint"):
         load_policy(ModelConfig(path=str(tmp_path / "nope")), seed=0)
+
+
+def _tiny(cls_name: str, vocab: int, **extra):
+    import transformers
+
+    cfg = getattr(transformers, cls_name.replace("ForCausalLM", "Config"))(
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=8, **extra)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return getattr(transformers, cls_name)(cfg)
+
+
+def test_a_model_with_a_final_logit_transform_is_refused_when_the_run_is_built(tmp_path):
+    """The learner computes hidden @ lm_head.weight.T itself (lm_head_and_body): Gemma2's soft-capped
+    logits (and any other final transform) would give it wrong log-probs, so build_run refuses the model."""
+    from alignreg.config import RLConfig, load_config
+    from alignreg.models import check_plain_lm_head
+    from alignreg.orchestration.trainer import build_run
+    from tests.test_trainer import DEMO
+
+    tok = build_tokenizer()
+    gemma = _tiny("Gemma2ForCausalLM", len(tok), final_logit_softcapping=30.0)
+    gemma.save_pretrained(tmp_path / "gemma2")
+    tok.save_pretrained(tmp_path / "gemma2")
+    cfg = load_config(RLConfig, DEMO, [f"model.path={tmp_path / 'gemma2'}", f"trainer.run_dir={tmp_path / 'run'}",
+                                       "warm_start.steps=0", "trainer.progress=false"])
+    with pytest.raises(ConfigError, match=r"Gemma2ForCausalLM transforms its logits \(final_logit_softcapping=30.0"):
+        build_run(cfg)
+    assert not (tmp_path / "run" / "init_policy").exists()  # refused before anything was written
+
+    cohere = _tiny("CohereForCausalLM", len(tok))  # logit_scale=0.0625 by default
+    with pytest.raises(ConfigError, match=r"logit_scale=0.0625"):
+        check_plain_lm_head(cohere)
+    cohere.config.logit_scale = 1.0  # the module still scales: the forward check finds it
+    with pytest.raises(ConfigError, match=r"logits differ from hidden @ lm_head.weight.T"):
+        check_plain_lm_head(cohere)
+    gemma.config.final_logit_softcapping = None  # a plain head: accepted, as tiny-qwen2 (tied or not)
+    check_plain_lm_head(gemma)
+    for tie in (True, False):
+        check_plain_lm_head(build_model(ModelConfig(tie_word_embeddings=tie), len(tok), seed=0, tokenizer=tok))
