@@ -105,6 +105,48 @@ def test_greedy_is_deterministic_and_padding_invariant(policy):
         assert logits.argmax(-1).tolist() == r
 
 
+def test_greedy_with_n_gives_n_copies_as_the_vllm_engine(policy):
+    """Greedy decoding with n > 1 (``generate`` refuses num_return_sequences > 1 without sampling): n
+    identical copies of each prompt's greedy response, adjacent, as the vLLM engine returns them."""
+    model, tok = policy
+    prompts = encode_prompts(tok, PROMPTS)
+    for shared in (True, False):
+        engine = HFRolloutEngine(model, tok, shared_prefill=shared)
+        one = engine.generate(prompts, SamplingParams(greedy=True, max_new_tokens=8, temperature=0.7))
+        three = engine.generate(prompts, SamplingParams(greedy=True, max_new_tokens=8, temperature=0.7, n=3))
+        assert three.prompt_index == [i // 3 for i in range(12)]
+        assert three.response_ids == [r for r in one.response_ids for _ in range(3)]
+        assert three.logprobs == [lp for lp in one.logprobs for _ in range(3)]
+        assert three.finished == [f for f in one.finished for _ in range(3)]
+
+
+def test_a_checkpoint_generation_config_does_not_change_sampling(policy, tmp_path):
+    """A checkpoint's generation_config.json (penalties, top-k/top-p, temperature...) must not reach
+    ``generate``: it fills every setting a call leaves unset from the model's generation_config, and a
+    repetition penalty there changed the samples (their log-probs are computed without it)."""
+    import json
+
+    import transformers
+
+    model, tok = policy
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    gc = json.loads((tmp_path / "generation_config.json").read_text())
+    (tmp_path / "generation_config.json").write_text(json.dumps({
+        **gc, "do_sample": True, "repetition_penalty": 5.0, "top_k": 1, "top_p": 0.5, "temperature": 0.3,
+        "no_repeat_ngram_size": 1, "min_new_tokens": 3}))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True, attn_implementation="eager")
+    assert loaded.generation_config.repetition_penalty == 5.0 and loaded.generation_config.top_k == 1
+    prompts = encode_prompts(tok, PROMPTS)
+    for sp in (SamplingParams(n=3, max_new_tokens=10, seed=0), SamplingParams(temperature=0.7, top_p=0.9, n=2, max_new_tokens=10, seed=1),
+               SamplingParams(greedy=True, max_new_tokens=10)):
+        want = HFRolloutEngine(model, tok).generate(prompts, sp)
+        got = HFRolloutEngine(loaded, tok).generate(prompts, sp)
+        assert got.response_ids == want.response_ids and got.finished == want.finished
+        torch.testing.assert_close(torch.tensor(sum(got.logprobs, [])), torch.tensor(sum(want.logprobs, [])), atol=1e-6, rtol=0)
+    assert loaded.generation_config.repetition_penalty == 5.0  # the engine blanked its own copy's only
+
+
 def test_seeded_sampling_reproducible_and_leaves_global_rng(policy):
     model, tok = policy
     engine = HFRolloutEngine(model, tok)

@@ -158,8 +158,10 @@ def test_greedy_matches_hf(engine, policy):
     # greedy log-probs also use sampling.temperature, as in the HF engine
     torch.testing.assert_close(torch.tensor(sum(ours.logprobs, [])), torch.tensor(sum(ref.logprobs, [])),
                                atol=1e-3, rtol=0)
-    two = engine.generate(prompts, SamplingParams(greedy=True, max_new_tokens=8, temperature=0.7, n=2))
-    assert two.prompt_index == [0, 0, 1, 1, 2, 2, 3, 3] and two.response_ids[::2] == ours.response_ids
+    two_sp = SamplingParams(greedy=True, max_new_tokens=8, temperature=0.7, n=2)
+    two, hf_two = engine.generate(prompts, two_sp), HFRolloutEngine(model, tok).generate(prompts, two_sp)
+    assert two.prompt_index == hf_two.prompt_index == [0, 0, 1, 1, 2, 2, 3, 3]  # n identical copies in both engines
+    assert two.response_ids == hf_two.response_ids == [r for r in ours.response_ids for _ in range(2)]
 
 
 def test_eos_cut_matches_hf(engine, policy):

@@ -39,15 +39,22 @@ class HFRolloutEngine:
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
+        # ``generate`` fills every setting a call leaves unset from the model's ``generation_config`` (a
+        # checkpoint's generation_config.json: repetition_penalty, no_repeat_ngram_size, min_new_tokens,
+        # bad_words_ids, ...): the engine's copy gets a blank one, so sampling is SamplingParams and nothing else
+        self.model.generation_config = transformers.GenerationConfig(
+            eos_token_id=self.eos_id, pad_token_id=self.pad_id, bos_token_id=tokenizer.bos_token_id)
 
     # ------------------------------------------------------------------ generation
     def _generation_config(self, s: SamplingParams) -> transformers.GenerationConfig:
-        # Every knob is explicit (top_k=0, top_p=1.0) so that defaults from the checkpoint's
-        # generation_config.json (often top_k=50) cannot silently truncate sampling.
-        sample = {} if s.greedy else dict(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+        """Built from ``s`` alone. Every knob is explicit (top_k=0, top_p=1.0, no penalties), and the model's
+        own ``generation_config`` is blank (``__init__``): a checkpoint's defaults (often top_k=50, a
+        repetition penalty) cannot change what is sampled. Greedy decoding runs one sequence per prompt
+        (``generate`` refuses ``num_return_sequences > 1`` without sampling); ``generate`` repeats it."""
+        sample = {} if s.greedy else dict(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)  # greedy: no warper runs
         return transformers.GenerationConfig(
-            do_sample=not s.greedy, **sample,
-            max_new_tokens=s.max_new_tokens, num_return_sequences=s.n,
+            do_sample=not s.greedy, **sample, repetition_penalty=1.0, no_repeat_ngram_size=0,
+            max_new_tokens=s.max_new_tokens, num_return_sequences=1 if s.greedy else s.n,
             eos_token_id=self.eos_id, pad_token_id=self.pad_id,
             return_dict_in_generate=True, output_logits=True,  # raw logits, before any warper
         )
@@ -58,6 +65,8 @@ class HFRolloutEngine:
 
         Log-probs are ``log_softmax(raw_logits / temperature)`` at the chosen token (see
         ``rollout/base.py``), also for greedy decoding, where they use ``sampling.temperature``.
+        Greedy decoding with ``n > 1`` returns ``n`` identical copies of each prompt's one response, as
+        the vLLM engine does.
         """
         if not prompts:
             return RolloutBatch()
@@ -72,15 +81,18 @@ class HFRolloutEngine:
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed)
             with autocast(device.type, self.autocast):
-                out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                          generation_config=self._generation_config(sampling),
-                                          **self._shared_prefill(input_ids, attention_mask, sampling.n))
+                gc = self._generation_config(sampling)
+                out = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=gc,
+                                          **self._shared_prefill(input_ids, attention_mask, gc.num_return_sequences))
         new_tokens = out.sequences[:, width:]  # [B*n, T_new]; finished rows padded with pad_id
         if new_tokens.shape[1] == 0:
             raise RuntimeError("generate produced no tokens; max_new_tokens must be >= 1")
         logits = torch.stack(out.logits, dim=1).float()  # [B*n, T_new, V]
         logp = torch.log_softmax(logits / sampling.temperature, dim=-1)
         token_logp = logp.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        if gc.num_return_sequences != sampling.n:  # greedy: each prompt's one response, n times
+            new_tokens = new_tokens.repeat_interleave(sampling.n, 0)
+            token_logp = token_logp.repeat_interleave(sampling.n, 0)
         return self._to_batch(prompts, sampling.n, new_tokens.tolist(), token_logp.tolist())
 
     def _shared_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int) -> dict:
