@@ -578,3 +578,60 @@ def test_off_policy_updates_match_a_float64_clipped_pg_loss(policy_loss):
         for n, g in grads.items():
             assert torch.allclose(g.double(), ref[n], atol=1e-5 * norm, rtol=1e-3), (k, n)
     assert all(v > 0 for v in seen.values()), seen  # every branch of the objective was taken
+
+
+def test_bf16_engine_and_learner_log_probs_agree():
+    """learner.mixed_precision=bf16 with the HF engine under the same autocast: the engine computes its lm
+    head and log-softmax in float32 outside autocast, as the learner's loss does, so the rollout log-probs
+    equal the learner's (no-grad pass and loss pass) and the parity probe's learner side up to float32
+    rounding; with a bf16 head (the engine's whole forward under autocast) they differed by ~2e-3."""
+    from alignreg.models import encode_prompts
+    from alignreg.rollout.base import SamplingParams
+    from alignreg.rollout.hf import HFRolloutEngine
+
+    tok = build_tokenizer()
+    model = _model(tok)
+    engine = HFRolloutEngine(model, tok, autocast=torch.bfloat16)
+    prompts = encode_prompts(tok, ["3142=", "97=", "5511=", "80="])
+    rb = engine.generate(prompts, SamplingParams(temperature=0.7, n=4, max_new_tokens=6, seed=0))
+    batch = collate(rb.prompt_ids, rb.response_ids, rb.logprobs, torch.zeros(len(rb)), torch.randn(len(rb)),
+                    rb.prompt_index, tok.pad_token_id)
+    cfg = from_dict(RLConfig, {"rollout": {"group_size": 4, "prompts_per_step": 4, "max_new_tokens": 6, "temperature": 0.7},
+                               "learner": {"micro_batch_size": 16, "mixed_precision": "bf16", "single_pass": False}})
+    learner = PolicyLearner(copy.deepcopy(model), cfg, build_regularizers([]))
+    probe = [learner.sequence_logprobs(p, r, 0.7) for p, r in zip(rb.prompt_ids, rb.response_ids)]
+    assert max(abs(a - b) for lp, pr in zip(rb.logprobs, probe) for a, b in zip(lp, pr)) < 2e-6
+    assert max(abs(a - b) for p, r, pr in zip(rb.prompt_ids, rb.response_ids, probe)
+               for a, b in zip(engine.logprobs_of(p, r, 0.7), pr)) < 2e-6  # the parity probe, both sides
+    m = learner.train_step(batch, step=0)
+    assert m["policy/rollout_logprob_diff"] < 1e-6  # the no-grad pass's old log-probs vs the rollout's
+
+
+def test_the_parity_probes_learner_side_is_the_losss_computation():
+    """The parity probe's learner side (``LearnerWorker.probe_logprobs``) computes log-probs as the loss
+    does (``learner.mixed_precision``, the chunked lm head, the rollout temperature): equal to the loss
+    path's on the same sequence, and to the bf16 HF engine's probe within 1e-5. A float32 forward of its own
+    (as before) was off by bf16 rounding, ~1e-3, so no tight ``sync.parity_tol`` could hold."""
+    from alignreg.config import SyncConfig
+    from alignreg.losses.stats import StatsSpec
+    from alignreg.orchestration.weight_sync import make_probe, verify_sync
+    from alignreg.orchestration.workers import LearnerWorker
+    from alignreg.rollout.hf import HFRolloutEngine
+
+    tok = build_tokenizer()
+    model = _model(tok)
+    cfg = from_dict(RLConfig, {"rollout": {"group_size": 4, "prompts_per_step": 4, "max_new_tokens": 6, "temperature": 0.7},
+                               "learner": {"micro_batch_size": 16, "mixed_precision": "bf16"}, "regularizers": []})
+    worker = LearnerWorker(cfg, model=copy.deepcopy(model))
+    engine = HFRolloutEngine(model, tok, autocast=torch.bfloat16)
+    sync = SyncConfig(parity_tol=1e-5, probe_tokens=16)
+    probe = make_probe(len(tok), sync)
+    m = verify_sync(engine, lambda p, r: worker.probe_logprobs(p, r, 0.7), probe, sync, temperature=0.7)
+    assert m["sync/probe_max_abs_diff"] <= 1e-5
+    learner = worker.learner
+    batch = collate([probe[0]], [probe[1]], [[0.0] * len(probe[1])], torch.zeros(1), torch.zeros(1), [0], tok.pad_token_id)
+    spec = StatsSpec(temperature=0.7)
+    with torch.no_grad():
+        loss_lp = learner._stats(learner.model, batch, spec, learner._chunk(spec))[0]["logprobs"]
+    assert torch.equal(torch.tensor(worker.probe_logprobs(*probe, 0.7)), loss_lp[0])
+    assert learner.model.training  # the probe's eval mode does not leak into training

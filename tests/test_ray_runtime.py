@@ -221,11 +221,11 @@ def test_object_store_sync_with_every_cpu_held_and_a_bfloat16_hf_engine(cluster,
     the learner's dtype (it loaded float32, and every sync failed its check)."""
     cfg = _cfg(tmp_path, "orchestration=ray", "rollout.engine=hf", "learner.backend=torch", "ray.learner_ranks=1",
                "ray.num_engines=1", "ray.num_cpus_per_actor=4", "sync.transport=object_store", "sync.verify=true",
-               "model.dtype=bfloat16", "trainer.steps=2")
+               "model.dtype=bfloat16", "trainer.steps=2", "sync.parity_tol=1e-5")
     assert train(cfg)["steps"] == 2
     rows = _assert_trained(tmp_path, steps=2)
-    for r in rows[1:]:
-        assert r["sync/probe_max_abs_diff"] == 0.0 and "sync/checksum" in r  # same dtype, same kernels
+    for r in rows[1:]:  # same dtype and kernels; the engine's log-softmax and the learner's chunked one round apart
+        assert r["sync/probe_max_abs_diff"] <= 1e-5 and "sync/checksum" in r
     assert next(iter(_final_weights(tmp_path).values())).dtype == torch.bfloat16
 
 

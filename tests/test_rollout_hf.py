@@ -54,20 +54,30 @@ def test_sampling_logprobs_match_teacher_forcing(policy, temperature, top_p, top
 
 
 def test_bf16_autocast_samples_from_the_policy_as_the_bf16_learner_computes_it(policy):
-    """``learner.mixed_precision=bf16``: the engine generates under the same autocast, so its sampling
-    log-probs equal a bf16-autocast teacher-forced forward (the learner's old log-probs), and differ from
-    the float32 forward by bf16 rounding."""
+    """``learner.mixed_precision=bf16``: the engine generates under the same autocast with the lm head and
+    log-softmax outside it, in float32, as the learner's loss computes them (``sequence_logprobs``: the
+    body under autocast, ``token_stats``), so its sampling log-probs equal the learner's up to float32
+    rounding. A bf16 lm head (the whole forward under autocast) and a float32 body are both far off."""
+    from alignreg.learner.policy import sequence_logprobs
+
     model, tok = policy
     engine = HFRolloutEngine(model, tok, autocast=torch.bfloat16)
-    batch = engine.generate(encode_prompts(tok, PROMPTS), SamplingParams(n=3, max_new_tokens=10, seed=0))
+    for T in (1.0, 0.7):
+        batch = engine.generate(encode_prompts(tok, PROMPTS), SamplingParams(n=3, max_new_tokens=10, seed=0, temperature=T))
 
-    def gap(bf16: bool) -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return max(float((torch.tensor(lp, dtype=torch.float64) - teacher_forced_logprobs(model, p, r, 1.0)).abs().max())
+        def gap(reference) -> float:
+            return max(float((torch.tensor(lp, dtype=torch.float64) - torch.as_tensor(reference(p, r), dtype=torch.float64)).abs().max())
                        for p, r, lp in zip(batch.prompt_ids, batch.response_ids, batch.logprobs))
 
-    assert gap(bf16=True) < 5e-4 < gap(bf16=False)
+        def bf16_head(p, r):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return teacher_forced_logprobs(model, p, r, T)
+
+        assert gap(lambda p, r: sequence_logprobs(model, p, r, T, torch.bfloat16)) < 2e-6
+        assert gap(lambda p, r: engine.logprobs_of(p, r, T)) < 2e-6  # the parity probe's engine side
+        assert gap(bf16_head) > 5e-4 and gap(lambda p, r: sequence_logprobs(model, p, r, T)) > 5e-4
     assert next(engine.model.parameters()).dtype == torch.float32
+    assert "forward" not in vars(model.get_output_embeddings())  # only the engine's copy runs its head apart
 
 
 def test_eos_cut_and_finished_flags(policy):

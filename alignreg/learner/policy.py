@@ -30,7 +30,7 @@ from alignreg.config import RLConfig
 from alignreg.losses.aggregate import aggregate
 from alignreg.losses.policy import clipped_pg_loss
 from alignreg.losses.stats import Precomputed, StatsSpec, auto_chunk_size, token_stats, token_stats_forward
-from alignreg.learner.batch import TrainBatch
+from alignreg.learner.batch import TrainBatch, collate
 from alignreg.models import AUTOCAST, autocast as autocast_ctx, lm_head_and_body
 from alignreg.regularizers.base import AggNorm, LossContext, RegularizerSet, StepView
 from alignreg.rollout.base import LEARNER_STREAM, mix_seed
@@ -56,6 +56,20 @@ def response_hidden(body, batch: TrainBatch, autocast: Optional[torch.dtype] = N
         h = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
     P, R = batch.prompt_len, batch.response_len
     return h[:, P - 1 : P - 1 + R]
+
+
+@torch.no_grad()
+def sequence_logprobs(model, prompt_ids: list[int], response_ids: list[int], temperature: float = 1.0,
+                      autocast: Optional[torch.dtype] = None) -> list[float]:
+    """Teacher-forced log-probs of ``response_ids`` after ``prompt_ids`` computed as the loss computes them:
+    a one-row :func:`~alignreg.learner.batch.collate` batch, :func:`response_hidden` (the body under
+    ``autocast``) and :func:`token_stats` at ``temperature`` (the lm head outside autocast, in float32
+    for float32 weights). The parity probe's learner side (``PolicyLearner.sequence_logprobs``)."""
+    body, w, b = lm_parts(model)
+    batch = collate([list(prompt_ids)], [list(response_ids)], [[0.0] * len(response_ids)], torch.zeros(1),
+                    torch.zeros(1), [0], pad_id=0).to(w.device)
+    h = response_hidden(body, batch, autocast)
+    return token_stats(h[0], w, batch.response_ids[0], StatsSpec(temperature=temperature), bias=b)["logprobs"].tolist()
 
 
 def shared_prompt_hidden(body, batch: TrainBatch) -> Optional[Tensor]:
@@ -589,6 +603,19 @@ class PolicyLearner:
             m[f"policy/{k}"] = float((v * mb.mask).sum()) / denom
         m["policy/approx_kl"] = float((0.5 * (logprobs.detach() - old_lp) ** 2 * mb.mask).sum()) / denom
         return total, m, parts
+
+    @torch.no_grad()
+    def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int], temperature: float) -> list[float]:
+        """:func:`sequence_logprobs` of the current weights in eval mode, with ``learner.mixed_precision``
+        (the parity probe's learner side; collective under ZeRO-3, whose held head weight is released)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return sequence_logprobs(self.model, prompt_ids, response_ids, temperature, self.autocast)
+        finally:
+            self.model.train(was_training)
+            if hasattr(self.backend, "release_head"):
+                self.backend.release_head()
 
     # ------------------------------------------------------------------------------------------
     def export_weights(self) -> list[tuple[str, Tensor]]:

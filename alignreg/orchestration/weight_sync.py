@@ -82,15 +82,15 @@ def make_probe(vocab_size: int, cfg: SyncConfig, seed: int = 0) -> tuple[list[in
     return ids[:half], ids[half:]
 
 
-def hf_logprobs_fn(model: torch.nn.Module, temperature: float = 1.0) -> Callable[[list[int], list[int]], list[float]]:
-    """Learner-side probe: teacher-forced ``log_softmax(logits / T)`` of an HF causal LM."""
+def hf_logprobs_fn(model: torch.nn.Module, temperature: float = 1.0,
+                   autocast: Optional[torch.dtype] = None) -> Callable[[list[int], list[int]], list[float]]:
+    """Learner-side probe: teacher-forced ``log_softmax(logits / T)`` of an HF causal LM, computed as the
+    learner's loss computes it (``learner.policy.sequence_logprobs``: the body under ``autocast``, the
+    chunked lm head in float32), not by a forward of its own that could differ from the loss's."""
+    from alignreg.learner.policy import sequence_logprobs
 
     def fn(prompt_ids: list[int], response_ids: list[int]) -> list[float]:
-        device = next(model.parameters()).device
-        ids = torch.tensor([list(prompt_ids) + list(response_ids)], device=device)
-        with torch.no_grad():
-            logits = model(ids).logits[0, len(prompt_ids) - 1 : -1].double() / temperature
-        return torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt_ids):, None])[:, 0].tolist()
+        return sequence_logprobs(model, prompt_ids, response_ids, temperature, autocast)
 
     return fn
 

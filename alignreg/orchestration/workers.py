@@ -288,18 +288,10 @@ class LearnerWorker:
     def weights_checksum(self) -> float:
         return weights_checksum(self.export_weights())
 
-    @torch.no_grad()
     def probe_logprobs(self, prompt_ids: list[int], response_ids: list[int], temperature: float = 1.0) -> list[float]:
-        """Teacher-forced log-probs of the current weights (collective under ZeRO-3)."""
-        from alignreg.orchestration.weight_sync import hf_logprobs_fn
-
-        module = getattr(self.backend, "module", self.model)
-        was_training = module.training
-        module.eval()
-        try:
-            return hf_logprobs_fn(module, temperature)(prompt_ids, response_ids)
-        finally:
-            module.train(was_training)
+        """Teacher-forced log-probs of the current weights as the loss computes them (``learner.mixed_precision``,
+        the chunked lm head: ``PolicyLearner.sequence_logprobs``); collective under ZeRO-3."""
+        return self.learner.sequence_logprobs(prompt_ids, response_ids, temperature)
 
     def state_dict(self) -> dict:
         return self.learner.state_dict()

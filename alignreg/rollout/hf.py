@@ -23,10 +23,25 @@ from alignreg.models import autocast
 from alignreg.rollout.base import RolloutBatch, SamplingParams, weights_checksum
 
 
+def head_outside_autocast(head: torch.nn.Module) -> None:
+    """Run ``head`` (the lm head) outside autocast, in its weights' dtype, as the learner's ``token_stats``
+    computes logits from the autocast body's hidden states (float32 for float32 weights). Under bf16
+    autocast ``generate`` computed bf16 logits, and the sampling log-probs differed from the learner's by
+    their rounding. Parameters and their names are unchanged (``load_weights``)."""
+    forward = head.forward
+
+    def plain(hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            return forward(hidden.to(head.weight.dtype))
+
+    head.forward = plain
+
+
 class HFRolloutEngine:
     """``autocast``: run ``generate`` under ``torch.autocast`` in that dtype (the trainer passes the learner's
-    ``learner.mixed_precision``, so rollouts sample from the policy as the learner computes it); the
-    weights stay as loaded, and the parity probe's forward (``weight_sync.hf_logprobs_fn``) stays float32.
+    ``learner.mixed_precision``, so rollouts sample from the policy as the learner computes it: the body
+    under autocast, the lm head and log-softmax outside it, :func:`head_outside_autocast`); the weights
+    stay as loaded. :meth:`logprobs_of` (the parity probe) computes the same way.
     ``shared_prefill``: each prompt's prefill runs once for its ``n`` samples (``_shared_prefill``); False
     lets ``generate`` prefill every sample (``benchmarks/bench_rollout.py`` times both)."""
 
@@ -36,6 +51,8 @@ class HFRolloutEngine:
         self.autocast = autocast
         self.shared_prefill = shared_prefill
         self.model.requires_grad_(False)
+        if autocast is not None:
+            head_outside_autocast(self.model.get_output_embeddings())
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
@@ -94,6 +111,17 @@ class HFRolloutEngine:
             new_tokens = new_tokens.repeat_interleave(sampling.n, 0)
             token_logp = token_logp.repeat_interleave(sampling.n, 0)
         return self._to_batch(prompts, sampling.n, new_tokens.tolist(), token_logp.tolist())
+
+    @torch.no_grad()
+    def logprobs_of(self, prompt_ids: list[int], response_ids: list[int], temperature: float = 1.0) -> list[float]:
+        """Teacher-forced ``log_softmax(logits / T)`` of ``response_ids`` after ``prompt_ids``, computed as
+        :meth:`generate` computes its log-probs (the same autocast and float32 head): the parity probe's engine side."""
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([list(prompt_ids) + list(response_ids)], device=device)
+        with autocast(device.type, self.autocast):
+            logits = self.model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1]
+        logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+        return logp.gather(-1, ids[0, len(prompt_ids):, None])[:, 0].tolist()
 
     def _shared_prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int) -> dict:
         """The prompts' key/value cache, computed once per prompt and repeated for its ``n`` samples.
