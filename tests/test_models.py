@@ -124,3 +124,25 @@ def test_a_model_with_a_final_logit_transform_is_refused_when_the_run_is_built(t
     check_plain_lm_head(gemma)
     for tie in (True, False):
         check_plain_lm_head(build_model(ModelConfig(tie_word_embeddings=tie), len(tok), seed=0, tokenizer=tok))
+
+
+def test_a_bf16_model_with_an_lm_head_bias_is_accepted():
+    """Phi (lm head with a bias) in bf16 with logits of ~40: its head adds the bias inside the matmul, a
+    separate add rounds once more (an ulp, 0.25 there); the check refused such a plain model."""
+    import transformers
+
+    from alignreg.models import check_plain_lm_head
+
+    torch.manual_seed(0)
+    phi = transformers.PhiForCausalLM(transformers.PhiConfig(
+        vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4))
+    with torch.no_grad():
+        phi.lm_head.weight.mul_(30)
+        phi.lm_head.bias.normal_(0, 3)
+    phi = phi.to(torch.bfloat16)
+    assert float(phi(input_ids=torch.arange(8)[None]).logits.abs().max()) > 30
+    check_plain_lm_head(phi)
+    # a forward that scales its logits is still found in bf16
+    phi.forward = (lambda f: lambda **kw: type(f(**kw))(logits=f(**kw).logits * 0.9))(phi.forward)
+    with pytest.raises(ConfigError, match=r"logits differ from hidden @ lm_head.weight.T"):
+        check_plain_lm_head(phi)
