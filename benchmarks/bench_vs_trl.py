@@ -5,7 +5,9 @@ code and saved once; char tokenizer, no download), the same synthetic task (``so
 exact-match reward), the same batch (``--prompts`` prompts x ``--group`` responses per step), the same
 response length cap, temperature 1, one on-policy optimizer step per batch with the same micro-batch
 (TRL: ``per_device_train_batch_size=micro``, ``gradient_accumulation_steps=batch/micro``), learning rate,
-clip range and no KL term (TRL ``beta=0``; alignreg: no regularizer), the same precision (float32, or
+clip range and no KL term (TRL ``beta=0``; alignreg: no regularizer), no gradient checkpointing on either
+side (GRPOConfig's default turns it on; TRL follows alignreg's ``model.gradient_checkpointing``: TRL's settings
+are read from alignreg's resolved config, ``--set`` included), the same precision (float32, or
 with ``--bf16`` bfloat16 mixed precision on both sides: TRL ``bf16=True``, alignreg
 ``learner.mixed_precision=bf16`` and a bfloat16 vLLM engine). The model is not warm-started, so
 both policies emit EOS only now and then: responses are close to ``--max-new`` tokens but not equal
@@ -82,12 +84,10 @@ VLLM_SERVING = ("vllm.enforce_eager=false", "vllm.cpu_threads_bind=all")
 EAGER = ("vllm.enforce_eager=true", "vllm.cpu_threads_bind=auto")
 
 
-def run_alignreg(a, ckpt: str, ray: bool, engine: str = "vllm", extra: tuple[str, ...] = ()) -> dict:
+def alignreg_config(a, ckpt: str, run_dir: str, ray: bool, engine: str = "vllm", extra: tuple[str, ...] = ()):
+    """The resolved alignreg config of a variant; TRL's peer reads the settings it must match from it."""
     from alignreg.config import RLConfig, load_config
-    from alignreg.logging import read_metrics
-    from alignreg.orchestration.trainer import train
 
-    run_dir = tempfile.mkdtemp(prefix="bench_trl_alignreg_")
     over = [
         f"model.path={ckpt}", "warm_start.steps=0", "task.name=sort", "task.min_length=4", "task.max_length=7",
         "task.eval_size=4", "eval.every=0", "eval.num_samples=2", "eval.ks=[1]", "regularizers=[]",
@@ -104,7 +104,15 @@ def run_alignreg(a, ckpt: str, ray: bool, engine: str = "vllm", extra: tuple[str
         over += ["learner.mixed_precision=bf16", "vllm.dtype=bfloat16", f"sync.parity_tol={a.bf16_parity_tol}"]
     if ray:
         over += ["orchestration=ray", f"rollout.engine={engine}", "ray.num_cpus_per_actor=0.5"]
-    cfg = load_config(RLConfig, os.path.join(ROOT, "configs/rl/tiny_grpo_siren.yaml"), over)
+    return load_config(RLConfig, os.path.join(ROOT, "configs/rl/tiny_grpo_siren.yaml"), over)
+
+
+def run_alignreg(a, ckpt: str, ray: bool, engine: str = "vllm", extra: tuple[str, ...] = ()) -> dict:
+    from alignreg.logging import read_metrics
+    from alignreg.orchestration.trainer import train
+
+    run_dir = tempfile.mkdtemp(prefix="bench_trl_alignreg_")
+    cfg = alignreg_config(a, ckpt, run_dir, ray, engine, extra)
     t0 = time.perf_counter()
     train(cfg)
     total = time.perf_counter() - t0
@@ -118,11 +126,35 @@ def run_alignreg(a, ckpt: str, ray: bool, engine: str = "vllm", extra: tuple[str
 
 
 # ----------------------------------------------------------------------------------------- TRL
+def trl_config(a, ckpt: str, out_dir: str, use_vllm: bool):
+    """TRL's ``GRPOConfig`` for the same work as alignreg's run, read from alignreg's resolved config (so
+    ``--set`` overrides reach both sides). Gradient checkpointing follows ``model.gradient_checkpointing``
+    (off by default): GRPOConfig turns it on by default, which would add a forward recomputation to every
+    TRL backward that alignreg's learner does not run."""
+    from trl import GRPOConfig
+
+    cfg = alignreg_config(a, ckpt, out_dir, ray=False)
+    lc, rc = cfg.learner, cfg.rollout
+    batch = rc.prompts_per_step * rc.group_size
+    return GRPOConfig(
+        output_dir=out_dir, use_cpu=True, bf16=a.bf16, seed=0, report_to="none", save_strategy="no", logging_steps=10**6,
+        max_steps=cfg.trainer.steps, learning_rate=lc.lr, warmup_steps=lc.warmup_steps,
+        lr_scheduler_type="constant_with_warmup" if lc.warmup_steps else "constant",
+        weight_decay=lc.weight_decay, max_grad_norm=lc.grad_clip, per_device_train_batch_size=lc.micro_batch_size,
+        gradient_accumulation_steps=batch // lc.micro_batch_size, num_generations=rc.group_size,
+        generation_batch_size=batch, max_completion_length=rc.max_new_tokens, temperature=rc.temperature,
+        num_iterations=1, beta=0.0, epsilon=cfg.algorithm.eps_low, epsilon_high=cfg.algorithm.eps_high, loss_type="dapo",
+        disable_dropout=True, gradient_checkpointing=cfg.model.gradient_checkpointing,
+        dataloader_num_workers=0, use_vllm=use_vllm, vllm_mode="colocate",
+        **({"vllm_gpu_memory_utilization": 0.3, "vllm_enable_sleep_mode": False} if use_vllm else {}),
+    )
+
+
 def run_trl(a, ckpt: str, use_vllm: bool) -> dict:
     import datasets
     import torch
     import transformers
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -132,17 +164,7 @@ def run_trl(a, ckpt: str, use_vllm: bool) -> dict:
     def exact(completions, answer, **_):
         return [1.0 if c.strip() == y else 0.0 for c, y in zip(completions, answer)]
 
-    out = tempfile.mkdtemp(prefix="bench_trl_trl_")
-    batch = a.prompts * a.group
-    args = GRPOConfig(
-        output_dir=out, use_cpu=True, bf16=a.bf16, seed=0, report_to="none", save_strategy="no", logging_steps=10**6,
-        max_steps=a.steps, learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=1.0, per_device_train_batch_size=a.micro, gradient_accumulation_steps=batch // a.micro,
-        num_generations=a.group, generation_batch_size=batch, max_completion_length=a.max_new, temperature=1.0,
-        num_iterations=1, beta=0.0, epsilon=0.2, epsilon_high=0.2, loss_type="dapo", disable_dropout=True,
-        dataloader_num_workers=0, use_vllm=use_vllm, vllm_mode="colocate",
-        **({"vllm_gpu_memory_utilization": 0.3, "vllm_enable_sleep_mode": False} if use_vllm else {}),
-    )
+    args = trl_config(a, ckpt, tempfile.mkdtemp(prefix="bench_trl_trl_"), use_vllm)
     tok = transformers.AutoTokenizer.from_pretrained(ckpt)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token

@@ -1,0 +1,48 @@
+"""The benchmark scripts measure what docs/benchmarks.md says: cheap checks of their set-up (no timing)."""
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(BENCH))
+    return mod
+
+
+def vs_trl_args(*argv: str):
+    """bench_vs_trl's parsed arguments, as main() would build them."""
+    import argparse
+
+    mod = bench("bench_vs_trl")
+    a = argparse.Namespace(steps=8, warmup=2, prompts=16, group=8, max_new=16, micro=64, hidden=256, layers=4,
+                           lr=3e-4, threads=2, bf16=False, bf16_parity_tol=0.1, set=list(argv) or None)
+    return mod, a
+
+
+@pytest.mark.parametrize("overrides", [(), ("model.gradient_checkpointing=true", "learner.lr=1e-4")])
+def test_trl_peer_runs_the_same_work_as_alignreg(tmp_path, overrides):
+    """TRL's GRPOConfig turns gradient checkpointing on by default (a recomputed forward in every backward);
+    the peer must match alignreg's learner there, and in batch, lengths and optimizer settings."""
+    mod, a = vs_trl_args(*overrides)
+    cfg = mod.alignreg_config(a, str(tmp_path), str(tmp_path / "run"), ray=False)
+    t = mod.trl_config(a, str(tmp_path), str(tmp_path / "trl"), use_vllm=False)
+    assert t.gradient_checkpointing is cfg.model.gradient_checkpointing is bool(overrides)
+    rows = cfg.rollout.prompts_per_step * cfg.rollout.group_size
+    assert t.per_device_train_batch_size * t.gradient_accumulation_steps == t.generation_batch_size == rows == 128
+    assert t.per_device_train_batch_size == cfg.learner.micro_batch_size
+    assert t.num_generations == cfg.rollout.group_size and t.num_iterations == cfg.learner.ppo_epochs == 1
+    assert t.max_completion_length == cfg.rollout.max_new_tokens and t.temperature == cfg.rollout.temperature
+    assert t.learning_rate == cfg.learner.lr and t.max_grad_norm == cfg.learner.grad_clip
+    assert (t.epsilon, t.epsilon_high) == (cfg.algorithm.eps_low, cfg.algorithm.eps_high)
+    assert t.max_steps == cfg.trainer.steps and t.beta == 0.0 and not cfg.regularizers
+
