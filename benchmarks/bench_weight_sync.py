@@ -41,7 +41,11 @@ SIZES = {  # name: (hidden, layers, intermediate, heads, kv heads)  -- head size
 }
 
 
-def timed(fn, repeats):
+def timed(fn, repeats, warmup=0):
+    """Median seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (first-call set-up:
+    the parity probe's first call costs seconds, which a median of 1 or 2 repeats would report)."""
+    for _ in range(warmup):
+        fn()
     out = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -64,7 +68,7 @@ def pack_time(named, repeats) -> float:
         pre = q[: -len("self_attn.q_proj.weight")]
         fused += [torch.cat([w[pre + f"self_attn.{x}_proj.weight"] for x in "qkv"]), w[pre + "self_attn.o_proj.weight"],
                   torch.cat([w[pre + "mlp.gate_proj.weight"], w[pre + "mlp.up_proj.weight"]]), w[pre + "mlp.down_proj.weight"]]
-    return timed(lambda: [ops.create_onednn_mm(t.t(), 32) for t in fused], repeats)
+    return timed(lambda: [ops.create_onednn_mm(t.t(), 32) for t in fused], repeats, warmup=1)
 
 
 def collective_time(eng, named, repeats, bucket_mb) -> tuple[float, float]:
@@ -136,13 +140,13 @@ def run_size(name, repeats, bucket_mb=256.0):
         worker = eng.sync_timings()  # last repeat's split inside the engine worker
         coll_s, peak = collective_time(eng, named, repeats, bucket_mb)
         shm = SharedMemoryWeights()
-        write_s = timed(lambda: shm.write(named), repeats)
+        write_s = timed(lambda: shm.write(named), repeats, warmup=1)  # the first write maps the file
         shm.close()
-        checksum_s = timed(lambda: weights_checksum(named), repeats)
+        checksum_s = timed(lambda: weights_checksum(named), repeats, warmup=1)
         sync_cfg = SyncConfig(parity_tol=1e-3, probe_tokens=16, timeout_s=120.0)
         probe = make_probe(len(tok), sync_cfg)
         probe_s = timed(lambda: verify_sync(eng, hf_logprobs_fn(model), probe, sync_cfg,
-                                            expected_checksum=weights_checksum(named)), repeats)
+                                            expected_checksum=weights_checksum(named)), repeats, warmup=1)
     finally:
         eng.shutdown()
     return dict(size=name, hidden=h, layers=L, params=params, mib=nbytes / 2**20, engine_start_s=start_s,
