@@ -31,8 +31,9 @@ Inputs (``--logits``):
 * ``peaked``: LM-like distributions. Each token's hidden state is a mix of the lm-head rows of a few
   "candidate" tokens (one dominant, a few alternatives with geometrically decreasing weight) plus
   the random background, so the logits have a few large entries (boost ~16 +- 20%, decaying by 0.8
-  per candidate) above a N(0, 1) tail over the whole vocabulary: mean full-vocabulary entropy ~1.9
-  nats, median nucleus 0 tokens (top-1 >= 0.8), ~80-85% of rows resolved by the top-512 stage. The reference / old hidden states are
+  per candidate) above a N(0, 1) tail over the whole vocabulary: at the default shape (8,192 tokens, bf16)
+  mean full-vocabulary entropy 2.03 nats, median nucleus 0 tokens (top-1 >= 0.8), 77% of rows resolved by
+  the top-512 stage (the ``diag`` line; other shapes and seeds differ). The reference / old hidden states are
   the policy's plus small noise, as in the random mode. The driver prints the measured mean entropy
   and the fraction of rows whose nucleus crosses beyond 512 tokens (``diag``, on the first 512 rows).
 
@@ -41,20 +42,20 @@ inputs are allocated first (hidden [N, H] and lm-head weight [V, H] with require
 hidden + weight without grad, targets, advantages, proxy), then the baseline RSS is read; the
 forward + backward is then run ``--repeats`` times (grads reset to None before each run).
 
-* peak extra MB   = max RSS during the fwd+bwd runs - RSS after the inputs were allocated. Peak RSS
+* peak extra MiB  = max RSS during the fwd+bwd runs - RSS after the inputs were allocated. Peak RSS
   comes from ``getrusage(RUSAGE_SELF).ru_maxrss`` (exact, process lifetime) when it was reached
   after the baseline, else from a /proc/self/statm sampler running at ~1 ms.
   It includes the weight/hidden gradients that backward produces (d weight alone is V*H*4 bytes).
-* absolute peak MB = the process's peak RSS (torch + inputs + grads + working set).
+* absolute peak MiB = the process's peak RSS (torch + inputs + grads + working set).
 * time s          = wall clock of one fwd+bwd, median over the repeats. A warm-up on
   ``--warmup-tokens`` tokens (default 256) runs first in the same process (one-time init costs).
 
 The naive method runs under ``RLIMIT_AS`` (``--mem-limit-gb``) so that it fails with an allocation
 error instead of taking the machine down; a failure is recorded as OOM, never as a number.
 
-Usage (the acceptance run):
+Usage (the acceptance run; ``old`` first, so that the others read its min-p proxy):
     nice python benchmarks/bench_stats_memory.py --tokens 8192 --hidden 1536 --vocab 151936 --dtype bfloat16 \
-        --methods ours,a,a_ref,old [--logits peaked]
+        --repeats 1 --warmup-tokens 64 --methods old,a,ours,a_step,ours_step,a_ref,a_ref_step,a_pre_step [--logits peaked]
     nice python benchmarks/bench_stats_memory.py --tokens 512,1024,2048 --breakdown   # scaling + breakdown
     nice python benchmarks/bench_stats_memory.py --tokens 256 --vocab 32768 --check  # quick validation
 """
@@ -373,7 +374,7 @@ def fmt(v, nd=0):
 
 
 def table(results) -> str:
-    rows = ["| logits | tokens | budget MiB | method | chunk | status | peak extra MB | abs peak MB | time s "
+    rows = ["| logits | tokens | budget MiB | method | chunk | status | peak extra MiB | abs peak MiB | time s "
             "| CPU s | extra / (a) | extra / (a') | extra / (b) | time / (a) | time / (a') | CPU / (a) | CPU / (a') "
             "| load 1m (before/after) |",
             "|---|---:|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
