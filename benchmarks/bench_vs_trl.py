@@ -246,21 +246,24 @@ def main():
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    runs = {"alignreg": lambda: run_alignreg(a, a.ckpt, ray=True),
+            "alignreg-eager": lambda: run_alignreg(a, a.ckpt, ray=True, extra=EAGER),
+            "alignreg-mp": lambda: run_alignreg(a, a.ckpt, ray=True, extra=("vllm.executor=mp",)),
+            "alignreg-local": lambda: run_alignreg(a, a.ckpt, ray=False),
+            "alignreg-ray-hf": lambda: run_alignreg(a, a.ckpt, ray=True, engine="hf"),
+            "alignreg-local-two-pass": lambda: run_alignreg(a, a.ckpt, ray=False, extra=("learner.single_pass=false",)),
+            "alignreg-no-share": lambda: run_alignreg(a, a.ckpt, ray=True, extra=("learner.share_prompt=false",)),
+            "alignreg-local-no-share": lambda: run_alignreg(a, a.ckpt, ray=False, extra=("learner.share_prompt=false",)),
+            "alignreg-async": lambda: run_alignreg(a, a.ckpt, ray=True, extra=("trainer.async_rollout=true",)),
+            "alignreg-local-async": lambda: run_alignreg(a, a.ckpt, ray=False, extra=("trainer.async_rollout=true",)),
+            "trl": lambda: run_trl(a, a.ckpt, use_vllm=False),
+            "trl-vllm": lambda: run_trl(a, a.ckpt, use_vllm=True)}
     if a.worker:
-        fn = {"alignreg": lambda: run_alignreg(a, a.ckpt, ray=True),
-              "alignreg-eager": lambda: run_alignreg(a, a.ckpt, ray=True, extra=EAGER),
-              "alignreg-mp": lambda: run_alignreg(a, a.ckpt, ray=True, extra=("vllm.executor=mp",)),
-              "alignreg-local": lambda: run_alignreg(a, a.ckpt, ray=False),
-              "alignreg-ray-hf": lambda: run_alignreg(a, a.ckpt, ray=True, engine="hf"),
-              "alignreg-local-two-pass": lambda: run_alignreg(a, a.ckpt, ray=False, extra=("learner.single_pass=false",)),
-              "alignreg-no-share": lambda: run_alignreg(a, a.ckpt, ray=True, extra=("learner.share_prompt=false",)),
-              "alignreg-local-no-share": lambda: run_alignreg(a, a.ckpt, ray=False, extra=("learner.share_prompt=false",)),
-              "alignreg-async": lambda: run_alignreg(a, a.ckpt, ray=True, extra=("trainer.async_rollout=true",)),
-              "alignreg-local-async": lambda: run_alignreg(a, a.ckpt, ray=False, extra=("trainer.async_rollout=true",)),
-              "trl": lambda: run_trl(a, a.ckpt, use_vllm=False),
-              "trl-vllm": lambda: run_trl(a, a.ckpt, use_vllm=True)}[a.worker]
-        print("RESULT " + json.dumps(fn()), flush=True)
+        print("RESULT " + json.dumps(runs[a.worker]()), flush=True)
         return
+    unknown = sorted(set(a.variants.split(",")) - set(runs))
+    if unknown:  # before the checkpoint is built and the other variants have run
+        ap.error(f"unknown variants {unknown}; valid: {', '.join(runs)}")
     ckpt = tempfile.mkdtemp(prefix="bench_trl_ckpt_")
     build_checkpoint(a, ckpt)
     variants = a.variants.split(",") + (["trl-vllm"] if a.trl_vllm else [])

@@ -60,3 +60,12 @@ def test_weight_sync_timing_leaves_first_calls_out():
 
     assert bench("bench_weight_sync").timed(fn, 1, warmup=1) < 0.1
     assert len(calls) == 2
+
+
+def test_vs_trl_refuses_an_unknown_variant_before_running_any():
+    import subprocess
+
+    p = subprocess.run([sys.executable, str(BENCH / "bench_vs_trl.py"), "--variants", "trl,alignreg-locl"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "unknown variants ['alignreg-locl']" in p.stderr and "alignreg-local" in p.stderr
+    assert "RESULT" not in p.stdout
