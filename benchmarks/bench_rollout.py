@@ -4,8 +4,9 @@ samples, ``--max-new`` tokens, temperature 1).
 
 Each variant runs in a fresh process (vLLM's thread binding is read once per process):
 
-* ``hf`` - ``HFRolloutEngine`` as the trainer builds it: each prompt's prefill runs once for its
-  ``--group`` samples (``_shared_prefill``);
+* ``hf`` - ``HFRolloutEngine`` as a Ray engine actor builds it (eager attention; a one-process run's engine
+  is a copy of the learner's model, which for an HF checkpoint runs torch's sdpa attention): each prompt's
+  prefill runs once for its ``--group`` samples (``_shared_prefill``);
 * ``hf-no-share`` - the same engine with ``shared_prefill=False``: ``generate`` prefills every sample;
 * ``vllm-<mode>-<bind>`` - ``VLLMRolloutEngine`` with ``vllm.enforce_eager`` (``eager``: true, the
   config default; ``compiled``: false, vLLM's torch.compile of the model) and ``vllm.cpu_threads_bind``
