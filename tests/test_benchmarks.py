@@ -1,4 +1,4 @@
-"""The benchmark scripts measure what docs/benchmarks.md says: cheap checks of their set-up (no timing)."""
+"""The benchmark scripts measure what docs/benchmarks.md says: cheap checks of their set-up (no benchmark runs)."""
 import importlib.util
 import sys
 from pathlib import Path
