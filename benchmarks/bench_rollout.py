@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -111,7 +112,15 @@ def main():
     if unknown:
         ap.error(f"unknown variants {unknown}; valid: {', '.join(VARIANTS)}")
     ckpt = tempfile.mkdtemp(prefix="bench_rollout_ckpt_")
-    build_checkpoint(a, ckpt)
+    try:
+        build_checkpoint(a, ckpt)
+        measure(a, ckpt)
+    finally:
+        shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def measure(a, ckpt: str) -> None:
+    """Each variant in a fresh process on the checkpoint ``ckpt``; prints the rows and the table."""
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} cpus={os.cpu_count()} load={os.getloadavg()} "
           f"model h={a.hidden} L={a.layers}; {a.prompts} prompts x {a.group} samples, max_new {a.max_new}; "
           f"threads {a.threads}", flush=True)

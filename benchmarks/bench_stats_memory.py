@@ -66,6 +66,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -492,6 +493,7 @@ def main():
                         f.write(json.dumps(results[-1]) + "\n")
         if a.check:
             check(a, dumps)
+    shutil.rmtree(tmp, ignore_errors=True)  # proxies and --check dumps
     print()
     print(table(results))
 

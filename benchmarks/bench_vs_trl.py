@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -111,7 +112,7 @@ def run_alignreg(a, ckpt: str, ray: bool, engine: str = "vllm", extra: tuple[str
     from alignreg.logging import read_metrics
     from alignreg.orchestration.trainer import train
 
-    run_dir = tempfile.mkdtemp(prefix="bench_trl_alignreg_")
+    run_dir = tempfile.mkdtemp(prefix="alignreg_", dir=os.path.dirname(ckpt))  # the driver removes it
     cfg = alignreg_config(a, ckpt, run_dir, ray, engine, extra)
     t0 = time.perf_counter()
     train(cfg)
@@ -164,7 +165,7 @@ def run_trl(a, ckpt: str, use_vllm: bool) -> dict:
     def exact(completions, answer, **_):
         return [1.0 if c.strip() == y else 0.0 for c, y in zip(completions, answer)]
 
-    args = trl_config(a, ckpt, tempfile.mkdtemp(prefix="bench_trl_trl_"), use_vllm)
+    args = trl_config(a, ckpt, tempfile.mkdtemp(prefix="trl_", dir=os.path.dirname(ckpt)), use_vllm)
     tok = transformers.AutoTokenizer.from_pretrained(ckpt)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
@@ -264,8 +265,17 @@ def main():
     unknown = sorted(set(a.variants.split(",")) - set(runs))
     if unknown:  # before the checkpoint is built and the other variants have run
         ap.error(f"unknown variants {unknown}; valid: {', '.join(runs)}")
-    ckpt = tempfile.mkdtemp(prefix="bench_trl_ckpt_")
-    build_checkpoint(a, ckpt)
+    work = tempfile.mkdtemp(prefix="bench_trl_")  # the checkpoint and every variant's run directory
+    try:
+        ckpt = os.path.join(work, "ckpt")
+        build_checkpoint(a, ckpt)
+        measure(a, ckpt)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(a, ckpt: str) -> None:
+    """Each variant in a fresh process on the checkpoint ``ckpt``; prints the rows and the table."""
     variants = a.variants.split(",") + (["trl-vllm"] if a.trl_vllm else [])
     batch = a.prompts * a.group
     print(f"# {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} cpus={os.cpu_count()} load={os.getloadavg()} "

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -149,6 +150,7 @@ def run_size(name, repeats, bucket_mb=256.0):
                                             expected_checksum=weights_checksum(named)), repeats, warmup=1)
     finally:
         eng.shutdown()
+        shutil.rmtree(d, ignore_errors=True)  # the saved model (745 MiB at XL)
     return dict(size=name, hidden=h, layers=L, params=params, mib=nbytes / 2**20, engine_start_s=start_s,
                 raw_copy_s=raw_s, pack_s=pack_s, sync_s=sync_s, collective_s=coll_s, collective_ratio=coll_s / raw_s,
                 bucket_mb=bucket_mb, collective_peak_mib=peak / 2**20, shm_write_s=write_s, checksum_s=checksum_s,
