@@ -386,6 +386,10 @@ def coef_always_zero(coef: float | Schedule) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+# transformers' attention kernels by name ("auto": the model's default, eager for tiny-qwen2)
+ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
 @dataclass
 class ModelConfig:
     path: str = "tiny-qwen2"  # "tiny-qwen2": build a tiny Qwen2 model + char tokenizer in code; else a local HF checkpoint dir
@@ -397,11 +401,15 @@ class ModelConfig:
     tie_word_embeddings: bool = True  # tiny-qwen2 only: share input embedding and lm_head
     dtype: Literal["float32", "bfloat16"] = "float32"  # parameter dtype on the learner (bfloat16: the torch backend and alignreg sft have no float32 master copy, and sft refuses it without LoRA; DeepSpeed keeps float32 masters)
     gradient_checkpointing: bool = False  # recompute activations in backward to save memory
+    attn_implementation: str = "auto"  # attention kernel, the same in every process that runs the model (learner, HF engine, reference): "auto" (eager for tiny-qwen2, transformers' default, sdpa, for a checkpoint), "eager", "sdpa", "flash_attention_2" (GPU), ...
 
     def validate(self, path: str) -> None:
         _at_least(self, path, 1, "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
         _check(self.hidden_size % self.num_heads == 0, f"{path}.hidden_size must be divisible by num_heads")
         _check(self.num_heads % self.num_kv_heads == 0, f"{path}.num_heads must be divisible by num_kv_heads")
+        _check(self.attn_implementation in ATTN_IMPLEMENTATIONS or "/" in self.attn_implementation,
+               f"{path}.attn_implementation: {self.attn_implementation!r} is not one of {', '.join(ATTN_IMPLEMENTATIONS)} "
+               "(or a kernels hub repo, org/name)")
 
 
 @dataclass

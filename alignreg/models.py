@@ -99,7 +99,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         use_sliding_window=False,
-        attn_implementation="eager",
+        attn_implementation=attn_kwargs(cfg)["attn_implementation"],
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -136,10 +136,19 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
+def attn_kwargs(cfg: ModelConfig) -> dict:
+    """``from_pretrained`` keyword arguments for ``cfg.attn_implementation``, so every process that runs
+    the model (one-process learner and HF engine, Ray learner, engine and reference actors) runs the
+    same kernel: ``auto`` is eager for ``tiny-qwen2`` and transformers' default (sdpa) for a checkpoint."""
+    if cfg.attn_implementation != "auto":
+        return {"attn_implementation": cfg.attn_implementation}
+    return {"attn_implementation": "eager"} if cfg.path == TINY_MODEL else {}
+
+
 def load_policy(cfg: ModelConfig, seed: int, saved: Optional[str | Path] = None):
     """Return ``(model, tokenizer)``: built in code for ``tiny-qwen2``, else from a local HF dir.
     ``saved``: a directory this ``cfg``'s model was saved to (a run's ``init_policy/``), loaded instead,
-    with the kernels the model of ``cfg`` runs (eager attention for ``tiny-qwen2``), so a resumed run
+    with the kernels the model of ``cfg`` runs (:func:`attn_kwargs`), so a resumed run
     computes as the uninterrupted one."""
     if cfg.path == TINY_MODEL and saved is None:
         tokenizer = build_tokenizer()
@@ -152,9 +161,8 @@ def load_policy(cfg: ModelConfig, seed: int, saved: Optional[str | Path] = None)
                 f"(no config.json); use {TINY_MODEL!r} or a directory saved with save_pretrained"
             )
         tokenizer = load_tokenizer(path)
-        attn = {"attn_implementation": "eager"} if cfg.path == TINY_MODEL else {}
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype=getattr(torch, cfg.dtype), **attn
+            path, local_files_only=True, dtype=getattr(torch, cfg.dtype), **attn_kwargs(cfg)
         )
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()

@@ -146,3 +146,24 @@ def test_a_bf16_model_with_an_lm_head_bias_is_accepted():
     phi.forward = (lambda f: lambda **kw: type(f(**kw))(logits=f(**kw).logits * 0.9))(phi.forward)
     with pytest.raises(ConfigError, match=r"logits differ from hidden @ lm_head.weight.T"):
         check_plain_lm_head(phi)
+
+
+def test_every_process_loads_a_checkpoint_with_the_same_attention_kernel(tmp_path):
+    """The one-process learner (load_policy) and the Ray learner / HF engine / reference actors
+    (workers._load_hf) run a checkpoint with one kernel: transformers' default (sdpa) under ``auto``
+    (the Ray side used to force eager), the configured one otherwise; tiny-qwen2 keeps eager."""
+    from alignreg.config import RLConfig, from_dict
+    from alignreg.orchestration.workers import _load_hf
+
+    model, tok = load_policy(ModelConfig(), seed=3)
+    assert model.config._attn_implementation == "eager"
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    for attn, want in (("auto", "sdpa"), ("eager", "eager"), ("sdpa", "sdpa")):
+        cfg = from_dict(RLConfig, {"model": {"path": str(tmp_path), "attn_implementation": attn}})
+        one_process, _ = load_policy(cfg.model, seed=0)
+        in_actor = _load_hf(str(tmp_path), cfg)
+        assert one_process.config._attn_implementation == in_actor.config._attn_implementation == want
+    assert build_model(ModelConfig(attn_implementation="sdpa"), len(tok), 0, tok).config._attn_implementation == "sdpa"
+    with pytest.raises(ConfigError, match="attn_implementation: 'flash_attn' is not one of auto, eager, sdpa"):
+        from_dict(RLConfig, {"model": {"attn_implementation": "flash_attn"}})

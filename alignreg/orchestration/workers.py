@@ -63,8 +63,10 @@ class RolloutWorker:
             if model is None:
                 from transformers import AutoModelForCausalLM
 
-                model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, attn_implementation="eager",
-                                                             dtype=getattr(torch, cfg.model.dtype))  # the learner's dtype, as in one process
+                from alignreg.models import attn_kwargs
+
+                model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, **attn_kwargs(cfg.model),
+                                                             dtype=getattr(torch, cfg.model.dtype))  # the learner's dtype and kernel, as in one process
             self.engine = HFRolloutEngine(model, tokenizer, autocast=AUTOCAST[cfg.learner.mixed_precision])
         self.temperature = cfg.rollout.temperature
 
@@ -317,6 +319,8 @@ def _load_hf(model_dir: str, cfg: RLConfig):
 
     if not (Path(model_dir) / "config.json").is_file():
         raise ConfigError(f"learner: {model_dir!r} is not an HF checkpoint directory")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, attn_implementation="eager",
+    from alignreg.models import attn_kwargs
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, **attn_kwargs(cfg.model),
                                                  dtype=getattr(torch, cfg.model.dtype))
     return model
