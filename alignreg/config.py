@@ -449,8 +449,11 @@ class RolloutConfig:
     temperature: float = 1.0  # sampling temperature (log-probs in the loss use the same temperature)
     top_p: float = 1.0  # nucleus sampling threshold at rollout time
     top_k: int = 0  # top-k sampling at rollout time (0 = off)
+    stop_tokens: list[str] = field(default_factory=list)  # tokens that end a response as the tokenizer's EOS does (kept as its last token, finished), in training and evaluation; each exactly one token, e.g. ["<|im_end|>"] for a base model prompted with a chat template (its EOS is <|endoftext|>)
 
     def validate(self, path: str) -> None:
+        _check(all(isinstance(t, str) and t for t in self.stop_tokens),
+               f"{path}.stop_tokens must be a list of non-empty token strings, e.g. ['<|im_end|>'], got {self.stop_tokens!r}")
         _check(self.group_size >= 2, f"{path}.group_size must be >= 2: the advantages (grpo, drgrpo, rloo) compare "
                                      f"each response with the others of its group, got {self.group_size}")
         _at_least(self, path, 1, "prompts_per_step", "max_new_tokens")

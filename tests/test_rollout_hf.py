@@ -101,6 +101,27 @@ def test_eos_cut_and_finished_flags(policy):
     assert batch.response_ids[0] == [tok.convert_tokens_to_ids("2"), eos]
 
 
+def test_stop_tokens_end_a_response_as_eos_does(policy):
+    """``rollout.stop_tokens``: a response ends at (and keeps) its first stop token, finished; the
+    tokens before it are what the engine samples without the stop (same seed), with their log-probs."""
+    model, tok = policy
+    prompts = encode_prompts(tok, PROMPTS)
+    sp = SamplingParams(temperature=1.0, n=3, max_new_tokens=12, seed=5)
+    base = HFRolloutEngine(model, tok).generate(prompts, sp)
+    x = next(t for r in base.response_ids for t in r[1:-1] if t != tok.eos_token_id)  # emitted mid-response
+    stopped = HFRolloutEngine(model, tok, stop_ids=[x]).generate(prompts, sp)
+    cut = 0
+    for r0, lp0, fin0, r, lp, fin in zip(base.response_ids, base.logprobs, base.finished,
+                                         stopped.response_ids, stopped.logprobs, stopped.finished):
+        if x in r0:
+            assert r == r0[: r0.index(x) + 1] and fin, (r0, r)
+            cut += 1
+        else:
+            assert r == r0 and fin == fin0
+        torch.testing.assert_close(torch.tensor(lp), torch.tensor(lp0[: len(r)]), atol=1e-5, rtol=0)
+    assert cut >= 1
+
+
 def test_greedy_is_deterministic_and_padding_invariant(policy):
     model, tok = policy
     engine = HFRolloutEngine(model, tok)

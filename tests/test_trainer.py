@@ -307,6 +307,7 @@ def _cli(*args, cwd=ROOT):
         ("learner.lr=fast", "config.learner.lr: expected a number, got 'fast'"),
         ("algorithm.advantage=ppo", "config.algorithm.advantage: 'ppo' is not a valid choice; valid choices: 'grpo', 'drgrpo', 'rloo'"),
         ("learner.mini_batch_size=7", "must divide the batch size"),
+        ("rollout.stop_tokens=[<|im_end|>]", "rollout.stop_tokens: '<|im_end|>' is 10 tokens of this tokenizer"),
     ],
 )
 def test_config_errors_are_one_line_exit_2(override, needle, tmp_path):
@@ -352,6 +353,17 @@ def test_eval_every_is_independent_of_log_every_and_verifier_counters_are_logged
     assert [("eval/greedy_acc" in r) for r in rows] == [True, False, True, True]
     for r in rows[1:]:
         assert r["reward/math_checks"] == 16.0 and r["reward/math_timeouts"] == 0.0  # 4 prompts x 4 responses
+
+
+def test_stop_tokens_end_the_runs_responses(tmp_path):
+    """``rollout.stop_tokens`` reach the run's engine: the same first step (same seed) with the digits as
+    stop tokens samples the same responses cut at their first digit: shorter, more often finished."""
+    rows = {}
+    for name, extra in (("plain", []), ("digits", ["rollout.stop_tokens=[0,1,2,3,4,5,6,7,8,9]"])):
+        train(_cfg(tmp_path / name, "trainer.steps=1", "eval.every=0", *extra))
+        rows[name] = _rows(tmp_path / name)[-1]
+    assert rows["digits"]["rollout/response_len"] < rows["plain"]["rollout/response_len"]
+    assert rows["digits"]["rollout/finished_frac"] > rows["plain"]["rollout/finished_frac"]
 
 
 def test_a_stopped_run_without_a_checkpoint_says_it_starts_again_from_step_0(tmp_path):

@@ -186,6 +186,27 @@ def test_eos_cut_matches_hf(engine, policy):
         restore(engine, model)
 
 
+def test_stop_tokens_cut_as_in_the_hf_engine(engine, policy):
+    """``rollout.stop_tokens`` in the vLLM engine: a response ends at its first stop token (kept,
+    finished), the same responses as the HF engine with the same stop ids."""
+    model, tok = policy
+    prompts = encode_prompts(tok, PROMPTS)
+    sp = SamplingParams(greedy=True, max_new_tokens=8)
+    base = engine.generate(prompts, sp)
+    x = next(t for r in base.response_ids for t in r[1:-1] if t != tok.eos_token_id)
+    before = engine.stop_ids
+    engine.stop_ids = [tok.eos_token_id, x]  # as RolloutWorker builds it from rollout.stop_tokens
+    try:
+        stopped = engine.generate(prompts, sp)
+    finally:
+        engine.stop_ids = before
+    assert stopped.response_ids == HFRolloutEngine(model, tok, stop_ids=[x]).generate(prompts, sp).response_ids
+    for r0, r, fin in zip(base.response_ids, stopped.response_ids, stopped.finished):
+        assert r == (r0[: r0.index(x) + 1] if x in r0 else r0)
+        assert fin == (x in r0 or tok.eos_token_id in r0)
+    assert any(x in r0 for r0 in base.response_ids)
+
+
 def test_load_weights_changes_outputs_then_parity(engine, policy):
     model, tok = policy
     prompts = encode_prompts(tok, PROMPTS)

@@ -100,7 +100,9 @@ def generate_episodes(engine, tokenizer, records: list[dict], sampling: Sampling
     x1 = encode_prompts(tokenizer, [r["prompt"] for r in records])
     first = engine.generate(x1, sampling)
     texts1 = tokenizer.batch_decode(first.response_ids, skip_special_tokens=True)
-    x2 = [second_prompt_ids(tokenizer, records[p], first.prompt_ids[i], first.response_ids[i], texts1[i], score.instruction, data)
+    # a finished attempt's last token is its EOS or rollout.stop_tokens entry: not part of y1 in x2
+    y1 = [r[:-1] if done else r for r, done in zip(first.response_ids, first.finished)]
+    x2 = [second_prompt_ids(tokenizer, records[p], first.prompt_ids[i], y1[i], texts1[i], score.instruction, data)
           for i, p in enumerate(first.prompt_index)]
     sp2 = second_sampling or SamplingParams(
         temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k, greedy=sampling.greedy,

@@ -127,7 +127,7 @@ def build_run(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = 
     ``orchestration: ray``, e.g. ``{"engine": {"node_b": 0.01}}`` (see ``ray_groups.RayCluster``).
     ``ckpt``: the checkpoint to resume from (None: a new run); by default resolved from ``trainer.resume``."""
     from alignreg.data import PromptIterator, prompt_dataset
-    from alignreg.models import check_plain_lm_head, load_policy
+    from alignreg.models import check_plain_lm_head, load_policy, stop_token_ids
     from alignreg.orchestration.workers import LearnerWorker, RolloutWorker
     from alignreg.warmstart import sft_warm_start
 
@@ -152,6 +152,7 @@ def build_run(cfg: RLConfig, resources: Optional[dict[str, dict[str, float]]] = 
     saved = init_dir if ckpt is not None and (init_dir / "config.json").is_file() else None
     model, tokenizer = load_policy(cfg.model, cfg.trainer.seed, saved=saved)
     check_plain_lm_head(model)  # the learner computes the lm head itself: no final logit transform
+    stop_token_ids(tokenizer, cfg.rollout.stop_tokens)  # each one token: refused here, before any engine starts
     from alignreg.data.math import math_prompt_dataset  # also registers the math_verify rewards
     from alignreg.rewards.math import configure as configure_math_rewards
 

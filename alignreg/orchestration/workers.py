@@ -52,10 +52,14 @@ class RolloutWorker:
         from alignreg.rewards.math import configure as configure_math_rewards
 
         configure_math_rewards(**vars(cfg.math_reward))  # rewards are computed next to the engine
+        from alignreg.models import stop_token_ids
+
+        stops = stop_token_ids(tokenizer, cfg.rollout.stop_tokens)
         if cfg.rollout.engine == "vllm":
             from alignreg.rollout.vllm import VLLMRolloutEngine
 
-            self.engine = VLLMRolloutEngine(model_dir, cfg.vllm, seed, _max_len(model_dir), own_process=own_process)
+            self.engine = VLLMRolloutEngine(model_dir, cfg.vllm, seed, _max_len(model_dir), own_process=own_process,
+                                            stop_ids=stops)
         else:
             from alignreg.models import AUTOCAST
             from alignreg.rollout.hf import HFRolloutEngine
@@ -67,7 +71,7 @@ class RolloutWorker:
 
                 model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, **attn_kwargs(cfg.model),
                                                              dtype=getattr(torch, cfg.model.dtype))  # the learner's dtype and kernel, as in one process
-            self.engine = HFRolloutEngine(model, tokenizer, autocast=AUTOCAST[cfg.learner.mixed_precision])
+            self.engine = HFRolloutEngine(model, tokenizer, autocast=AUTOCAST[cfg.learner.mixed_precision], stop_ids=stops)
         self.temperature = cfg.rollout.temperature
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> RolloutBatch:

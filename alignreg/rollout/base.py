@@ -76,6 +76,16 @@ class RolloutEngine(Protocol):
         ...
 
 
+def response_end(tokens: list[int], stop_ids: Iterable[int]) -> tuple[int, bool]:
+    """``(length, finished)`` of a generated row cut after its first stop token (EOS or a
+    ``rollout.stop_tokens`` id): the engines keep the stop token and mark the response finished."""
+    stops = set(stop_ids)
+    for i, t in enumerate(tokens):
+        if t in stops:
+            return i + 1, True
+    return len(tokens), False
+
+
 def tensor_crc(item: tuple[str, torch.Tensor]) -> int:
     """CRC-32 of one tensor's name, dtype, shape and raw bytes (the per-tensor part of :func:`weights_checksum`)."""
     name, t = item

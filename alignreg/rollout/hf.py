@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 import transformers
 
 from alignreg.models import autocast
-from alignreg.rollout.base import RolloutBatch, SamplingParams, weights_checksum
+from alignreg.rollout.base import RolloutBatch, SamplingParams, response_end, weights_checksum
 
 
 def head_outside_autocast(head: torch.nn.Module) -> None:
@@ -46,7 +46,7 @@ class HFRolloutEngine:
     lets ``generate`` prefill every sample (``benchmarks/bench_rollout.py`` times both)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, autocast: Optional[torch.dtype] = None,
-                 shared_prefill: bool = True):
+                 shared_prefill: bool = True, stop_ids: Sequence[int] = ()):
         self.model = copy.deepcopy(model).eval()  # deepcopy keeps tied embeddings tied
         self.autocast = autocast
         self.shared_prefill = shared_prefill
@@ -56,6 +56,8 @@ class HFRolloutEngine:
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_id = tokenizer.eos_token_id
+        # what ends a response: EOS and ``rollout.stop_tokens`` (models.stop_token_ids)
+        self.stop_ids = list(dict.fromkeys([self.eos_id, *stop_ids]))
         # ``generate`` fills every setting a call leaves unset from the model's ``generation_config`` (a
         # checkpoint's generation_config.json: repetition_penalty, no_repeat_ngram_size, min_new_tokens,
         # bad_words_ids, ...): the engine's copy gets a blank one, so sampling is SamplingParams and nothing else
@@ -72,7 +74,7 @@ class HFRolloutEngine:
         return transformers.GenerationConfig(
             do_sample=not s.greedy, **sample, repetition_penalty=1.0, no_repeat_ngram_size=0,
             max_new_tokens=s.max_new_tokens, num_return_sequences=1 if s.greedy else s.n,
-            eos_token_id=self.eos_id, pad_token_id=self.pad_id,
+            eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
             return_dict_in_generate=True, output_logits=True,  # raw logits, before any warper
         )
 
@@ -141,15 +143,15 @@ class HFRolloutEngine:
         return {"past_key_values": cache}
 
     def _to_batch(self, prompts, n, tokens, logps) -> RolloutBatch:
-        """Cut each response after its first EOS (generate pads finished rows with pad_id)."""
+        """Cut each response after its first stop token (generate pads finished rows with pad_id)."""
         batch = RolloutBatch()
         for row, (toks, lps) in enumerate(zip(tokens, logps)):
-            end = toks.index(self.eos_id) + 1 if self.eos_id in toks else len(toks)
+            end, finished = response_end(toks, self.stop_ids)
             batch.prompt_index.append(row // n)  # generate expands prompts with repeat_interleave
             batch.prompt_ids.append(list(prompts[row // n]))
             batch.response_ids.append(toks[:end])
             batch.logprobs.append(lps[:end])
-            batch.finished.append(self.eos_id in toks)
+            batch.finished.append(finished)
         return batch
 
     # ------------------------------------------------------------------ weights

@@ -46,13 +46,13 @@ import math
 import os
 from importlib import metadata
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import torch
 
 from alignreg.config import VLLMConfig
 from alignreg.rollout.vllm_worker import set_idle_spin
-from alignreg.rollout.base import RolloutBatch, SamplingParams
+from alignreg.rollout.base import RolloutBatch, SamplingParams, response_end
 
 # vLLM's readers spin 1 s after each message; 0 (sleep at once) stalled some Ray-driven calls for
 # vLLM's 5 s re-check interval (a wake-up missed in poll mode), 0.05 keeps the spin within one
@@ -132,11 +132,14 @@ class VLLMRolloutEngine:
     ``vllm.executor: auto`` may run the model in it (:func:`executor_for`).
     """
 
-    def __init__(self, model_dir: str, cfg: VLLMConfig, seed: int, max_len: int, own_process: bool = False):
+    def __init__(self, model_dir: str, cfg: VLLMConfig, seed: int, max_len: int, own_process: bool = False,
+                 stop_ids: Sequence[int] = ()):
         check_vllm_version()
         self.model_dir = str(model_dir)
         hf_cfg = json.loads((Path(model_dir) / "config.json").read_text())
         self.eos_id = self._eos_id(model_dir, hf_cfg)
+        # what ends a response: EOS and ``rollout.stop_tokens`` (models.stop_token_ids), as in the HF engine
+        self.stop_ids = list(dict.fromkeys([self.eos_id, *stop_ids]))
         self._expected = self._checkpoint_shapes(model_dir)
         if not torch.cuda.is_available():
             head = attention_head_size(hf_cfg)
@@ -246,9 +249,9 @@ class VLLMRolloutEngine:
                   top_p=1.0 if sampling.greedy else sampling.top_p,
                   top_k=sampling.top_k if sampling.top_k > 0 and not sampling.greedy else -1,  # -1: off in all versions
                   max_tokens=sampling.max_new_tokens, seed=sampling.seed, logprobs=0,
-                  # only the tokenizer's EOS stops a response, as in the HF engine: vLLM would also stop at every
+                  # EOS and rollout.stop_tokens stop a response, as in the HF engine: vLLM would also stop at every
                   # eos_token_id listed in generation_config.json (Instruct checkpoints list several) unless ignore_eos
-                  stop_token_ids=[self.eos_id], ignore_eos=True, detokenize=False)
+                  stop_token_ids=self.stop_ids, ignore_eos=True, detokenize=False)
         if sampling.seed is not None and not sampling.greedy:  # one seed per prompt (request_seeds)
             vsp = [vsp.clone() for _ in prompts]
             for v, s in zip(vsp, request_seeds(sampling.seed, len(prompts))):
@@ -261,13 +264,13 @@ class VLLMRolloutEngine:
                 comps = comps * sampling.n
             for c in comps:
                 toks = list(c.token_ids)
-                end = toks.index(self.eos_id) + 1 if self.eos_id in toks else len(toks)
+                end, finished = response_end(toks, self.stop_ids)
                 lps = [float(step[t].logprob) for step, t in zip(c.logprobs, toks)]
                 batch.prompt_index.append(i)
                 batch.prompt_ids.append(list(prompts[i]))
                 batch.response_ids.append(toks[:end])
                 batch.logprobs.append(lps[:end])
-                batch.finished.append(self.eos_id in toks)
+                batch.finished.append(finished)
         return batch
 
     def logprobs_of(self, prompt_ids: list[int], response_ids: list[int], temperature: float = 1.0) -> list[float]:
