@@ -18,6 +18,7 @@ runs the same tasks in-process without Ray.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -169,10 +170,27 @@ def _record_failure(job, e: BaseException) -> str:
     return f"{oc.name} seed {seed} FAILED ({type(cause).__name__}: {first}; {Path(out_dir) / 'error.txt'})"
 
 
+SUMMARY_KEYS = ("algo", "env", "level", "seed", "final_score", "steps", "evals", "reference")  # what write_summary reads
+
+
 def collect_results(out: Path) -> list[dict]:
     """Results of the runs finished so far under a sweep directory (for partial or interrupted sweeps);
     none is an error (a mistyped ``name`` or ``out_dir``)."""
-    found = [json.loads(p.read_text()) for p in sorted(Path(out).glob("*/*/seed*/results.json"))]
+    found = []
+    for p in sorted(Path(out).glob("*/*/seed*/results.json")):
+        try:
+            res = json.loads(p.read_text())
+        except (OSError, ValueError) as e:  # cut off by a kill (written in place by an older version)
+            print(f"warning: {p} is unreadable ({type(e).__name__}: {e}); left out of the table. Run the sweep again: "
+                  "it trains that run again (or resumes it from its checkpoint)", file=sys.stderr, flush=True)
+            continue
+        missing = [k for k in SUMMARY_KEYS if not (isinstance(res, dict) and k in res)]
+        if missing:
+            print(f"warning: {p} lacks {', '.join(missing)} (not a run's results, or written by an older version); "
+                  "left out of the table. Delete that run's directory and run the sweep again to redo it",
+                  file=sys.stderr, flush=True)
+            continue
+        found.append(res)
     if not found:
         raise ConfigError(f"no finished runs under {out} (no <algo>/<env>-<level>/seed<seed>/results.json); check "
                           "the sweep's name and out_dir")
@@ -186,8 +204,10 @@ def write_summary(results: list[dict], out: Path) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from alignreg.offline.train import atomic_write_text
+
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     order = ["bc", "td3bc", "bc_mse", "prdc", "a2pr"]
     algos = sorted({r["algo"] for r in results}, key=lambda a: (order.index(a) if a in order else len(order), a))
     datasets = sorted({(r["env"], r["level"]) for r in results})
@@ -228,7 +248,7 @@ def write_summary(results: list[dict], out: Path) -> str:
         fig.savefig(out / f"curves_{env}-{level}.png", dpi=100)
         plt.close(fig)
     table = "\n".join(lines) + "\n"
-    (out / "results.md").write_text(table)
-    (out / "results.csv").write_text("\n".join(csv) + "\n")
+    atomic_write_text(out / "results.md", table)
+    atomic_write_text(out / "results.csv", "\n".join(csv) + "\n")
     print(table)
     return table

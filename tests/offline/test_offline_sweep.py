@@ -101,6 +101,25 @@ def test_sweep_config_errors(tmp_path, capsys):
     assert not (tmp_path / "sw" / "typo").exists()
 
 
+def test_summary_leaves_out_unreadable_run_results_with_a_warning(tmp_path, capsys):
+    """--summary-only over a sweep where one run's results.json was cut off by a kill and another's
+    lacks the summary's keys: a table of the readable runs and a warning naming each file left out
+    (a json traceback before)."""
+    runs = tmp_path / "sw" / "bc" / "hopper-medium"
+    good = {"env": "hopper", "level": "medium", "algo": "bc", "seed": 0, "final_score": 12.5, "steps": 100,
+            "reference": "d4rl", "evals": [{"step": 100, "score_mean": 12.5}]}
+    for seed, text in ((0, json.dumps(good)), (1, json.dumps(good)[:40]), (2, json.dumps({"seed": 2}))):
+        (runs / f"seed{seed}").mkdir(parents=True)
+        (runs / f"seed{seed}" / "results.json").write_text(text)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"out_dir": str(tmp_path / "sw"), "backend": "serial"}))
+    assert sweep_main([str(tmp_path / "s.yaml"), "--summary-only"]) == 0
+    err = capsys.readouterr().err
+    assert f"{runs / 'seed1' / 'results.json'} is unreadable" in err
+    assert f"{runs / 'seed2' / 'results.json'} lacks algo, env, level, final_score" in err
+    assert "| hopper-medium | 12.5 ± 0.0 |" in (tmp_path / "sw" / "results.md").read_text()
+    assert [r["seed"] for r in json.loads((tmp_path / "sw" / "results.json").read_text())] == [0]
+
+
 def _damage(tmp_path, seed):
     """A run whose checkpoint was damaged: it fails at once (CheckpointError), the others go on."""
     run = tmp_path / "sw" / "td3bc" / "hopper-medium" / f"seed{seed}"
