@@ -147,6 +147,9 @@ def trl_config(a, ckpt: str, out_dir: str, use_vllm: bool):
         num_iterations=1, beta=0.0, epsilon=cfg.algorithm.eps_low, epsilon_high=cfg.algorithm.eps_high, loss_type="dapo",
         disable_dropout=True, gradient_checkpointing=cfg.model.gradient_checkpointing,
         dataloader_num_workers=0, use_vllm=use_vllm, vllm_mode="colocate",
+        # the attention kernel alignreg runs (model.attn_implementation; auto = transformers' default, as TRL's)
+        **({"model_init_kwargs": {"attn_implementation": cfg.model.attn_implementation}}
+           if cfg.model.attn_implementation != "auto" else {}),
         **({"vllm_gpu_memory_utilization": 0.3, "vllm_enable_sleep_mode": False} if use_vllm else {}),
     )
 

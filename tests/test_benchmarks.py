@@ -29,14 +29,17 @@ def vs_trl_args(*argv: str):
     return mod, a
 
 
-@pytest.mark.parametrize("overrides", [(), ("model.gradient_checkpointing=true", "learner.lr=1e-4")])
+@pytest.mark.parametrize("overrides", [(), ("model.gradient_checkpointing=true", "learner.lr=1e-4",
+                                              "model.attn_implementation=eager")])
 def test_trl_peer_runs_the_same_work_as_alignreg(tmp_path, overrides):
     """TRL's GRPOConfig turns gradient checkpointing on by default (a recomputed forward in every backward);
-    the peer must match alignreg's learner there, and in batch, lengths and optimizer settings."""
+    the peer must match alignreg's learner there, in the attention kernel, batch, lengths and optimizer settings."""
     mod, a = vs_trl_args(*overrides)
     cfg = mod.alignreg_config(a, str(tmp_path), str(tmp_path / "run"), ray=False)
     t = mod.trl_config(a, str(tmp_path), str(tmp_path / "trl"), use_vllm=False)
     assert t.gradient_checkpointing is cfg.model.gradient_checkpointing is bool(overrides)
+    # the attention kernel: transformers' default on both sides under auto, else alignreg's choice
+    assert (t.model_init_kwargs or {}).get("attn_implementation", "auto") == cfg.model.attn_implementation
     rows = cfg.rollout.prompts_per_step * cfg.rollout.group_size
     assert t.per_device_train_batch_size * t.gradient_accumulation_steps == t.generation_batch_size == rows == 128
     assert t.per_device_train_batch_size == cfg.learner.micro_batch_size
