@@ -249,3 +249,83 @@ def test_a_nonfinite_update_is_skipped_under_deepspeed_as_under_torch(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stdout[-1500:] + out.stderr[-3000:]
+
+
+def _spawn(fn, args, timeout_s: float = 300):
+    """``mp.start_processes`` that fails (kills the ranks) instead of hanging on a collective mismatch."""
+    import time
+
+    ctx = mp.start_processes(fn, args=args, nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the ranks did not finish in {timeout_s:.0f} s (a collective mismatch between them?)")
+
+
+def _uneven_prompts_batch(tok):
+    """8 rows: rows 0-3 (rank 0's half) in pairs that share a prompt, rows 4-7 (rank 1's) all distinct."""
+    from alignreg.learner.batch import collate
+
+    g = torch.Generator().manual_seed(0)
+    V, n = len(tok), 8
+    prompts = [torch.randint(3, V, (3,), generator=g).tolist() for _ in range(n)]
+    prompts[1], prompts[3] = prompts[0], prompts[2]
+    responses = [torch.randint(3, V, (int(torch.randint(1, 5, (1,), generator=g)),), generator=g).tolist() for _ in range(n)]
+    return collate(prompts, responses, [[-1.0] * len(r) for r in responses], torch.ones(n), torch.randn(n, generator=g),
+                   [0, 0, 1, 1, 2, 3, 4, 5], tok.pad_token_id)
+
+
+def _uneven_cfg() -> RLConfig:
+    cfg = _cfg(3)
+    cfg.learner.micro_batch_size = 2
+    return cfg
+
+
+def _uneven_worker(rank: int, world: int, port: int, out_dir: str):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    from alignreg.learner.deepspeed import DeepSpeedBackend
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    cfg = _uneven_cfg()
+    model, ref = _policy(tok, cfg)
+    backend = DeepSpeedBackend(model, cfg, ds_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+    grads = []
+    _capture_grads(backend, grads)
+    learner = PolicyLearner(backend.learner_model, cfg, build_regularizers(cfg.regularizers), ref_model=ref, backend=backend)
+    batch = _uneven_prompts_batch(tok)
+    norm = learner.train_step(batch.rows(slice(rank * 4, rank * 4 + 4)), 0)["optim/grad_norm"]
+    if rank == 0:
+        torch.save({"grads": grads, "norm": norm}, os.path.join(out_dir, "ds.pt"))
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # see _ds_worker
+
+
+@pytest.mark.slow
+def test_zero3_ranks_with_and_without_shared_prompts(tmp_path):
+    """learner.share_prompt under ZeRO-3: rank 0's micro-batches share prompts (a prompt pass, then the
+    responses: two decoder calls), rank 1's do not (one call). Each decoder call gathers the weight
+    partitions collectively, so the ranks must agree on the path: a rank making fewer calls paired its
+    gathers with the other rank's next ones (gloo: 'collective mismatch' abort; NCCL: a hang). Gradients
+    and norm equal one process on the whole batch."""
+    _spawn(_uneven_worker, (2, _free_port(), str(tmp_path)))
+    ds = torch.load(tmp_path / "ds.pt", weights_only=False)
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    cfg = _uneven_cfg()
+    model, ref = _policy(tok, cfg)
+    backend = _Capture(model, cfg)
+    learner = PolicyLearner(model, cfg, build_regularizers(cfg.regularizers), ref_model=ref, backend=backend)
+    norm = learner.train_step(_uneven_prompts_batch(tok), 0)["optim/grad_norm"]
+    assert len(ds["grads"]) == 1
+    for name, g in backend.grads[0].items():
+        torch.testing.assert_close(ds["grads"][0][name], g, rtol=1e-4, atol=1e-6, msg=name)
+    torch.testing.assert_close(ds["norm"], norm, rtol=1e-4, atol=1e-6)

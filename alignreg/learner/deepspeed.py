@@ -26,6 +26,10 @@ integration. Choices, and why:
   therefore uses the real, full-size parameter, its gradient lands in ``param.grad`` and ZeRO-3's own
   gradient hook reduce-scatters it into the partition like any other gradient. Peak extra memory:
   one full ``[V, H]`` head weight per rank while a micro-batch is in flight.
+* **Same decoder calls on every rank (ZeRO-3).** Each decoder forward gathers the layers' weight
+  partitions collectively, so every rank must make the same calls whatever its rows: the learner's
+  shared-prompt pass (``learner.share_prompt``: two calls, prompt then responses) is taken by all
+  ranks when any rank's micro-batch repeats a prompt (:attr:`DeepSpeedBackend.collective_forward`).
 * **Checkpoints.** :meth:`state_dict` returns the *full, gathered* fp32 weights, the AdamW moments in
   torch's own ``AdamW.state_dict()`` layout (indexed by ``model.parameters()`` order), and the
   scheduler state - the same format as :class:`TorchBackend`, so checkpoints move between backends,
@@ -163,6 +167,12 @@ class DeepSpeedBackend(DistCollectives):
         self.stage, self.lc = cfg.deepspeed.zero_stage, lc
         self._held = None  # the GatheredParameters context holding the head weight (ZeRO-3)
         self.learner_model = ZeroLMView(self) if self.stage == 3 else self.module
+
+    @property
+    def collective_forward(self) -> bool:
+        """ZeRO-3 gathers each layer's weight partitions in its forward: every rank must run the same
+        decoder calls (a rank that made fewer would pair its gathers with another rank's next ones)."""
+        return self.stage == 3 and self.world_size > 1
 
     # ------------------------------------------------------------------ ZeRO-3 head weight
     def hold_head(self, bias: bool = False) -> Tensor:

@@ -21,7 +21,7 @@ import dataclasses
 import math
 import os
 from collections import defaultdict
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -40,17 +40,18 @@ lm_parts = lm_head_and_body  # (body -> final-normed hidden states, lm-head weig
 
 
 def response_hidden(body, batch: TrainBatch, autocast: Optional[torch.dtype] = None,
-                    share_prompt: bool = False) -> Tensor:
+                    share_prompt: bool = False, agree: Optional[Callable[[bool], bool]] = None) -> Tensor:
     """Hidden states that predict each response token: [N, R, H]. ``autocast``: run the body under
     ``torch.autocast`` in that dtype (``learner.mixed_precision``); the weights stay as they are.
     ``share_prompt`` (``learner.share_prompt``): rows with the same prompt run it once, see
-    :func:`shared_prompt_hidden`; the same values up to float rounding, and the same gradients."""
+    :func:`shared_prompt_hidden` (and its ``agree``); the same values up to float rounding, and the
+    same gradients."""
     remote = getattr(body, "response_hidden", None)
     if remote is not None:  # a reference model in its own Ray actor
         return remote(batch, autocast, share_prompt)
     with autocast_ctx(batch.input_ids.device.type, autocast):
         if share_prompt and getattr(body, "can_cache", lambda: False)():
-            h = shared_prompt_hidden(body, batch)
+            h = shared_prompt_hidden(body, batch, agree)
             if h is not None:
                 return h
         h = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids)
@@ -72,19 +73,26 @@ def sequence_logprobs(model, prompt_ids: list[int], response_ids: list[int], tem
     return token_stats(h[0], w, batch.response_ids[0], StatsSpec(temperature=temperature), bias=b)["logprobs"].tolist()
 
 
-def shared_prompt_hidden(body, batch: TrainBatch) -> Optional[Tensor]:
+def shared_prompt_hidden(body, batch: TrainBatch, agree: Optional[Callable[[bool], bool]] = None) -> Optional[Tensor]:
     """:func:`response_hidden` with each distinct prompt of the batch run once: a GRPO group's G
     responses share their prompt, whose hidden states and keys/values do not depend on the response
     (causal attention). The distinct prompts (equal ids and padding) run first, filling a key/value
     cache; the cache rows are then gathered per response and the responses run on top of it. Autograd
     sums each prompt's gradient over its responses through the gather, so the gradient equals the
     full pass's. Saves (G - 1) / G of the prompt tokens' forward and backward. None when no two rows
-    share a prompt (then the plain pass is as cheap)."""
+    share a prompt (then the plain pass is as cheap).
+
+    ``agree``: whether any data-parallel rank shares a prompt (called once on every rank). Under ZeRO-3
+    each decoder call gathers the partitioned weights collectively, so all ranks must make the same
+    number of calls: a rank without a shared prompt then runs the two calls too (same values)."""
     P, R, n = batch.prompt_len, batch.response_len, batch.input_ids.shape[0]
     key = torch.cat([batch.input_ids[:, :P], batch.attention_mask[:, :P]], 1)
     _, inv = torch.unique(key, dim=0, return_inverse=True)
     groups = int(inv.max()) + 1
-    if groups == n:
+    shared = groups < n
+    if agree is not None:
+        shared = agree(shared)
+    if not shared:
         return None
     first = torch.full((groups,), n, dtype=torch.long, device=inv.device)
     first.scatter_reduce_(0, inv, torch.arange(n, device=inv.device), reduce="amin")  # one row per prompt
@@ -147,6 +155,10 @@ class DistCollectives:
         import torch.distributed as dist
 
         return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    # whether a forward pass is itself collective (ZeRO-3 gathers weights in it): every rank must then
+    # make the same decoder calls, whatever its rows (``PolicyLearner`` agrees on the shared-prompt pass)
+    collective_forward = False
 
     @staticmethod
     def _comm_device(t: Tensor) -> torch.device:
@@ -273,6 +285,11 @@ class PolicyLearner:
         self._pre: dict[tuple[int, int], tuple[Precomputed, Tensor]] = {}  # micro-batch rows -> no-grad pass stats
         self._reuse_counts = {True: 0, False: 0}
         self._nonfinite_run = 0  # consecutive optimizer updates with an inf/NaN gradient norm
+        self._agree = self._any_rank if getattr(self.backend, "collective_forward", False) else None
+
+    def _any_rank(self, flag: bool) -> bool:
+        """``flag`` of any data-parallel rank (collective: every rank calls it at the same point)."""
+        return bool(self.backend.all_reduce_sum(torch.tensor([float(flag)]))[0] > 0)
 
     # ------------------------------------------------------------------------------------------
     def _specs(self) -> tuple[StatsSpec, StatsSpec, StatsSpec]:
@@ -304,7 +321,7 @@ class PolicyLearner:
     def _stats(self, model, batch: TrainBatch, spec: StatsSpec, chunk: int, ref_h=None, old_h=None, ref_model=None,
                pre: Optional[tuple[Precomputed, Tensor]] = None):
         body, w, b = lm_parts(model)
-        h = response_hidden(body, batch, self.autocast, self.share_prompt)
+        h = response_hidden(body, batch, self.autocast, self.share_prompt, self._agree)
         valid = batch.mask > 0
         flat = h[valid]
         kw = {}
@@ -397,13 +414,13 @@ class PolicyLearner:
     def _wide_pass(self, mb: TrainBatch, spec: StatsSpec, chunk: int, r: range):
         """One no-grad pass for pi_old's and the first update's statistics (and the reference's)."""
         body, w, b = lm_parts(self.model)
-        h = response_hidden(body, mb, self.autocast, self.share_prompt)
+        h = response_hidden(body, mb, self.autocast, self.share_prompt, self._agree)
         valid = mb.mask > 0
         flat = h[valid]
         kw, rh = {}, None
         if spec.kl_ref:
             rbody, rw, rb = lm_parts(self.ref_model)
-            rh = response_hidden(rbody, mb, self.autocast, self.share_prompt)
+            rh = response_hidden(rbody, mb, self.autocast, self.share_prompt, self._agree)
             kw["ref"] = (rh[valid], rw, rb)
         pre = token_stats_forward(flat, w, mb.response_ids[valid], spec, bias=b, chunk_size=chunk, **kw)
         self._pre[(r.start, r.stop)] = (pre, fingerprint(flat))
