@@ -101,7 +101,7 @@ class Siren(Regularizer):
         unit = AggNorm(1.0, 1.0, float(view.norm_len or view.mask.shape[-1]))  # sums; divided by global counts below
         total = view.all_reduce_sum(aggregate(h, sel, self.params.agg, unit).detach().double().reshape(1))
         n_sel = view.all_reduce_sum(sel.sum().double().reshape(1))
-        n_seq = view.all_reduce_sum(torch.tensor([float(view.mask.shape[0])], dtype=torch.float64))
+        n_seq = view.all_reduce_sum(torch.tensor([float(view.mask.shape[0])], dtype=torch.float64, device=h.device))
         denom = n_sel if self.params.agg == "token-mean" else n_seq
         return float(total / denom.clamp(min=1)), float(n_sel)
 
