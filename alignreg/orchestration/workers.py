@@ -71,7 +71,10 @@ class RolloutWorker:
 
                 model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, **attn_kwargs(cfg.model),
                                                              dtype=getattr(torch, cfg.model.dtype))  # the learner's dtype and kernel, as in one process
-            self.engine = HFRolloutEngine(model, tokenizer, autocast=AUTOCAST[cfg.learner.mixed_precision], stop_ids=stops)
+            # on the GPU this process sees (a local run's learner's, an engine actor's own), as vLLM would be
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else None
+            self.engine = HFRolloutEngine(model, tokenizer, autocast=AUTOCAST[cfg.learner.mixed_precision], stop_ids=stops,
+                                          device=device)
         self.temperature = cfg.rollout.temperature
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> RolloutBatch:

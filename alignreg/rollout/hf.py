@@ -43,11 +43,14 @@ class HFRolloutEngine:
     under autocast, the lm head and log-softmax outside it, :func:`head_outside_autocast`); the weights
     stay as loaded. :meth:`logprobs_of` (the parity probe) computes the same way.
     ``shared_prefill``: each prompt's prefill runs once for its ``n`` samples (``_shared_prefill``); False
-    lets ``generate`` prefill every sample (``benchmarks/bench_rollout.py`` times both)."""
+    lets ``generate`` prefill every sample (``benchmarks/bench_rollout.py`` times both). ``device``: where
+    the engine's copy runs (default: where ``model`` is)."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, autocast: Optional[torch.dtype] = None,
-                 shared_prefill: bool = True, stop_ids: Sequence[int] = ()):
+                 shared_prefill: bool = True, stop_ids: Sequence[int] = (), device: Optional[torch.device] = None):
         self.model = copy.deepcopy(model).eval()  # deepcopy keeps tied embeddings tied
+        if device is not None:  # the engine's own device (a GPU); weights arriving elsewhere are copied in
+            self.model.to(device)
         self.autocast = autocast
         self.shared_prefill = shared_prefill
         self.model.requires_grad_(False)
