@@ -43,8 +43,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-# Default working-set budget for the [chunk, V] float32 buffers of one chunk.
+# Default working-set budget for the [chunk, V] float32 buffers of one chunk: on CPU, and on a CUDA
+# device, where 256 MiB chunks (176 tokens at V = 151,936) left the GPU underused: on an H200 (bf16,
+# 8,192 tokens) the log-prob pass took 0.168 s with 256 MiB, 0.135 s with 1 GiB, against 0.138 s for
+# full logits, and the full statistics 0.478 / 0.325 s (benchmarks/bench_stats_cuda.py, docs/benchmarks.md)
 DEFAULT_CHUNK_BYTES = 256 * 2**20
+CUDA_CHUNK_BYTES = 2**30
 MIN_P_FILL = -1e4  # Lp-Reg's official code fills filtered logits with -1e4 (finite), then divides by T
 
 
@@ -441,7 +445,7 @@ def token_stats(
     ref: Other = None,
     old: Other = None,
     chunk_size: int = 0,
-    budget_bytes: int = DEFAULT_CHUNK_BYTES,
+    budget_bytes: Optional[int] = None,
     precomputed: Optional[Precomputed] = None,
 ) -> dict[str, Tensor]:
     """Statistics of ``softmax((hidden @ weight.T + bias) / T)`` at each of ``N`` tokens.
@@ -453,7 +457,8 @@ def token_stats(
         targets: ``[N]`` sampled token ids.
         ref: ``(hidden, weight, bias)`` of the reference model for ``kl_ref`` (no grad).
         old: ``(hidden, weight, bias)`` of the old policy for ``kl_old`` (no grad).
-        chunk_size: tokens per chunk (0: from ``budget_bytes``).
+        chunk_size: tokens per chunk (0: from ``budget_bytes``; None: ``CUDA_CHUNK_BYTES`` for inputs
+            on a CUDA device, else ``DEFAULT_CHUNK_BYTES``).
         precomputed: :func:`token_stats_forward` at these same inputs (values and the per-token
             state backward reads); the forward pass is then skipped. Covering ``spec`` is checked,
             equality of the inputs is the caller's contract.
@@ -471,6 +476,8 @@ def token_stats(
 
 def _resolve_chunk(hidden, weight, spec, chunk_size, budget_bytes) -> int:
     low = hidden.dtype in (torch.float16, torch.bfloat16)
+    if budget_bytes is None:
+        budget_bytes = CUDA_CHUNK_BYTES if hidden.is_cuda else DEFAULT_CHUNK_BYTES
     return chunk_size or auto_chunk_size(weight.shape[0], spec, budget_bytes, low)
 
 
@@ -494,7 +501,7 @@ def token_stats_forward(
     ref: Other = None,
     old: Other = None,
     chunk_size: int = 0,
-    budget_bytes: int = DEFAULT_CHUNK_BYTES,
+    budget_bytes: Optional[int] = None,
 ) -> Precomputed:
     """:func:`token_stats`'s forward alone (no graph), keeping what its backward needs.
 
