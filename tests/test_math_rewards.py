@@ -87,6 +87,17 @@ def test_gold_and_format_helpers():
         assert not has_format(text), text  # no answer stated: no format bonus
 
 
+def test_extraction_is_fast_on_long_whitespace_runs():
+    """Extraction runs in the trainer (``has_format`` of math_verify_format, maj@k of ``alignreg eval``), outside
+    the pool's deadline: a degenerate response with a long run of spaces took ~20 s (cubic backtracking)."""
+    for text, expected in [("#### 18" + " " * 2500 + "!", "18 !"), ("The answer is 18" + " " * 1500 + "!", "18 !"),
+                           ("#### 18 " + "\t " * 1500 + "dollars", "18")]:
+        t0 = time.monotonic()
+        got = extract_answer(text), has_format(text)
+        assert time.monotonic() - t0 < 1.0, (text[:20], time.monotonic() - t0)
+        assert got == (expected, text.startswith("####"))  # the run of spaces is one space
+
+
 # (response, gold, correct?) in the styles of MATH / GSM8K solutions and Qwen2.5-Math outputs
 CASES = [
     ("The answer is $\\boxed{\\frac{1}{2}}$", "\\frac{1}{2}", True),

@@ -57,6 +57,7 @@ _LEADING_NUMBER = re.compile(
     rf"\\?\$?\s*({_NUMBER})\s*\$?(?=\s*\.?\s*$|\.\s+[A-Z]|/[A-Za-z]+\.?\s*$|\s+\([^\d()]*\)\s*\.?\s*$"
     rf"|\s+(?!(?:{'|'.join(_NOT_UNITS)})(?![\w-])){_UNIT}(?:[ ,'-]+{_UNIT})*\.?\s*$)", re.I)
 _HEDGE = re.compile(r"^(?:approximately|approx\.?|about|around|roughly|nearly|~|≈)\s*", re.I)
+_SPACES = re.compile(r"\s+")
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 # a #### line with more text below it is a markdown heading when it opens with a word or "N. word":
 # "#### Conclusion", "#### Step 2 - Total", "#### 3. Total" (a last line "#### 18. That is it." is an answer)
@@ -90,7 +91,9 @@ def last_boxed(text: str) -> Optional[str]:
 def final_value(s: str) -> str:
     """A stated answer without markdown emphasis, units or thousands separators: ``"**1,234** dollars."``
     -> ``"1234"``. A leading number followed only by words is the answer; anything else is kept whole."""
-    s = _HEDGE.sub("", s.replace("*", "").strip())  # "approximately 18" -> "18"
+    # runs of whitespace become one space first: against a long run (a degenerate response, "#### 1" + 4000
+    # spaces + "!") the nested optional spaces of _LEADING_NUMBER backtrack in cubic time (a minute, in the trainer)
+    s = _HEDGE.sub("", _SPACES.sub(" ", s.replace("*", "")).strip())  # "approximately 18" -> "18"
     m = _LEADING_NUMBER.match(s)
     if m:
         return m.group(1).replace(",", "")
