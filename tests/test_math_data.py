@@ -5,7 +5,7 @@ import pytest
 
 from alignreg.config import ConfigError, DataSource, MathDataConfig, RLConfig, TaskConfig, from_dict, load_config
 from alignreg.data import TASKS, prompt_dataset
-from alignreg.data.math import build_math_dataset, math_prompt_dataset, mix, read_records, render_prompt
+from alignreg.data.math import build_math_dataset, load_source, math_prompt_dataset, mix, read_records, render_prompt
 from alignreg.models import build_tokenizer
 
 GSM8K = [
@@ -127,6 +127,17 @@ def test_eval_path_and_errors(files, tmp_path):
     bad.write_text(json.dumps({"problem": "x"}) + "\n")
     with pytest.raises(ConfigError, match="needs string fields"):
         build_math_dataset(TaskConfig(name="math", path=str(bad), eval_size=1), MathDataConfig())
+    # a solution without a final answer was kept with the whole worked solution as its gold: never rewarded
+    for fmt, row, msg in [("gsm8k", {"question": "q", "answer": "She has 5 + 3 = 8 apples."}, "needs a '#### <answer>'"),
+                          ("math", {"problem": "p", "solution": "So $x = 2$."}, "needs a \\\\boxed"),
+                          ("math", {"problem": "p", "solution": "So $x = 2$.", "answer": " "}, "needs a \\\\boxed"),
+                          ("prompt_answer", {"prompt": "p", "answer": ""}, "gold answer is empty")]:
+        bad.write_text(json.dumps(row) + "\n")
+        with pytest.raises(ConfigError, match=f"bad.jsonl row 0: .*{msg}"):
+            build_math_dataset(TaskConfig(name="math_mixture", eval_size=1),
+                               MathDataConfig(sources=[DataSource(format=fmt, path=str(bad))]))
+    bad.write_text(json.dumps({"problem": "p", "solution": "So $x = 2$.", "answer": "2"}) + "\n")  # MATH-500's field
+    assert load_source(DataSource(format="math", path=str(bad)))[0]["answer"] == "2"
     with pytest.raises(ConfigError, match="task.path is empty"):
         build_math_dataset(TaskConfig(name="gsm8k", eval_size=1), MathDataConfig())
     assert mix([[1, 2, 3], [4, 5]], [1.0, 1.0], 4, 0).__len__() == 4

@@ -35,7 +35,7 @@ from typing import Optional
 
 from alignreg.config import ConfigError, DataSource, MathDataConfig, RLConfig, TaskConfig
 from alignreg.data.synthetic import TASKS
-from alignreg.rewards.math import gold_answer
+from alignreg.rewards.math import extract_answer
 import alignreg.rewards.math  # noqa: F401  (registers the math_verify rewards)
 
 TEMPLATES = {
@@ -77,8 +77,17 @@ def to_record(row: dict, fmt: str, where: str) -> dict:
         raise ConfigError(f"{where}: a {fmt} record needs string fields {keys}; got keys {sorted(row)}")
     q, sol = row[keys[0]], row[keys[1]]
     if fmt == "prompt_answer":
-        return {"question": q, "answer": sol, "solution": sol}
-    gold = row["answer"] if fmt == "math" and isinstance(row.get("answer"), str) else gold_answer(sol)
+        gold = sol
+    elif fmt == "math" and isinstance(row.get("answer"), str) and row["answer"].strip():
+        gold = row["answer"]
+    else:
+        gold = extract_answer(sol)  # not gold_answer: its fallback, the whole worked solution, is no gold answer
+        if gold is None:
+            where_ans = "a '#### <answer>' last line" if fmt == "gsm8k" else "a \\boxed{<answer>} (or a non-empty 'answer' field)"
+            raise ConfigError(f"{where}: no final answer in the {keys[1]!r} field: a {fmt} record needs {where_ans}; "
+                              f"got {sol[-80:]!r}. Fix or remove the record")
+    if not gold.strip():
+        raise ConfigError(f"{where}: the gold answer is empty; fix or remove the record")
     return {"question": q, "answer": gold, "solution": sol}
 
 
