@@ -78,3 +78,25 @@ def test_grpo_guard_configs_update_off_policy(path):
     assert lc.ppo_epochs * bs // (lc.mini_batch_size or bs) > 1
     share = lc.mini_batch_size // cfg.ray.learner_ranks
     assert lc.mini_batch_size % cfg.ray.learner_ranks == 0 and share % lc.micro_batch_size == 0
+
+
+# ChatML as Qwen2.5-Math's tokenizer renders it (with no system turn given it writes the CoT instruction itself)
+QWEN_MATH_COT = "Please reason step by step, and put your final answer within \\boxed{}."
+CHATML = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\n" + QWEN_MATH_COT.replace("\\", "\\\\")
+          + "<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("path", REAL, ids=lambda p: p.stem)
+def test_real_run_prompts_are_qwen25_math_cot(path):
+    """The prompt Qwen2.5-Math was tuned and evaluated with (its evaluation's ``qwen25-math-cot``, the RLVR papers'
+    Qwen-Math template): the instruction as the system turn, the bare question as the user turn. The configs
+    appended the instruction to the user turn, under the template's own system turn: the instruction twice."""
+    from alignreg.data.math import render_prompt
+    from alignreg.models import build_tokenizer
+
+    tok = build_tokenizer()
+    tok.chat_template = CHATML
+    cfg = load_config(RLConfig, path)
+    assert render_prompt("What is $1+1$?", cfg.math_data, tok) == (
+        f"<|im_start|>system\n{QWEN_MATH_COT}<|im_end|>\n<|im_start|>user\nWhat is $1+1$?<|im_end|>\n<|im_start|>assistant\n")
