@@ -127,6 +127,13 @@ CASES = [
     ("#### 1, 2", "12", False),
     ("#### (1, 2)", "(1, 2)", True),
     ("Thus the result is \\boxed{5}. As instructed, the final answer goes within \\boxed{}.", "5", True),
+    # LaTeX spaces between digit groups (math-verify alone reads 100\,000 as the product 100*0 = 0)
+    ("\\boxed{100\\,000}", "100000", True),
+    ("\\boxed{1\\,000\\,000}", "1000000", True),
+    ("The total is \\boxed{12\\ 345}", "12345", True),
+    ("\\boxed{100\\,000}", "0", False),
+    ("\\boxed{2500}", "2\\,500", True),  # the same on the gold's side
+    ("\\boxed{2\\,\\sqrt{2}}", "2\\sqrt2", True),  # a space that is not between digit groups stays
 ]
 
 

@@ -17,7 +17,8 @@ by unit words (``km/h``, ``cm^2``) or a new sentence (not ``or``, ``and``, ``to`
 ``dozen`` ...) or a parenthesis without digits, everything after the number (``72 dollars``, ``72
 (dollars)`` -> ``72``; ``5 or 6``, ``2 pi``, ``3 hours and 20 minutes`` stay whole); commas are removed
 only inside numbers (``1,234`` -> ``1234``; ``(1, 2)`` stays). Equivalence is math-verify's
-``verify`` (sympy; numbers compared after rounding to 6 decimals, sets, intervals, equations).
+``verify`` (sympy; numbers compared after rounding to 6 decimals, sets, intervals, equations), after
+LaTeX spaces between digit groups (``100\\,000``) are removed from both answers.
 
 Why a worker pool: sympy can take unbounded time (``10^{10^{10^{10}}}``, 10^5 nested braces) and
 math-verify's own timeout uses ``signal.alarm``, which only works in a main thread and cannot
@@ -143,11 +144,16 @@ def gold_answer(solution: str) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
+# a LaTeX space between digit groups: "100\,000", "1\ 000\ 000" (math-verify reads them as products: 100*0 = 0)
+_SPACED_GROUPS = re.compile(r"(?<=\d)(?:\\[,;: ]|~)(?=\d{3}(?!\d))")
+
+
 def check_equivalent(pred_text: str, gold: str) -> bool:
     """math-verify equivalence of the response's final answer and the gold answer (no timeout:
     call it only inside a worker, see :class:`VerifierPool`)."""
     from math_verify import parse, verify
 
+    pred_text, gold = _SPACED_GROUPS.sub("", pred_text), _SPACED_GROUPS.sub("", gold)
     ans = extract_answer(pred_text)
     target = parse(f"${ans}$", parsing_timeout=None) if ans is not None else []
     if not target and ans is not None:
