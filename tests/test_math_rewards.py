@@ -1,6 +1,9 @@
 """Math rewards: extraction, math-verify equivalence on real-style answers, bounded time."""
 import os
 import signal
+import subprocess
+import sys
+import threading
 import time
 
 import pytest
@@ -200,6 +203,37 @@ def test_crashed_worker_counts_as_error_and_is_replaced():
         pool.close()
 
 
+def test_worker_killed_during_a_check_gets_the_answer_once_more():
+    """A worker killed from outside mid-check (OOM killer): the answer is sent once more to a fresh worker; a
+    second death of its worker scores it 0 (an answer that crashes sympy must not crash workers forever)."""
+    pool = VerifierPool(num_workers=1, timeout_s=60.0)
+    killed: list[int] = []
+
+    def killer(times: int) -> None:
+        for _ in range(times):
+            while not (pool._workers and pool._workers[0].ready and pool._workers[0].proc.pid not in killed):
+                time.sleep(0.05)
+            time.sleep(0.3)  # inside the check
+            killed.append(pool._workers[0].proc.pid)
+            pool._workers[0].proc.kill()
+
+    try:
+        assert pool.check(["\\boxed{1}"], ["1"]) == [True]
+        t = threading.Thread(target=killer, args=(1,))
+        t.start()
+        slow_right = "\\boxed{7" + "+1-1" * 10000 + "}"  # 7, after seconds of parsing
+        assert pool.check([slow_right], ["7"]) == [True] and pool.counts["errors"] == 1
+        t.join()
+        t = threading.Thread(target=killer, args=(2,))
+        t.start()
+        t0 = time.monotonic()
+        assert pool.check(["\\boxed{9^{9^{9^{9}}}}", "\\boxed{2}"], ["1", "2"]) == [False, True]
+        t.join()
+        assert pool.counts["errors"] == 3 and pool.counts["timeouts"] == 0 and time.monotonic() - t0 < 30
+    finally:
+        pool.close()
+
+
 def test_ctrl_c_does_not_reach_the_workers():
     """A terminal's Ctrl-C goes to the whole process group; the trainer finishes its step before it stops
     (alignreg.stop), and that step's answers still need checking."""
@@ -212,6 +246,48 @@ def test_ctrl_c_does_not_reach_the_workers():
         assert proc.poll() is None
         assert pool.check(["\\boxed{2}"], ["2"]) == [True] and pool._workers[0].proc is proc
         assert pool.counts["errors"] == 0
+    finally:
+        pool.close()
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a killed, not yet reaped process is a zombie
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's parent-death signal is Linux's")
+def test_workers_die_with_a_killed_trainer():
+    """A trainer killed (SIGKILL, OOM) while a worker is inside a pathological check left that worker running
+    as an orphan at 100% CPU: it only notices the closed stdin between checks."""
+    script = ("from alignreg.rewards.math import VerifierPool\n"
+              "pool = VerifierPool(num_workers=1, timeout_s=600.0)\n"
+              "pool.check(['\\\\boxed{1}'], ['1'])\n"
+              "print(pool._workers[0].proc.pid, flush=True)\n"
+              "pool.check(['\\\\boxed{9^{9^{9^{9}}}}'], ['1'])\n")
+    trainer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    worker = int(trainer.stdout.readline())
+    try:
+        time.sleep(1.0)  # inside the check
+        assert _running(worker)
+        trainer.kill()
+        trainer.wait()
+        t0 = time.monotonic()
+        while _running(worker) and time.monotonic() - t0 < 10:
+            time.sleep(0.1)
+        assert not _running(worker)
+    finally:
+        if _running(worker):
+            os.kill(worker, signal.SIGKILL)
+    # the signal follows the thread that started a worker: one started by a thread that has ended is replaced
+    pool = VerifierPool(num_workers=1, timeout_s=5.0)
+    try:
+        t = threading.Thread(target=lambda: pool.check(["\\boxed{1}"], ["1"]))
+        t.start()
+        t.join()
+        assert pool.check(["\\boxed{2}"], ["2"]) == [True] and pool.check(["\\boxed{3}"], ["4"]) == [False]
     finally:
         pool.close()
 

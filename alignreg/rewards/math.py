@@ -24,7 +24,8 @@ Why a worker pool: sympy can take unbounded time (``10^{10^{10^{10}}}``, 10^5 ne
 math-verify's own timeout uses ``signal.alarm``, which only works in a main thread and cannot
 interrupt C code. Every check runs in a worker *process* with a wall-clock deadline; a worker that
 misses it is killed and replaced, the answer gets reward 0 and ``timeouts`` is counted. A worker that
-dies (segfault, OOM) counts as ``errors``. Only the last ``max_chars`` characters of a response are
+dies (segfault, OOM) counts as ``errors`` and its answer is sent once more to a fresh worker (a second
+death scores 0). Workers die with the trainer (Linux parent-death signal), even in the middle of a check. Only the last ``max_chars`` characters of a response are
 parsed, so huge outputs cost bounded work. Counters are read with :func:`pop_reward_metrics`
 (logged as ``reward/math_timeouts`` ...).
 """
@@ -177,6 +178,8 @@ def _serve() -> None:
     # Ctrl-C in a terminal reaches the whole process group: the trainer finishes its step (alignreg.stop),
     # which needs these answers checked; the pool ends a worker by closing stdin or SIGKILL
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if len(sys.argv) > 1:
+        _die_with_parent(int(sys.argv[1]))
     check_equivalent("\\boxed{\\frac{1}{2}}", "0.5")  # imports and warms sympy before the first deadline
     sys.stdout.write("ready\n")
     sys.stdout.flush()
@@ -190,16 +193,36 @@ def _serve() -> None:
         sys.stdout.flush()
 
 
+def _die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this worker when the trainer dies (Linux). A worker notices a closed stdin only
+    between checks: one inside a pathological check (``9^{9^{9^{9}}}``, C code that never returns) when the
+    trainer is killed (SIGKILL, OOM) ran on as an orphan at 100% CPU. The signal comes when the *thread* that
+    started the worker ends; a worker lost that way is found dead and replaced by the pool like any other."""
+    import os
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+    if os.getppid() != parent:  # the trainer died before the request took effect
+        os._exit(0)
+
+
 class _Worker:
     """One verifier subprocess with line-based JSON pipes (a fresh interpreter: no fork of a
     process that holds torch / vLLM threads, no re-import of the caller's ``__main__``)."""
 
     def __init__(self):
+        import os
         import subprocess
         import sys
 
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "alignreg.rewards.math"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [sys.executable, "-m", "alignreg.rewards.math", str(os.getpid())], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, text=True, bufsize=1,
         )
         self.ready = False  # True once math-verify is imported (the first line is "ready")
@@ -256,11 +279,12 @@ class VerifierPool:
         self._workers[i] = _Worker()
 
     def check(self, preds: list[str], golds: list[str]) -> list[bool]:
-        """Equivalence of each ``preds[i]`` to ``golds[i]``; False on timeout or worker crash."""
+        """Equivalence of each ``preds[i]`` to ``golds[i]``; False on timeout or a second worker crash."""
         with self._lock:
             self._start()
             out = [False] * len(preds)
             todo = list(range(len(preds)))[::-1]
+            resent: set[int] = set()  # jobs whose worker died during the check: sent once more to a fresh one
             busy: dict[int, tuple[int, float]] = {}  # worker index -> (job, deadline)
             while todo or busy:
                 for w in range(self.num_workers):
@@ -290,6 +314,9 @@ class VerifierPool:
                     except (ValueError, AssertionError, TypeError):  # EOF: the worker died
                         self.counts["errors"] += 1
                         self._replace(w)
+                        if job not in resent:  # killed from outside (OOM killer, ...): the answer gets one more try
+                            resent.add(job)
+                            todo.append(job)
                 now = time.monotonic()
                 for w, (job, d) in list(busy.items()):
                     if now >= d:
