@@ -87,7 +87,7 @@ CHATML = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\n" + QWEN_
           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-@pytest.mark.parametrize("path", REAL, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", REAL + sorted((ROOT / "configs" / "sft").glob("qwen25_math_*.yaml")), ids=lambda p: p.stem)
 def test_real_run_prompts_are_qwen25_math_cot(path):
     """The prompt Qwen2.5-Math was tuned and evaluated with (its evaluation's ``qwen25-math-cot``, the RLVR papers'
     Qwen-Math template): the instruction as the system turn, the bare question as the user turn. The configs
@@ -97,6 +97,6 @@ def test_real_run_prompts_are_qwen25_math_cot(path):
 
     tok = build_tokenizer()
     tok.chat_template = CHATML
-    cfg = load_config(RLConfig, path)
+    cfg = load_config(SFTRunConfig if path.parent.name == "sft" else RLConfig, path)  # a cold start sees the RL prompt
     assert render_prompt("What is $1+1$?", cfg.math_data, tok) == (
         f"<|im_start|>system\n{QWEN_MATH_COT}<|im_end|>\n<|im_start|>user\nWhat is $1+1$?<|im_end|>\n<|im_start|>assistant\n")
