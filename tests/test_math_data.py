@@ -125,8 +125,15 @@ def test_eval_path_and_errors(files, tmp_path):
     assert len(held) == 3 and len(train) == len(GSM8K)
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"problem": "x"}) + "\n")
-    with pytest.raises(ConfigError, match="needs string fields"):
+    with pytest.raises(ConfigError, match="needs string fields .*'solution' is missing"):
         build_math_dataset(TaskConfig(name="math", path=str(bad), eval_size=1), MathDataConfig())
+    bad.write_text(json.dumps({"question": "q", "answer": 3}) + "\n")  # a converted file with a numeric answer
+    with pytest.raises(ConfigError, match="bad.jsonl row 0: .*needs string fields .*'answer' is int 3"):
+        build_math_dataset(TaskConfig(name="gsm8k", path=str(bad), eval_size=1), MathDataConfig())
+    # a broken line: datasets says only "An error occurred while generating the dataset"
+    bad.write_text(json.dumps(GSM8K[0]) + "\n" + json.dumps(GSM8K[1])[:-1] + "\n" + json.dumps(GSM8K[2]) + "\n")
+    with pytest.raises(ConfigError, match="cannot read .*bad.jsonl:2 is not valid JSON"):
+        build_math_dataset(TaskConfig(name="gsm8k", path=str(bad), eval_size=1), MathDataConfig())
     # a solution without a final answer was kept with the whole worked solution as its gold: never rewarded
     for fmt, row, msg in [("gsm8k", {"question": "q", "answer": "She has 5 + 3 = 8 apples."}, "needs a '#### <answer>'"),
                           ("math", {"problem": "p", "solution": "So $x = 2$."}, "needs a \\\\boxed"),

@@ -66,15 +66,38 @@ def read_records(path: str | Path) -> list[dict]:
         raise ConfigError(f"math_data: {str(path)!r}: expected files ending in .jsonl, .json or .parquet (one kind)")
     import datasets
 
-    ds = datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train")
+    try:
+        ds = datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train")
+    except Exception as e:  # noqa: BLE001 - datasets reports a broken line as "An error occurred while generating the dataset"
+        raise ConfigError(f"math_data: cannot read {str(path)!r}: {_read_error(files, e)}; fix or remove it") from e
     return [dict(r) for r in ds]
+
+
+def _read_error(files: list[Path], err: Exception) -> str:
+    """Where a file that ``datasets`` could not load is broken: the first line of a .jsonl file that is not
+    JSON (file:line), else the error under datasets' own."""
+    import json
+
+    for f in files:
+        if f.suffix == ".jsonl":
+            with open(f, encoding="utf-8", errors="replace") as fh:
+                for n, line in enumerate(fh, 1):
+                    try:
+                        if line.strip():
+                            json.loads(line)
+                    except json.JSONDecodeError as e:
+                        return f"{f}:{n} is not valid JSON ({e.msg} at column {e.colno})"
+    cause = err.__cause__ or err.__context__ or err
+    return f"{type(cause).__name__}: {cause}"
 
 
 def to_record(row: dict, fmt: str, where: str) -> dict:
     """``{"question", "answer", "solution"}`` of one row in format ``fmt``."""
     keys = {"gsm8k": ("question", "answer"), "math": ("problem", "solution"), "prompt_answer": ("prompt", "answer")}[fmt]
-    if not all(isinstance(row.get(k), str) for k in keys):
-        raise ConfigError(f"{where}: a {fmt} record needs string fields {keys}; got keys {sorted(row)}")
+    bad = [f"{k!r} is missing" if k not in row else f"{k!r} is {type(row[k]).__name__} {row[k]!r:.40}"
+           for k in keys if not isinstance(row.get(k), str)]
+    if bad:
+        raise ConfigError(f"{where}: a {fmt} record needs string fields {keys}: {', '.join(bad)} (keys {sorted(row)})")
     q, sol = row[keys[0]], row[keys[1]]
     if fmt == "prompt_answer":
         gold = sol
