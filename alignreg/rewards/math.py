@@ -25,8 +25,8 @@ math-verify's own timeout uses ``signal.alarm``, which only works in a main thre
 interrupt C code. Every check runs in a worker *process* with a wall-clock deadline; a worker that
 misses it is killed and replaced, the answer gets reward 0 and ``timeouts`` is counted. A worker that
 dies (segfault, OOM) counts as ``errors`` and its answer is sent once more to a fresh worker (a second
-death scores 0). Workers die with the trainer (Linux parent-death signal), even in the middle of a check. Only the last ``max_chars`` characters of a response are
-parsed, so huge outputs cost bounded work. Counters are read with :func:`pop_reward_metrics`
+death scores 0). Workers die with the trainer (Linux parent-death signal), even in the middle of a
+check. Only the last ``max_chars`` characters of a response are parsed, so huge outputs cost bounded work. Counters are read with :func:`pop_reward_metrics`
 (logged as ``reward/math_timeouts`` ...).
 """
 from __future__ import annotations
