@@ -170,17 +170,16 @@ def load_policy(cfg: ModelConfig, seed: int, saved: Optional[str | Path] = None)
 
 
 def stop_token_ids(tokenizer, tokens: list[str]) -> list[int]:
-    """The tokenizer's EOS id followed by the ids of ``tokens`` (``rollout.stop_tokens``): what ends a
-    response in both engines. Each entry must be exactly one token of ``tokenizer``."""
-    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    """The ids of ``tokens`` (``rollout.stop_tokens``), which end a response as EOS does in both engines
+    (each engine adds its EOS). Each entry must be exactly one token of ``tokenizer``."""
+    ids = []
     for t in tokens:
         enc = tokenizer(t, add_special_tokens=False)["input_ids"]
         if len(enc) != 1:
             raise ConfigError(
                 f"rollout.stop_tokens: {t!r} is {len(enc)} tokens of this tokenizer ({enc}), not one; list only "
                 "single tokens (a special token such as '<|im_end|>' as the tokenizer writes it), or remove it")
-        if enc[0] not in ids:
-            ids.append(int(enc[0]))
+        ids.append(int(enc[0]))
     return ids
 
 
