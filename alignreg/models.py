@@ -269,7 +269,7 @@ def check_plain_lm_head(model, tokens: int = 8) -> None:
     finally:
         model.train(was_training)
     diff = float((logits - mine).abs().max())
-    rel = max(1e-3, 4 * torch.finfo(h.dtype).eps) if h.dtype.is_floating_point else 1e-3
+    rel = max(1e-3, 4 * torch.finfo(h.dtype).eps)
     if not diff <= rel * (1.0 + float(logits.abs().max())):
         raise ConfigError(
             f"model: {name}'s logits differ from hidden @ lm_head.weight.T (+ bias) by up to {diff:.3g}: its forward "

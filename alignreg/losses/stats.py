@@ -457,8 +457,9 @@ def token_stats(
         targets: ``[N]`` sampled token ids.
         ref: ``(hidden, weight, bias)`` of the reference model for ``kl_ref`` (no grad).
         old: ``(hidden, weight, bias)`` of the old policy for ``kl_old`` (no grad).
-        chunk_size: tokens per chunk (0: from ``budget_bytes``; None: ``CUDA_CHUNK_BYTES`` for inputs
-            on a CUDA device, else ``DEFAULT_CHUNK_BYTES``).
+        chunk_size: tokens per chunk (0: from ``budget_bytes``).
+        budget_bytes: working-set budget of one chunk (None: ``CUDA_CHUNK_BYTES`` for inputs on a CUDA
+            device, else ``DEFAULT_CHUNK_BYTES``).
         precomputed: :func:`token_stats_forward` at these same inputs (values and the per-token
             state backward reads); the forward pass is then skipped. Covering ``spec`` is checked,
             equality of the inputs is the caller's contract.
