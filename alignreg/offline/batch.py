@@ -65,3 +65,4 @@ class OfflineSetup:
     action_dim: int
     max_action: float  # actions lie in [-max_action, max_action]
     seed: int  # run seed (for terms with their own random networks)
+    device: str = "cpu"  # the learner's device: terms put their networks and search structures there

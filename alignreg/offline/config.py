@@ -89,12 +89,15 @@ class OfflineTrainerConfig:
     checkpoint_every: int = 10_000  # atomic checkpoint every this many iterations (0 = only at the end)
     resume: bool = True  # continue from out_dir/checkpoint.pt when it exists
     threads: int = 1  # torch CPU threads
+    device: str = "auto"  # learner device: auto (cuda when torch sees a GPU, else cpu), cpu, cuda, cuda:N
     progress: bool = True  # tqdm progress bar
 
     def validate(self, path: str) -> None:
         _at_least(self, path, 0, "steps", "checkpoint_every")
         _at_least(self, path, 1, "log_every", "threads")
         check_placeholders(self.out_dir, f"{path}.out_dir", name="run", seed=self.seed)
+        _check(self.device in ("auto", "cpu", "cuda") or (self.device.startswith("cuda:") and self.device[5:].isdigit()),
+               f"{path}.device: unknown device {self.device!r}; valid: auto, cpu, cuda, cuda:N")
         _check(bool(self.out_dir.strip()), f"{path}.out_dir is empty (the run would write into the current directory); name a directory")
 
 

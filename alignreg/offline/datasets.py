@@ -189,16 +189,28 @@ class OfflineData:
         self.states_np = ((obs - self.mean) / self.std).astype(np.float32)
         self.states = torch.from_numpy(self.states_np)
         self.next_states = torch.from_numpy(((t["next_observations"] - self.mean) / self.std).astype(np.float32))
-        self.actions = torch.from_numpy(t["actions"].astype(np.float32))
+        self.actions_np = t["actions"].astype(np.float32)
+        self.actions = torch.from_numpy(self.actions_np)
         self.rewards = torch.from_numpy(t["rewards"].astype(np.float32)).reshape(-1, 1)
         self.not_done = 1.0 - torch.from_numpy(t["terminals"].astype(np.float32)).reshape(-1, 1)
         self.size, self.state_dim = self.states.shape
         self.action_dim = self.actions.shape[1]
+        self.device = torch.device("cpu")
+
+    def to(self, device: str | torch.device) -> "OfflineData":
+        """Keep the transition tensors on ``device`` (batches are gathered there). Rows are still drawn by
+        the CPU generator that :meth:`sample` gets, so a seed picks the same rows on every device."""
+        self.device = torch.device(device)
+        for name in ("states", "next_states", "actions", "rewards", "not_done"):
+            setattr(self, name, getattr(self, name).to(self.device))
+        return self
 
     def normalize(self, obs: np.ndarray) -> np.ndarray:
         return ((obs - self.mean) / self.std).astype(np.float32)
 
     def sample(self, batch_size: int, gen: torch.Generator) -> TransitionBatch:
         idx = torch.randint(0, self.size, (batch_size,), generator=gen)
+        if self.device.type != "cpu":
+            idx = idx.to(self.device, non_blocking=True)
         return TransitionBatch(self.states[idx], self.actions[idx], self.rewards[idx], self.next_states[idx],
                                self.not_done[idx], idx)

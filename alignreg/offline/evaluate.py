@@ -16,13 +16,14 @@ def evaluate(actor: torch.nn.Module, env, episodes: int, seed: int, mean: np.nda
     returns = []
     was_training = actor.training
     actor.eval()
+    device = next(actor.parameters()).device
     for ep in range(episodes):
         obs, _ = env.reset(seed=seed + ep)
         total, done = 0.0, False
         while not done:
-            s = torch.as_tensor(((obs[None] - mean) / std).astype(np.float32))
+            s = torch.as_tensor(((obs[None] - mean) / std).astype(np.float32), device=device)
             with torch.no_grad():
-                a = actor(s)[0].numpy()
+                a = actor(s)[0].cpu().numpy()
             obs, r, term, trunc, _ = env.step(a)
             total += float(r)
             done = term or trunc

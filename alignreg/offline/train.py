@@ -120,7 +120,22 @@ def plot_curve(evals: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def build_learner(cfg: OfflineConfig, state_dim: int, action_dim: int):
+def resolve_device(spec: str) -> torch.device:
+    """``trainer.device`` as a torch device: ``auto`` is the first GPU torch sees, else the CPU; a GPU that
+    is not there is a clear error, not a crash at the first step."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (dev.index or 0) >= count:
+            raise ConfigError(f"trainer.device={spec}: torch sees {count} CUDA device(s) here"
+                              f"{' (a CPU-only torch build)' if torch.version.cuda is None else ''}; "
+                              "set trainer.device=cpu or auto")
+    return dev
+
+
+def build_learner(cfg: OfflineConfig, state_dim: int, action_dim: int, device: str | torch.device = "cpu"):
     from alignreg.offline.td3 import TD3Learner
     from alignreg.regularizers import build_regularizers
 
@@ -129,11 +144,12 @@ def build_learner(cfg: OfflineConfig, state_dim: int, action_dim: int):
     return TD3Learner(state_dim, action_dim, actor_hidden=L.actor_hidden, critic_hidden=L.critic_hidden,
                       actor_lr=L.actor_lr, critic_lr=L.critic_lr, discount=L.discount, tau=L.tau,
                       policy_noise=L.policy_noise, noise_clip=L.noise_clip, policy_freq=L.policy_freq,
-                      alpha=L.alpha, algo=L.algo, penalties=terms)
+                      alpha=L.alpha, algo=L.algo, penalties=terms, device=device)
 
 
 # keys a resume may change: they do not change what is trained
 _FREE_ON_RESUME = ("name", "trainer.steps", "trainer.out_dir", "trainer.resume", "trainer.threads", "trainer.progress",
+                   "trainer.device",
                    "trainer.log_every", "trainer.checkpoint_every", "eval.", "data.path")
 
 
@@ -187,6 +203,7 @@ def train(cfg: OfflineConfig, out_dir: str | Path, log=print, handle_signals: bo
 def _train(cfg: OfflineConfig, out_dir: str | Path, log, handle_signals: bool) -> dict:
     T = cfg.trainer
     torch.set_num_threads(T.threads)
+    device = resolve_device(T.device)
     out = Path(out_dir)
     ckpt = out / "checkpoint.pt"
     state = None
@@ -212,8 +229,12 @@ def _train(cfg: OfflineConfig, out_dir: str | Path, log, handle_signals: bool) -
     env = make_env(cfg.data.env)
     check_dims(cfg.data.env, env, data.state_dim, data.action_dim)
     torch.manual_seed(T.seed)
-    learner = build_learner(cfg, data.state_dim, data.action_dim)
-    learner.setup(OfflineSetup(data.states_np, data.actions.numpy(), data.state_dim, data.action_dim, 1.0, T.seed))
+    learner = build_learner(cfg, data.state_dim, data.action_dim, device)
+    learner.setup(OfflineSetup(data.states_np, data.actions_np, data.state_dim, data.action_dim, 1.0, T.seed,
+                               str(device)))
+    data.to(device)
+    if device.type == "cuda":
+        log(f"learner on {torch.cuda.get_device_name(device)} ({device})")
     gen = torch.Generator().manual_seed(T.seed)
     evals: list[dict] = []
     resumed_acc: dict[str, list[float]] = {}
@@ -221,6 +242,8 @@ def _train(cfg: OfflineConfig, out_dir: str | Path, log, handle_signals: bool) -
         learner.load_state_dict(state["learner"])
         gen.set_state(state["gen"])
         torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:  # the learner's noise on the GPU
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
         evals = state["evals"]
         resumed_acc = state.get("acc", {})
         truncate_jsonl(out / "metrics.jsonl", learner.it)
@@ -246,6 +269,7 @@ def _train(cfg: OfflineConfig, out_dir: str | Path, log, handle_signals: bool) -
 
     def save() -> None:  # ``acc``: a resume between two metrics lines averages the same iterations
         _atomic_save({"learner": learner.state_dict(), "gen": gen.get_state(), "torch_rng": torch.get_rng_state(),
+                      "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                       "evals": evals, "acc": dict(acc), "config": to_dict(cfg), "data_fingerprint": fingerprint}, ckpt)
 
     def stopped(step: int) -> dict:

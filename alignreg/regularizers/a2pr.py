@@ -63,6 +63,8 @@ class A2PR(Regularizer):
             self.vae = VAE(ctx.state_dim, ctx.action_dim, p.latent_dim or 2 * ctx.action_dim, p.vae_hidden,
                            ctx.max_action)
             self.value = ValueNet(ctx.state_dim, p.value_hidden)
+        self.vae.to(ctx.device)
+        self.value.to(ctx.device)
         self.vae_opt = torch.optim.Adam(self.vae.parameters(), lr=p.vae_lr)
         self.value_opt = torch.optim.Adam(self.value.parameters(), lr=p.value_lr)
 

@@ -383,3 +383,19 @@ def test_a_signal_at_the_end_of_training_is_handled_too(tmp_path, monkeypatch):
         assert signal.getsignal(signal.SIGTERM) is outer
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_trainer_device_errors_name_the_fix(tmp_path):
+    from alignreg.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match=r"trainer.device: unknown device 'gpu'; valid: auto, cpu, cuda, cuda:N"):
+        from_dict(OfflineConfig, cfg_dict(tmp_path, "td3bc", device="gpu"))
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU (cuda:0 on a machine without one)
+    cfg = from_dict(OfflineConfig, cfg_dict(tmp_path, "td3bc", device=missing))
+    with pytest.raises(ConfigError, match=rf"trainer.device={missing}: torch sees \d+ CUDA device\(s\) here.*set trainer.device=cpu or auto"):
+        train(cfg, tmp_path / "run", log=lambda *a: None)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    auto = from_dict(OfflineConfig, cfg_dict(tmp_path, "prdc", steps=20))  # auto: the CPU here
+    assert auto.trainer.device == "auto"
+    res = train(auto, tmp_path / "auto", log=lambda *a: None)
+    assert res["steps"] == 20
