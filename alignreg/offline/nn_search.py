@@ -136,21 +136,53 @@ def state_candidates(scaled: np.ndarray, K: int, workers: int = -1, cache_dir: s
 
 
 class JointNearestNeighbour:
+    """The k-th nearest of ``(beta s_j, a_j)`` to ``(beta s_i, pi)``; ``search`` picks how (same answers):
+
+    * ``"lists"``: the certified candidate lists (module docstring). On the CPU the rows without the
+      certificate take the bounded KD-tree query; on a GPU (``device``) the lists live there and those
+      rows take the exact scan below, so a query never leaves the learner's device.
+    * ``"brute"``: an exact scan of all N points on ``device`` (:meth:`_brute`), no index to build: about
+      2 ms for 256 rows x 1M points on an H200; on a CPU only for small datasets.
+    """
+
     def __init__(self, states: np.ndarray, actions: np.ndarray, beta: float, k: int = 1,
                  num_candidates: int = 32, workers: int = -1, cache_dir: str | None = None,
                  cache_min_rows: int = CACHE_MIN_ROWS, log=None, max_build_s: float = float("inf"),
-                 list_dims: int | None = None):
+                 list_dims: int | None = None, search: str = "lists", device: str | torch.device = "cpu",
+                 fallback: str | None = None):
         if k < 1 or num_candidates < k:
             raise ValueError(f"need 1 <= k <= num_candidates, got k={k}, num_candidates={num_candidates}")
-        self.k, self.workers = k, workers
+        if search not in ("lists", "brute"):
+            raise ValueError(f"search must be 'lists' or 'brute', got {search!r}")
+        self.k, self.workers, self.search = k, workers, search
+        self.device = dev = torch.device(device)
+        # lists: the uncertified rows' search; "scan" on a GPU (no host copy), the KD-tree on the CPU
+        self.fallback = fallback or ("tree" if dev.type == "cpu" else "scan")
+        if self.fallback not in ("tree", "scan"):
+            raise ValueError(f"fallback must be 'tree' or 'scan', got {fallback!r}")
         scaled = (beta * np.asarray(states, np.float32)).astype(np.float32)
         self.points = np.hstack([scaled, np.asarray(actions, np.float32)])  # the official code's data array
         self.state_dim = scaled.shape[1]
+        self._joint_tree = self._official_tree = None
+        self.last_certified = 1.0  # fraction of the last query's rows answered by the certificate
+        self.group = 256  # fallback rows per bounded KD-tree call (one call per batch is fastest with workers=-1)
+        self.threads = max(workers if workers > 0 else (os.cpu_count() or 1), 1)  # scipy's threads per call
+        self.cand = self.cand_ds2 = self.radius2 = None  # None: no candidate lists
+        self.list_dims = 0  # dimensions the candidate lists were built in (0: none)
+        self.scaled = torch.from_numpy(scaled).to(dev, torch.float64)
+        self.actions = torch.from_numpy(np.asarray(actions, np.float32)).to(dev, torch.float64)
+        self.actions_t = self.actions.t().contiguous()  # [A, N]
+        self.brute_rescans = 0  # rows the scan's error bound sent to the difference-form rescan (near-exact ties)
+        if search == "brute" or self.fallback == "scan":  # the scan: the whole search, or the fallback
+            self.points64 = torch.cat([self.scaled, self.actions], 1)  # [N, D]
+            # [p, |p|^2]: one matrix product gives |p|^2 - 2 q.p = |q - p|^2 - |q|^2 for every point
+            self._aug = torch.cat([self.points64, self.points64.square().sum(1, keepdim=True)], 1)
+            self._pmax2 = float(self.points64.square().sum(1).max())
+        if search == "brute":
+            return
         K = min(num_candidates, len(scaled))
         lists = state_candidates(scaled, K, workers, cache_dir if len(scaled) >= cache_min_rows else None, log,
                                  max_build_s, list_dims)
-        self.cand = self.cand_ds2 = self.radius2 = None  # None: no candidate lists, every row searches the tree
-        self.list_dims = 0  # dimensions the candidate lists were built in (0: none)
         if lists is not None:
             cand, radius2, self.list_dims = lists
             # the candidates' squared state distances, exact in float64 (fixed: only actions vary per query)
@@ -159,16 +191,9 @@ class JointNearestNeighbour:
             for lo in range(0, len(s64), 65536):
                 hi = min(lo + 65536, len(s64))
                 ds2[lo:hi] = ((s64[cand[lo:hi]] - s64[lo:hi, None, :]) ** 2).sum(-1)
-            self.cand = torch.from_numpy(cand)
-            self.cand_ds2 = torch.from_numpy(ds2)  # [N, K]
-            self.radius2 = torch.from_numpy(radius2)  # R_i: every non-candidate is at least this far in state
-        self.scaled = torch.from_numpy(scaled).double()
-        self.actions = torch.from_numpy(np.asarray(actions, np.float32)).double()
-        self.actions_t = self.actions.t().contiguous()  # [A, N]
-        self._joint_tree = self._official_tree = None
-        self.last_certified = 1.0  # fraction of the last query's rows answered by the certificate
-        self.group = 256  # fallback rows per bounded KD-tree call (one call per batch is fastest with workers=-1)
-        self.threads = max(workers if workers > 0 else (os.cpu_count() or 1), 1)  # scipy's threads per call
+            self.cand = torch.from_numpy(cand).to(dev)
+            self.cand_ds2 = torch.from_numpy(ds2).to(dev)  # [N, K]
+            self.radius2 = torch.from_numpy(radius2).to(dev)  # R_i: every non-candidate is at least this far in state
 
     def joint_tree(self):
         if self._joint_tree is None:
@@ -191,15 +216,20 @@ class JointNearestNeighbour:
 
         ``indices``: dataset rows of the query states (None: use ``states_scaled``, full KD-tree search).
         """
-        pi = policy_actions.detach().double().cpu()
+        pi = policy_actions.detach().to(self.device, torch.float64)
+        if self.search == "brute" or (indices is None and self.fallback == "scan"):
+            s = (self.scaled.index_select(0, indices.to(self.device)) if indices is not None
+                 else states_scaled.detach().to(self.device, torch.float64))
+            self.last_certified = 1.0
+            return self._brute(torch.cat([s, pi], 1))
         if indices is None:
             q = np.hstack([states_scaled.detach().double().cpu().numpy(), pi.numpy()])
             return self._tree_query(q, np.inf)
-        indices = indices.cpu()
+        indices = indices.to(self.device)
         if self.cand is None:  # tree only; for k=1 the row's own dataset pair bounds the radius
             own = ((self.actions.index_select(0, indices) - pi) ** 2).sum(1)
             kth = own if self.k == 1 else torch.full_like(own, float("inf"))
-            return self._fallback(indices, pi, indices.clone(), kth, torch.ones(len(indices), dtype=torch.bool))
+            return self._fallback(indices, pi, indices.clone(), kth, torch.ones_like(own, dtype=torch.bool))
         c = self.cand.index_select(0, indices)  # [B, K]
         B, K = c.shape
         flat, d2 = c.reshape(-1), self.cand_ds2.index_select(0, indices)  # [B, K] state part
@@ -215,9 +245,73 @@ class JointNearestNeighbour:
         bad = kth > self.radius2.index_select(0, indices)
         return self._fallback(indices, pi, idx, kth, bad)
 
+    def _brute(self, q: Tensor, chunk_bytes: int | None = None) -> tuple[Tensor, Tensor]:
+        """Exact k-th nearest of the float64 queries ``q`` [B, D] over all points, on ``self.device``.
+
+        Per chunk of points one matrix product gives ``e_j = |p_j|^2 - 2 q.p_j`` (= d_j - |q|^2, d_j the
+        squared distance). Its rounding error is at most ``delta = (D + 2) 2^-52 (2 |q| P + P^2)`` (``P``
+        the largest point norm; twice the textbook bound), so ``e`` ranks the points exactly except within
+        ``2 delta`` of each other. k = 1: the smallest ``e`` over all chunks is the answer when no other
+        point is within ``2 delta`` of it (one pass for the minimum, one counting that band). k > 1: the
+        ``k + 4`` smallest of each chunk are re-ranked by the difference form ``sum (q - p_j)^2``; a point
+        a chunk left out is at least its largest kept ``e`` minus ``delta``, which must not undercut the
+        k-th found. A row that fails its check (only near-exact ties do) is scanned again in the
+        difference form over all points. The answer is exact either way; ``d`` is computed in the
+        difference form (the official query's arithmetic)."""
+        B, D = q.shape
+        N, k = self._aug.shape[0], self.k
+        budget = chunk_bytes or ((4 << 30) if q.device.type == "cuda" else (64 << 20))
+        rows = max(k + 4, budget // (8 * max(B, 1)))
+        qa = torch.cat([-2.0 * q, torch.ones(B, 1, dtype=q.dtype, device=q.device)], 1)  # [B, D + 1]
+        q2 = q.square().sum(1)
+        band = 2.0 * (D + 2) * 2.0 ** -52 * (2.0 * q2.sqrt() * self._pmax2 ** 0.5 + self._pmax2)  # 2 delta
+        if k == 1:
+            mins, args, near = [], [], []
+            for lo in range(0, N, rows):
+                e = qa @ self._aug[lo:lo + rows].t()  # [B, c]
+                v, i = e.min(1)
+                mins.append(v)
+                args.append(i + lo)
+                near.append((e <= (v + band)[:, None]).sum(1))  # points within the band of the chunk's minimum
+            V = torch.stack(mins, 1)  # [B, chunks]
+            best, c = V.min(1)
+            idx = torch.stack(args, 1).gather(1, c[:, None]).squeeze(1)
+            sure = torch.stack(near, 1).gather(1, c[:, None]).squeeze(1) == 1
+            if V.shape[1] > 1:  # every other chunk's minimum is clear of the band too
+                sure &= V.scatter(1, c[:, None], float("inf")).min(1).values > best + band
+            kth = (self.points64[idx] - q).square().sum(1)
+        else:
+            keep = min(k + 4, N)
+            kept_i, floor = [], None  # floor: the smallest largest-kept e over chunks that left points out
+            for lo in range(0, N, rows):
+                part = self._aug[lo:lo + rows]
+                v, i = (qa @ part.t()).topk(min(keep, len(part)), dim=1, largest=False, sorted=True)
+                kept_i.append(i + lo)
+                if len(part) > keep:
+                    floor = v[:, -1] if floor is None else torch.minimum(floor, v[:, -1])
+            cand = torch.cat(kept_i, 1)  # [B, C]
+            d2 = (self.points64[cand] - q[:, None, :]).square().sum(-1)  # difference form
+            kth, pos = d2.topk(k, dim=1, largest=False, sorted=True)
+            kth, idx = kth[:, -1].contiguous(), cand.gather(1, pos[:, k - 1:k]).squeeze(1)
+            sure = torch.ones_like(kth, dtype=torch.bool) if floor is None else floor >= kth - q2 + band
+        unsure = (~sure).nonzero().squeeze(1)  # one host sync per query
+        if len(unsure):
+            self.brute_rescans += len(unsure)
+            for r in unsure.tolist():
+                full = torch.cat([(q[r] - self.points64[lo:lo + rows]).square().sum(1) for lo in range(0, N, rows)])
+                v, i = full.topk(k, largest=False, sorted=True)
+                kth[r], idx[r] = v[-1], i[-1]
+        return idx, kth
+
     def _fallback(self, indices: Tensor, pi: Tensor, idx: Tensor, kth: Tensor, bad: Tensor) -> tuple[Tensor, Tensor]:
         """Exact KD-tree answers for the rows in ``bad``, the search radius bounded by ``sqrt(kth)``."""
         self.last_certified = 1.0 - bad.double().mean().item()
+        if self.fallback == "scan":  # the exact scan of those rows on the device (on a GPU: no copy to the host)
+            rows = bad.nonzero().squeeze(1)
+            if len(rows):
+                q = torch.cat([self.scaled.index_select(0, indices[rows]), pi[rows]], 1)
+                idx[rows], kth[rows] = self._brute(q)
+            return idx, kth
         if bad.any():
             # fallback rows, sorted by their bound and queried in small groups (one bound per group)
             rows = bad.nonzero().squeeze(1)

@@ -196,3 +196,97 @@ def test_overlapped_search_gives_the_serial_run_bit_for_bit():
     ref_idx, _, _ = brute_force(data.states_np, data.actions.numpy(), 2.0, b.indices.numpy(), pi.double().numpy(), 1)
     assert term.prefetch_used == 15
     assert loss.item() == pytest.approx(((pi.numpy() - data.actions.numpy()[ref_idx]) ** 2).mean(), rel=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("spread", [0.02, 2.0])
+def test_brute_search_equals_brute_force_over_several_chunks(k, spread):
+    """search=brute (the GPU path; here on the CPU): the matrix-product scan with its exact re-rank gives the
+    float64 brute-force answer, also when the points come in many chunks and without any candidate list."""
+    rng = np.random.default_rng(10 + k)
+    s, a = dataset(rng)
+    nn = JointNearestNeighbour(s, a, beta=2.0, k=k, search="brute")
+    assert nn.cand is None and nn._joint_tree is None  # nothing built
+    qi = rng.integers(0, len(s), 256)
+    qi[:10] = np.arange(100, 110)  # duplicated states
+    pi = torch.from_numpy(np.clip(a[qi] + rng.normal(0, spread, a[qi].shape), -1, 1)).float()
+    ref_idx, ref_d2, all_d2 = brute_force(s, a, 2.0, qi, pi.double().numpy(), k)
+    for chunk_bytes in (None, 8 * 256 * 100):  # one chunk; 40 chunks of 100 points
+        q = torch.cat([nn.scaled[torch.from_numpy(qi)], pi.double()], 1)
+        idx, d2 = nn._brute(q, chunk_bytes)
+        np.testing.assert_allclose(d2.numpy(), ref_d2, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(all_d2[np.arange(len(qi)), idx.numpy()], ref_d2, rtol=1e-12, atol=1e-14)
+        assert (idx.numpy() == ref_idx).mean() > 0.9
+    idx2, d2b = nn.query(torch.from_numpy(qi), pi)  # the query API: same answer
+    np.testing.assert_allclose(d2b.numpy(), ref_d2, rtol=1e-12, atol=1e-14)
+    assert nn.brute_rescans == 0  # no near-ties in these data: the error bound never sent a row to the rescan
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_brute_search_rescans_rows_whose_kth_neighbour_ties_beyond_the_kept_set(k):
+    """Exact copies of one (s, a) pair (30 inside one chunk, 30 across a chunk boundary) and queries on them:
+    the error bound cannot tell the copies apart, so those rows are scanned again in the difference form."""
+    rng = np.random.default_rng(4)
+    s, a = dataset(rng, n=2000)
+    s[500:530], a[500:530] = s[500], a[500]
+    s[390:420], a[390:420] = s[390], a[390]  # chunks of 400 points below: 390-399 | 400-419
+    nn = JointNearestNeighbour(s, a, beta=2.0, k=k, search="brute")
+    qi = np.array([500, 7, 1500, 390])
+    pi = torch.from_numpy(a[qi] + 0.01).float()
+    q = torch.cat([nn.scaled[torch.from_numpy(qi)], pi.double()], 1)
+    idx, d2 = nn._brute(q, chunk_bytes=8 * 4 * 400)
+    _, ref_d2, all_d2 = brute_force(s, a, 2.0, qi, pi.double().numpy(), k)
+    np.testing.assert_allclose(d2.numpy(), ref_d2, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(all_d2[np.arange(4), idx.numpy()], ref_d2, rtol=1e-12, atol=1e-14)
+    assert nn.brute_rescans == 2  # the two tied rows, not the others
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_lists_with_the_scan_fallback_equal_brute_force(k):
+    """The GPU's lists search (uncertified rows answered by the exact scan instead of the KD-tree), here on
+    the CPU: the same exact answers, and the far rows did take the fallback."""
+    rng = np.random.default_rng(20 + k)
+    s, a = dataset(rng)
+    nn = JointNearestNeighbour(s, a, beta=2.0, k=k, num_candidates=16, fallback="scan")
+    assert nn.fallback == "scan" and nn.cand is not None and nn._joint_tree is None
+    qi = rng.integers(0, len(s), 256)
+    spread = np.where(np.arange(256) % 2 == 0, 0.01, 2.0)[:, None]  # half near the data, half far
+    pi = torch.from_numpy(np.clip(a[qi] + rng.normal(0, 1.0, a[qi].shape) * spread, -1, 1)).float()
+    idx, d2 = nn.query(torch.from_numpy(qi), pi)
+    _, ref_d2, all_d2 = brute_force(s, a, 2.0, qi, pi.double().numpy(), k)
+    np.testing.assert_allclose(d2.numpy(), ref_d2, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(all_d2[np.arange(len(qi)), idx.numpy()], ref_d2, rtol=1e-12, atol=1e-14)
+    assert 0.0 < nn.last_certified < 1.0 and nn._joint_tree is None  # some rows scanned; no tree built
+    i2, d2b = nn.query(None, pi, nn.scaled[torch.from_numpy(qi)])  # no row indices: the scan answers
+    np.testing.assert_allclose(d2b.numpy(), ref_d2, rtol=1e-12, atol=1e-14)
+
+
+def test_brute_search_trains_the_lists_run_bit_for_bit_and_search_key_is_checked():
+    from alignreg.config import ConfigError
+    from alignreg.offline.datasets import OfflineData
+    from alignreg.offline.td3 import TD3Learner
+
+    rng = np.random.default_rng(8)
+    s, a = dataset(rng, n=3000, S=5, A=2)
+    data = OfflineData({"observations": s, "actions": a, "next_observations": np.roll(s, -1, 0),
+                        "rewards": rng.normal(size=len(s)).astype(np.float32), "terminals": np.zeros(len(s), bool)})
+    actors = []
+    for search in ("lists", "brute"):
+        torch.manual_seed(0)
+        terms = build_regularizers([RegularizerConfig(name="prdc", params={"num_candidates": 8, "search": search})],
+                                   hooks=("actor_penalty",))
+        L = TD3Learner(data.state_dim, data.action_dim, actor_hidden=[32, 32], critic_hidden=[32, 32], penalties=terms)
+        L.setup(OfflineSetup(data.states_np, data.actions_np, data.state_dim, data.action_dim, 1.0, 0))
+        assert terms.terms[0].term.index.search == search
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(40):
+            L.train_step(data.sample(64, gen))
+        actors.append(L.actor.state_dict())
+    for n, p in actors[0].items():
+        assert torch.equal(p, actors[1][n]), n
+    # auto on a CPU learner: the lists
+    term = build_regularizers([RegularizerConfig(name="prdc", params={"num_candidates": 8})], hooks=("actor_penalty",)).terms[0].term
+    term.setup(OfflineSetup(data.states_np, data.actions_np, data.state_dim, data.action_dim, 1.0, 0, "cpu"))
+    assert term.index.search == "lists" and term.index.cand is not None
+    with pytest.raises(ConfigError, match="search: unknown search 'gpu'; valid choices: auto, lists, brute"):
+        build_regularizers([RegularizerConfig(name="prdc", params={"search": "gpu"})], hooks=("actor_penalty",))
