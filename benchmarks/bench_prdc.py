@@ -1,12 +1,20 @@
 """PRDC / TD3+BC / A2PR gradient-step throughput on one 1M-transition dataset, side by side.
 
     .venv/bin/python benchmarks/bench_prdc.py [--data FILE.hdf5] [--size 1000000] [--steps 300] [--phases 0,1000,5000]
+        [--device cpu|cuda]
 
 * ``prdc (alignreg)``   PRDC with alignreg's certified candidate search (nn_search.py), overlapped with the
                         critic update (``overlap_search``); ``prdc_serial``: the same search in the actor step
 * ``prdc (official)``   the same learner, but the neighbour comes from ``scipy.spatial.KDTree(data)``
                         queried over all points every actor step (PRDC's official code, ``workers=-1``)
 * ``td3+bc``            the same learner with the bc_mse penalty (no search)
+
+With ``--device cuda`` every learner runs on the GPU and alignreg's PRDC takes its ``search: auto`` choice
+there, the exact scan of all points on the GPU (``brute``, no candidate lists); the official query stays
+what the official code does on a GPU machine: the key is copied to the host, the KD-tree (all CPU cores)
+answers, the neighbours' actions go back to the GPU. On a GPU ``auto`` is the candidate lists on the GPU
+with the exact scan for the uncertified rows; a fifth learner, ``prdc (scan)``, scans all points for every
+row (``search: brute``, no lists to build).
 * ``a2pr``              official network sizes (actor 3x256, critics 4x256, V 4x256, VAE 2x750)
 
 Both PRDC variants and TD3+BC are timed side by side from the same snapshots of one PRDC training run,
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 
@@ -43,16 +52,16 @@ class OfficialPRDC(PRDC):
 
     def actor_penalty(self, batch):
         pi = batch.policy_actions
-        key_s = (self.params.beta * batch.states).detach().numpy()
-        idx = self.index.official_query(key_s, pi.detach().numpy())
-        a_nn = torch.from_numpy(self.index.points[idx, -pi.shape[1]:]).to(pi.dtype)
+        key_s = (self.params.beta * batch.states).detach().cpu().numpy()
+        idx = self.index.official_query(key_s, pi.detach().cpu().numpy())
+        a_nn = torch.from_numpy(self.index.points[idx, -pi.shape[1]:]).to(pi.device, pi.dtype)
         return torch.nn.functional.mse_loss(pi, a_nn), {}
 
 
 def sqdist_gap(index, states: torch.Tensor, pi: torch.Tensor, idx_a: np.ndarray, idx_b: np.ndarray) -> float:
     """Largest |d2(a) - d2(b)| over the rows: the two searches' neighbours at the same squared joint
     distance (float64) from the query ``(2 s, pi)``; 0 means identical neighbours up to ties."""
-    q = np.hstack([2.0 * states.numpy(), pi.numpy()]).astype(np.float64)
+    q = np.hstack([2.0 * states.cpu().numpy(), pi.cpu().numpy()]).astype(np.float64)
     d = [((index.points[i].astype(np.float64) - q) ** 2).sum(1) for i in (idx_a, idx_b)]
     return float(np.abs(d[0] - d[1]).max())
 
@@ -60,7 +69,7 @@ def sqdist_gap(index, states: torch.Tensor, pi: torch.Tensor, idx_a: np.ndarray,
 def brute_force_gap(index, states: torch.Tensor, pi: torch.Tensor, idx: np.ndarray, rows: np.ndarray, points64) -> float:
     """Largest |d2 of ``idx`` - the exact k-th smallest d2| over ``rows``, by a float64 scan of every point
     (independent of both trees: the uncertified rows of both searches go through scipy's one C++ query)."""
-    q = np.hstack([2.0 * states.numpy(), pi.numpy()]).astype(np.float64)
+    q = np.hstack([2.0 * states.cpu().numpy(), pi.cpu().numpy()]).astype(np.float64)
     gap = 0.0
     for r in rows:
         d = ((points64 - q[r]) ** 2).sum(1)
@@ -94,7 +103,8 @@ def load(args) -> dict:
             "rewards": rng.normal(size=n).astype(np.float32), "terminals": np.zeros(n, bool)}
 
 
-def learner(kind: str, data: OfflineData, seed: int = 0, candidates: int = 32) -> TD3Learner:
+def learner(kind: str, data: OfflineData, seed: int = 0, candidates: int = 32, search: str = "auto") -> TD3Learner:
+    """On ``data.device``; PRDC's ``search`` (auto: lists on a CPU, the exact scan on a GPU)."""
     torch.manual_seed(seed)
     hid, chid = [256, 256], [256, 256]
     if kind == "td3bc":
@@ -103,21 +113,30 @@ def learner(kind: str, data: OfflineData, seed: int = 0, candidates: int = 32) -
         regs, hid, chid = [RegularizerConfig(name="a2pr", coef=0.4)], [256] * 3, [256] * 4
     else:
         regs = [RegularizerConfig(name="prdc", params={"beta": 2.0, "k": 1, "num_candidates": candidates,
-                                                       "overlap_search": kind == "prdc"})]
+                                                       "overlap_search": kind != "prdc_serial",
+                                                       "search": "brute" if kind == "prdc_brute" else search})]
     terms = build_regularizers(regs, hooks=("actor_penalty",))
     if kind == "prdc_official":
         terms.terms[0].term.__class__ = OfficialPRDC
-    L = TD3Learner(data.state_dim, data.action_dim, actor_hidden=hid, critic_hidden=chid, penalties=terms)
+    L = TD3Learner(data.state_dim, data.action_dim, actor_hidden=hid, critic_hidden=chid, penalties=terms,
+                   device=data.device)
     return L
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def timed(L: TD3Learner, data: OfflineData, warmup: int, steps: int) -> float:
     gen = torch.Generator().manual_seed(1)
     for _ in range(warmup):
         L.train_step(data.sample(256, gen))
+    sync(data.device)
     t = time.perf_counter()
     for _ in range(steps):
         L.train_step(data.sample(256, gen))
+    sync(data.device)
     return steps / (time.perf_counter() - t)
 
 
@@ -133,28 +152,41 @@ def main() -> None:
     p.add_argument("--candidates", type=int, default=32, help="PRDC num_candidates (search only)")
     p.add_argument("--phases", default="0,1000,5000",
                    help="time both PRDC variants and TD3+BC after this many steps of one PRDC training run (comma list)")
+    p.add_argument("--device", default="cpu", help="learners' device (cuda: PRDC searches on the GPU)")
+    p.add_argument("--search", default="auto", choices=["auto", "lists", "brute"], help="alignreg PRDC's search")
     p.add_argument("--out", default="")
     args = p.parse_args()
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1 (got {args.repeats})")
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     data = OfflineData(load(args))
     print(f"data: {data.size} transitions, S={data.state_dim}, A={data.action_dim}")
-    setup = OfflineSetup(data.states_np, data.actions.numpy(), data.state_dim, data.action_dim, 1.0, 0)
+    setup = OfflineSetup(data.states_np, data.actions_np, data.state_dim, data.action_dim, 1.0, 0, str(device))
+    data.to(device)
 
     res: dict = {"size": data.size, "state_dim": data.state_dim, "action_dim": data.action_dim,
-                 "threads": args.threads, "cpu": platform.processor() or platform.machine(), "steps": args.steps}
-    fast = learner("prdc", data, candidates=args.candidates)
+                 "threads": args.threads, "cpu": platform.processor() or platform.machine(), "steps": args.steps,
+                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                 "cpu_count": os.cpu_count()}
+    fast = learner("prdc", data, candidates=args.candidates, search=args.search)
     t = time.perf_counter()
     fast.setup(setup)
     res["prdc_index_build_s"] = time.perf_counter() - t
     index = fast.penalties.terms[0].term.index
+    res["search"] = index.search
     t = time.perf_counter()
-    index.joint_tree()
+    if index.search == "lists" and index.fallback == "tree":  # the fallback's tree (a scan needs none)
+        index.joint_tree()
     res["kdtree_build_s"] = time.perf_counter() - t
     t = time.perf_counter()
     index.official_tree()
     res["official_kdtree_build_s"] = time.perf_counter() - t
+    scan = None  # on a GPU: the all-points scan as a learner of its own
+    if device.type == "cuda" and index.search != "brute":
+        from alignreg.offline.nn_search import JointNearestNeighbour
+
+        scan = JointNearestNeighbour(data.states_np, data.actions_np, 2.0, 1, search="brute", device=device)
 
     # identical neighbours on real training queries (fresh and partly trained actor)
     gen = torch.Generator().manual_seed(2)
@@ -166,11 +198,12 @@ def main() -> None:
         with torch.no_grad():
             pi = fast.actor(b.states)
         idx, d2 = index.query(b.indices, pi)
+        idx = idx.cpu().numpy()
         certified.append(index.last_certified)
-        off = index.official_query(2.0 * b.states.numpy(), pi.numpy())
-        max_err = max(max_err, sqdist_gap(index, b.states, pi, off, idx.numpy()))
-        brute_err = max(brute_err, brute_force_gap(index, b.states, pi, idx.numpy(), sub.choice(256, 8, replace=False), points64))
-        ties += int((off != idx.numpy()).sum())
+        off = index.official_query(2.0 * b.states.cpu().numpy(), pi.cpu().numpy())
+        max_err = max(max_err, sqdist_gap(index, b.states, pi, off, idx))
+        brute_err = max(brute_err, brute_force_gap(index, b.states, pi, idx, sub.choice(256, 8, replace=False), points64))
+        ties += int((off != idx).sum())
         for _ in range(25):  # move the actor between verification batches
             fast.train_step(data.sample(256, gen))
     del points64
@@ -184,7 +217,7 @@ def main() -> None:
 
     # timing windows at several points of one PRDC training run: both PRDC variants start each window
     # from the same snapshot of that run (the run itself goes on from its own state)
-    run = learner("prdc", data, candidates=args.candidates)
+    run = learner("prdc", data, candidates=args.candidates, search=args.search)
     run.penalties.terms[0].term.index = index
     gen, done, res["phases"] = torch.Generator().manual_seed(3), 0, []
     for phase in sorted(int(p) for p in args.phases.split(",")):
@@ -197,15 +230,25 @@ def main() -> None:
         qs = [data.sample(256, gen) for _ in range(10)]
         with torch.no_grad():
             pis = [run.actor(b.states) for b in qs]
+        sync(device)
         t = time.perf_counter()
         cert, mine = [], []
         for b, pi in zip(qs, pis):
-            mine.append(index.query(b.indices, pi)[0].numpy())
+            mine.append(index.query(b.indices, pi)[0])
             cert.append(index.last_certified)
+        sync(device)
         row["search_alignreg_ms"] = (time.perf_counter() - t) * 100
+        mine = [i.cpu().numpy() for i in mine]
         t = time.perf_counter()
-        theirs = [index.official_query(2.0 * b.states.numpy(), pi.numpy()) for b, pi in zip(qs, pis)]
+        theirs = [index.official_query(2.0 * b.states.cpu().numpy(), pi.cpu().numpy()) for b, pi in zip(qs, pis)]
         row["search_official_ms"] = (time.perf_counter() - t) * 100
+        if scan is not None:
+            sync(device)
+            t = time.perf_counter()
+            for b, pi in zip(qs, pis):
+                scan.query(b.indices, pi)
+            sync(device)
+            row["search_scan_ms"] = (time.perf_counter() - t) * 100
         row["certified_frac"] = float(np.mean(cert))
         for b, pi, i1, i2 in zip(qs, pis, mine, theirs):  # identical neighbours on these queries too
             check(sqdist_gap(index, b.states, pi, i1, i2) < 1e-6, f"neighbour distances differ after {phase} steps")
@@ -213,11 +256,13 @@ def main() -> None:
         # (this machine's speed drifts by 10-20 % between minutes, so one window each would compare drifts)
         kinds = (("prdc", "prdc_alignreg_steps_s"), ("prdc_serial", "prdc_serial_steps_s"),
                  ("prdc_official", "prdc_official_steps_s"), ("td3bc", "td3bc_steps_s"))
+        if scan is not None:
+            kinds += (("prdc_brute", "prdc_scan_steps_s"),)
         for _ in range(args.repeats):
             for kind, key in kinds:
-                L = learner(kind, data, candidates=args.candidates)
+                L = learner(kind, data, candidates=args.candidates, search=args.search)
                 if kind != "td3bc":
-                    L.penalties.terms[0].term.index = index  # same points and trees
+                    L.penalties.terms[0].term.index = scan if kind == "prdc_brute" else index  # same points, trees, lists
                 L.load_state_dict(snap)
                 row[key] = max(row.get(key, 0.0), timed(L, data, args.warmup, args.steps))
         row["speedup_vs_official"] = row["prdc_alignreg_steps_s"] / row["prdc_official_steps_s"]
@@ -227,7 +272,12 @@ def main() -> None:
               f"{1000 / row['prdc_official_steps_s']:.1f} (official): {row['speedup_vs_official']:.2f}x; search "
               f"{row['search_alignreg_ms']:.1f} vs {row['search_official_ms']:.1f} ms/query, "
               f"{row['certified_frac']:.0%} certified; TD3+BC {1000 / row['td3bc_steps_s']:.1f} ms/step; "
-              f"alignreg without the overlap {1000 / row['prdc_serial_steps_s']:.1f} ms/step", flush=True)
+              f"alignreg without the overlap {1000 / row['prdc_serial_steps_s']:.1f} ms/step"
+              + (f"; all-points scan {1000 / row['prdc_scan_steps_s']:.1f} ms/step, search {row['search_scan_ms']:.1f} ms"
+                 if scan is not None else ""), flush=True)
+    for ix in (index, scan):  # rows the scan's error bound sent to the difference-form rescan (near-exact ties)
+        if ix is not None and (ix.search == "brute" or ix.fallback == "scan"):
+            res[f"{ix.search}_scan_rescans"] = ix.brute_rescans
     a2 = learner("a2pr", data)
     a2.setup(setup)
     res["a2pr_official_sizes_steps_s"] = timed(a2, data, args.warmup // 2, max(args.steps // 2, 20))
