@@ -42,10 +42,15 @@ class SweepConfig:
     ray_address: str = "local"  # local: start Ray here with num_cpus; else a cluster address (auto, ray://...)
     num_cpus: int = 2  # local Ray only: CPUs Ray may use
     cpus_per_task: float = 1.0  # CPUs reserved per run (torch threads = max(1, int(cpus_per_task)))
+    gpus_per_task: float = 0.0  # ray: GPUs reserved per run (0.25: four runs share one); Ray hides the GPUs from a run that reserves none, so trainer.device=auto trains it on the CPU
 
     def validate(self, path: str) -> None:
         _check(bool(self.algos and self.envs and self.levels and self.seeds), f"{path}: algos, envs, levels and seeds must be non-empty")
         _check(self.cpus_per_task > 0, f"{path}.cpus_per_task must be > 0")
+        _check(self.gpus_per_task >= 0, f"{path}.gpus_per_task must be >= 0")
+        _check(self.gpus_per_task == 0 or self.backend == "ray",
+               f"{path}.gpus_per_task: only the ray backend reserves GPUs (backend: serial runs each job in this process, "
+               "on trainer.device); set backend: ray or gpus_per_task: 0")
         from alignreg.offline.config import check_placeholders
 
         check_placeholders(self.out_dir, f"{path}.out_dir", name=self.name)
@@ -140,7 +145,7 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
 
             check_reachable(cfg.ray_address, key="ray_address", local="ray_address=local")  # seconds, where ray.init would retry for minutes
             ray.init(address=cfg.ray_address)
-        task = ray.remote(num_cpus=cfg.cpus_per_task)(run_one)
+        task = ray.remote(num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task)(run_one)
         refs = {task.remote(oc, s, d, threads): (oc, s, d) for oc, s, d in jobs}
         pending = list(refs)
         while pending:

@@ -91,6 +91,9 @@ def test_sweep_config_errors(tmp_path, capsys):
     p.write_text(yaml.safe_dump({"backend": "dask"}))
     assert sweep_main([str(p)]) == 2
     assert "valid choices: 'ray', 'serial'" in capsys.readouterr().err
+    p.write_text(yaml.safe_dump({"backend": "serial", "gpus_per_task": 0.5}))
+    assert sweep_main([str(p)]) == 2
+    assert "gpus_per_task: only the ray backend reserves GPUs" in capsys.readouterr().err
     p.write_text(yaml.safe_dump({"out_dir": "runs/{nme}"}))  # a KeyError traceback before
     assert sweep_main([str(p)]) == 2
     assert "config.out_dir: bad placeholder in 'runs/{nme}' (KeyError: 'nme'); valid placeholders: {name}" in capsys.readouterr().err
