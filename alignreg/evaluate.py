@@ -138,7 +138,12 @@ def eval_main(argv: list[str]) -> int:
     if cfg.trainer.threads > 0:
         torch.set_num_threads(cfg.trainer.threads)
     ckpt = Path(args.checkpoint)
-    model, tokenizer = load_any_policy(ckpt, getattr(torch, cfg.model.dtype))
+    from alignreg.models import attn_kwargs
+
+    # the training run's attention kernel (model.attn_implementation; auto: eager for the tiny model, else
+    # transformers' default), not a fixed one: eval scores the model the run trained
+    attn = attn_kwargs(cfg.model).get("attn_implementation")
+    model, tokenizer = load_any_policy(ckpt, getattr(torch, cfg.model.dtype), attn)
     if cfg.rollout.engine == "vllm" and (ckpt / "adapter_config.json").is_file():
         raise ConfigError("eval: rollout.engine=vllm needs a full checkpoint; merge the adapter (alignreg.learner.lora.save_merged)")
     model_dir = str(ckpt)

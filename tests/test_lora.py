@@ -91,6 +91,10 @@ def test_lora_step_changes_only_adapters_and_engine_follows(tmp_path):
     from_ckpt.eval()
     with torch.no_grad():
         assert torch.allclose(from_ckpt(input_ids=ids).logits, pm(input_ids=ids).logits, atol=1e-5)
+    # the attention kernel asked for, from each kind of directory (alignreg eval passes model.attn_implementation)
+    for d in (tmp_path / "adapter", ck, tmp_path / "init"):
+        assert load_any_policy(d, attn_implementation="sdpa")[0].config._attn_implementation == "sdpa", d
+        assert load_any_policy(d)[0].config._attn_implementation == "eager", d
 
 
 def test_lora_reference_is_the_base_model_without_a_copy(tmp_path):
