@@ -28,6 +28,8 @@ from alignreg.rewards.math import (VerifierPool, batch_rewards, configure, extra
     ("The answer is 42\nbecause 6 * 7 = 42", "42"),
     ("\\boxed 5 or rather \\boxed 7", "7"),  # the last one, as with braces
     ("no final answer here", None),
+    ("\\boxed{\\text{7 days}}", "7"),  # a number with its unit in a text wrapper: the number
+    ("\\boxed{\\text{7 or 8 days}}", "\\text{7 or 8 days}"),  # not a number and units: kept whole
     ("unbalanced \\boxed{3", None),
     # units, markdown emphasis and headings around a stated answer
     ("...\n#### 72 dollars", "72"),
@@ -137,6 +139,11 @@ CASES = [
     ("\\boxed{100\\,000}", "0", False),
     ("\\boxed{2500}", "2\\,500", True),  # the same on the gold's side
     ("\\boxed{2\\,\\sqrt{2}}", "2\\sqrt2", True),  # a space that is not between digit groups stays
+    # a number with its unit in a text wrapper (math-verify alone parses no number out of these)
+    ("The trip takes \\boxed{\\text{7 days}}.", "7", True),
+    ("\\boxed{\\mbox{1,250 dollars}}", "1250", True),
+    ("\\boxed{\\text{7 days}}", "8", False),
+    ("\\boxed{\\text{(B)}}", "\\text{(B)}", True),  # not a number: left as it was
 ]
 
 

@@ -120,12 +120,27 @@ def _is_prose(s: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z]+(?:[ ,:;'-]+[A-Za-z]+)+", s)) and sum(len(w) > 1 for w in re.findall(r"[A-Za-z]+", s)) >= 2
 
 
+# a whole answer in a text wrapper: \text{7 days}, \mbox{12 dollars} (math-verify parses neither as the number)
+_TEXT_WRAPPED = re.compile(r"\\(?:text|textrm|textnormal|mbox|mathrm)\s*\{([^{}]*)\}")
+
+
+def _unwrap_text(ans: str) -> str:
+    """``\\text{7 days}`` -> ``7`` (a number followed by unit words, as :func:`final_value` reads it); any
+    other answer, ``\\text{(B)}`` and ``\\text{7 or 8}`` included, unchanged."""
+    m = _TEXT_WRAPPED.fullmatch(ans.strip())
+    if m and (n := _LEADING_NUMBER.match(_SPACES.sub(" ", m.group(1)).strip())):
+        return n.group(1).replace(",", "")
+    return ans
+
+
 def extract_answer(text: str) -> Optional[str]:
     """The final answer string of a response, or ``None`` if it states none explicitly."""
-    for fn in (last_boxed, gsm8k_answer):
-        ans = fn(text)
-        if ans:
-            return ans
+    ans = last_boxed(text)
+    if ans:
+        return _unwrap_text(ans)
+    ans = gsm8k_answer(text)
+    if ans:
+        return ans
     m = list(_ANSWER_IS.finditer(text[-2000:]))  # a stated answer sits at the end; bounded regex work
     return (final_value(m[-1].group(1)) or None) if m else None
 
