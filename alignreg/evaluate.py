@@ -9,8 +9,11 @@ Metrics (a response is correct when its reward is >= 1):
 
 * ``greedy_acc``   accuracy of the greedy response;
 * ``pass@k``       unbiased estimator from n = ``eval.num_samples`` samples (Chen et al. 2021, eq. 1);
-* ``maj@k``        accuracy of the majority answer of the first k samples (answers compared after
-                   extraction: ``\\boxed{}`` / ``####`` / the stripped text; ties go to the answer seen first);
+* ``maj@k``        accuracy of the majority answer of the first k samples. The correct answers are one
+                   answer (each is equivalent to the gold, so ``0.5`` and ``\\frac12`` are one vote each
+                   for the same answer); wrong ones are compared after extraction (``\\boxed{}`` /
+                   ``####`` / the stripped text, spaces removed), so two spellings of one wrong value
+                   count apart, which can only favour a correct majority; ties go to the answer seen first;
 * ``accuracy@t1``, ``accuracy@t2``, ``delta_t1_t2``, ``delta_i2c``, ``delta_c2i``: greedy two-attempt
   self-correction (SCoRe episodes with ``score.instruction``) with ``--self-correct`` or when the
   config has ``score.enabled``.
@@ -29,12 +32,12 @@ from alignreg.config import ConfigError, DataSource, RLConfig, load_config
 
 
 def majority_correct(answers: list[str], correct: list[bool], k: int) -> bool:
-    """Is the most frequent of the first k answers a correct one? (ties: first seen wins)"""
-    first = answers[:k]
-    counts = Counter(first)
+    """Is the most frequent of the first k answers a correct one? All correct answers count as one answer
+    (each equals the gold); wrong ones are grouped by their normalised text. Ties: first seen wins."""
+    keys = [None if c else a for a, c in zip(answers[:k], correct[:k])]  # None: the correct answer
+    counts = Counter(keys)
     best = max(counts.values())
-    winner = next(a for a in first if counts[a] == best)
-    return any(c for a, c in zip(first, correct[:k]) if a == winner)
+    return next(key for key in keys if counts[key] == best) is None
 
 
 def normalise_answer(text: str) -> str:

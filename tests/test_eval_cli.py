@@ -12,6 +12,10 @@ def test_majority_vote_and_normalisation():
     assert majority_correct(["1", "2", "2", "3"], [True, False, False, False], 4) is False
     assert majority_correct(["1", "2", "1", "2"], [True, False, True, False], 4) is True  # tie: first seen
     assert majority_correct(["5", "5", "7"], [True, True, False], 1) is True
+    # two spellings of the correct answer are one answer: 2 votes against the wrong "0.25"'s 2, seen first
+    assert majority_correct(["0.5", "0.25", "\\frac12", "0.25"], [True, False, True, False], 4) is True
+    assert majority_correct(["0.25", "0.5", "0.25", "\\frac12"], [False, True, False, True], 4) is False  # tie, wrong first
+    assert majority_correct(["1/2", "0.5", "0.5", "3", "3", "3"], [True, True, True, False, False, False], 6) is True
     assert normalise_answer("so \\boxed{ 1/2 }") == normalise_answer("#### 1/2") == "1/2"
 
 
