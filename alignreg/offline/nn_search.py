@@ -21,6 +21,10 @@ of the state (a projection only shortens distances, so the bound stays valid; se
 :func:`state_candidates`); if even 4 axes do not fit, every row takes the bounded tree search (k=1:
 bounded by its own dataset pair). Lists of datasets with >= ``CACHE_MIN_ROWS`` rows are cached on disk
 by content hash.
+
+On a GPU (``search="brute"``, PRDC's ``auto`` there) no lists are built: :meth:`JointNearestNeighbour._brute`
+scans all N points on the device for every query, exactly (a float64 matrix product with a
+rounding-error band, rows inside the band rescanned in the difference form).
 """
 from __future__ import annotations
 
