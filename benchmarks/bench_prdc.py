@@ -1,21 +1,22 @@
 """PRDC / TD3+BC / A2PR gradient-step throughput on one 1M-transition dataset, side by side.
 
     .venv/bin/python benchmarks/bench_prdc.py [--data FILE.hdf5] [--size 1000000] [--steps 300] [--phases 0,1000,5000]
-        [--device cpu|cuda]
+        [--device cpu|cuda] [--search auto|lists|brute]
 
-* ``prdc (alignreg)``   PRDC with alignreg's certified candidate search (nn_search.py), overlapped with the
-                        critic update (``overlap_search``); ``prdc_serial``: the same search in the actor step
+* ``prdc (alignreg)``   PRDC with alignreg's search (nn_search.py; ``--search``, default PRDC's ``auto``: the
+                        certified candidate lists on a CPU, the exact all-points scan on a GPU), overlapped
+                        with the critic update (``overlap_search``); ``prdc_serial``: the same search in the
+                        actor step
 * ``prdc (official)``   the same learner, but the neighbour comes from ``scipy.spatial.KDTree(data)``
                         queried over all points every actor step (PRDC's official code, ``workers=-1``)
 * ``td3+bc``            the same learner with the bc_mse penalty (no search)
-
-With ``--device cuda`` every learner runs on the GPU and alignreg's PRDC takes its ``search: auto`` choice
-there, the exact scan of all points on the GPU (``brute``, no candidate lists); the official query stays
-what the official code does on a GPU machine: the key is copied to the host, the KD-tree (all CPU cores)
-answers, the neighbours' actions go back to the GPU. On a GPU ``auto`` is the candidate lists on the GPU
-with the exact scan for the uncertified rows; a fifth learner, ``prdc (scan)``, scans all points for every
-row (``search: brute``, no lists to build).
 * ``a2pr``              official network sizes (actor 3x256, critics 4x256, V 4x256, VAE 2x750)
+
+With ``--device cuda`` every learner runs on the GPU; the official query stays what the official code
+does on a GPU machine: the key is copied to the host, the KD-tree (all CPU cores) answers, the
+neighbours' actions go back to the GPU. With ``--device cuda --search lists`` (the lists on the GPU,
+their uncertified rows scanned there) a fifth learner, ``prdc (scan)``, times the all-points scan beside
+them.
 
 Both PRDC variants and TD3+BC are timed side by side from the same snapshots of one PRDC training run,
 after each ``--phases`` count of its steps, in turn for ``--repeats`` rounds (the best round of each).
