@@ -72,3 +72,32 @@ def test_vs_trl_refuses_an_unknown_variant_before_running_any():
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "unknown variants ['alignreg-locl']" in p.stderr and "alignreg-local" in p.stderr
     assert "RESULT" not in p.stdout
+
+
+@pytest.mark.parametrize("search", ["lists", "brute"])
+def test_prdc_bench_official_arm_penalises_the_same_neighbours(search):
+    """bench_prdc's official learner (a full KD-tree query per actor step) and alignreg's PRDC give the same
+    penalty on the same batch: the benchmark times the same work done two ways."""
+    import numpy as np
+    import torch
+
+    from alignreg.offline.batch import ActorPenaltyBatch, OfflineSetup
+    from alignreg.offline.datasets import OfflineData
+
+    mod = bench("bench_prdc")
+    args = type("A", (), {"data": "", "size": 3000})()
+    data = OfflineData(mod.load(args))
+    setup = OfflineSetup(data.states_np, data.actions_np, data.state_dim, data.action_dim, 1.0, 0)
+    ours, theirs = mod.learner("prdc", data, search=search), mod.learner("prdc_official", data)
+    ours.setup(setup)
+    term = ours.penalties.terms[0].term
+    assert term.index.search == search
+    official = theirs.penalties.terms[0].term
+    official.index = term.index
+    b = data.sample(256, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pi = ours.actor(b.states) + 0.3 * torch.randn(256, data.action_dim, generator=torch.Generator().manual_seed(1))
+    pb = ActorPenaltyBatch(b.states, b.actions, pi, None, b.indices, 2)
+    mine, _ = term.actor_penalty(pb)
+    ref, _ = official.actor_penalty(pb)
+    assert float(ref) > 0 and np.isclose(float(mine), float(ref), rtol=1e-6)
