@@ -162,8 +162,8 @@ class JointNearestNeighbour:
         self.device = dev = torch.device(device)
         # lists: the uncertified rows' search; "scan" on a GPU (no host copy), the KD-tree on the CPU
         self.fallback = fallback or ("tree" if dev.type == "cpu" else "scan")
-        if self.fallback not in ("tree", "scan"):
-            raise ValueError(f"fallback must be 'tree' or 'scan', got {fallback!r}")
+        if self.fallback not in ("tree", "scan") or (self.fallback == "tree" and dev.type != "cpu"):
+            raise ValueError(f"fallback must be 'scan' or, on the CPU, 'tree'; got {fallback!r} on {dev}")
         scaled = (beta * np.asarray(states, np.float32)).astype(np.float32)
         self.points = np.hstack([scaled, np.asarray(actions, np.float32)])  # the official code's data array
         self.state_dim = scaled.shape[1]
