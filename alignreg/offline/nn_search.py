@@ -146,7 +146,7 @@ class JointNearestNeighbour:
       certificate take the bounded KD-tree query; on a GPU (``device``) the lists live there and those
       rows take the exact scan below, so a query never leaves the learner's device.
     * ``"brute"``: an exact scan of all N points on ``device`` (:meth:`_brute`), no index to build: about
-      2 ms for 256 rows x 1M points on an H200; on a CPU only for small datasets.
+      4 ms for 256 rows x 1M points on an H200; on a CPU only for small datasets.
     """
 
     def __init__(self, states: np.ndarray, actions: np.ndarray, beta: float, k: int = 1,
