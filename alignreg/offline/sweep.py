@@ -108,6 +108,17 @@ def run_one(oc, seed: int, out_dir: str, threads: int) -> dict:
     return res
 
 
+def check_task_fits(cfg: SweepConfig, nodes: list[dict[str, float]]) -> None:
+    """One run's reservation (``cpus_per_task``, ``gpus_per_task``) fits some node of the Ray cluster, else a
+    one-line ConfigError: Ray would keep such tasks pending without an error."""
+    need = {"CPU": cfg.cpus_per_task, **({"GPU": cfg.gpus_per_task} if cfg.gpus_per_task > 0 else {})}
+    if not any(all(n.get(k, 0.0) + 1e-9 >= v for k, v in need.items()) for n in nodes):
+        best = {k: max((n.get(k, 0.0) for n in nodes), default=0.0) for k in need}
+        raise ConfigError(f"sweep: one run reserves {', '.join(f'{k}={v:g}' for k, v in need.items())} but no node of the "
+                          f"Ray cluster has that (the most on one node: {', '.join(f'{k}={v:g}' for k, v in best.items())}); "
+                          "lower cpus_per_task / gpus_per_task, or raise num_cpus (ray_address: local) or add a node")
+
+
 def run_sweep(cfg: SweepConfig) -> list[dict]:
     out = Path(cfg.out_dir.format(name=cfg.name))
     jobs = []
@@ -145,6 +156,11 @@ def run_sweep(cfg: SweepConfig) -> list[dict]:
 
             check_reachable(cfg.ray_address, key="ray_address", local="ray_address=local")  # seconds, where ray.init would retry for minutes
             ray.init(address=cfg.ray_address)
+        try:  # a run no node can hold would wait for it forever
+            check_task_fits(cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+        except ConfigError:
+            ray.shutdown()
+            raise
         task = ray.remote(num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task)(run_one)
         refs = {task.remote(oc, s, d, threads): (oc, s, d) for oc, s, d in jobs}
         pending = list(refs)

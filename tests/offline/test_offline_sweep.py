@@ -5,7 +5,7 @@ import statistics
 import pytest
 import yaml
 
-from alignreg.config import RunError, from_dict, to_dict
+from alignreg.config import ConfigError, RunError, from_dict, to_dict
 from alignreg.offline.cli import sweep_main
 from alignreg.offline.sweep import SweepConfig, run_sweep
 
@@ -165,3 +165,27 @@ def test_a_run_whose_results_a_kill_cut_off_is_finished_again(tmp_path):
     again = run_one(oc, 0, str(tmp_path / "run"), 1)
     assert json.loads((tmp_path / "run" / "results.json").read_text()) == again
     assert again["algo"] == "bc" and again["evals"] == first["evals"]
+
+
+def test_a_run_no_ray_node_can_hold_is_an_error_not_a_wait():
+    from alignreg.offline.sweep import check_task_fits
+
+    nodes = [{"CPU": 2.0}, {"CPU": 8.0, "GPU": 1.0}]
+    check_task_fits(from_dict(SweepConfig, {"cpus_per_task": 8, "gpus_per_task": 0.5}), nodes)  # the second node
+    with pytest.raises(ConfigError, match=r"one run reserves CPU=4, GPU=2 but no node of the Ray cluster has that "
+                                          r"\(the most on one node: CPU=8, GPU=1\); lower cpus_per_task / gpus_per_task"):
+        check_task_fits(from_dict(SweepConfig, {"cpus_per_task": 4, "gpus_per_task": 2}), nodes)
+
+
+@pytest.mark.slow
+def test_ray_sweep_refuses_a_gpu_reservation_on_a_cluster_without_gpus(tmp_path):
+    pytest.importorskip("ray")  # the ray extra; installed in CI (alignreg[ray])
+    import ray
+
+    cdir = write_configs(tmp_path)
+    cfg = from_dict(SweepConfig, {"algos": ["td3bc"], "envs": ["hopper"], "levels": ["medium"], "seeds": [0],
+                                  "config_dir": str(cdir), "out_dir": str(tmp_path / "sw"), "backend": "ray",
+                                  "num_cpus": 2, "gpus_per_task": 1, "overrides": ["data.level=random"]})
+    with pytest.raises(ConfigError, match=r"one run reserves CPU=1, GPU=1 but no node .*GPU=0"):
+        run_sweep(cfg)
+    assert not ray.is_initialized() and not (tmp_path / "sw" / "td3bc").exists()
