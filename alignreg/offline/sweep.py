@@ -75,7 +75,7 @@ def run_config(cfg: SweepConfig, algo: str, env: str, level: str):
 
 # keys a finished run may differ in and still be reused: they do not change its results
 _FREE_ON_REUSE = ("trainer.progress", "trainer.threads", "trainer.out_dir", "trainer.resume", "trainer.log_every",
-                  "trainer.checkpoint_every")
+                  "trainer.checkpoint_every", "trainer.device")
 
 
 def _check_finished(oc, out: Path) -> None:

@@ -46,6 +46,7 @@ def test_serial_sweep_table_and_plots(tmp_path):
     # finished runs are not repeated
     mtime = (tmp_path / "sw" / "bc" / "hopper-medium" / "seed0" / "results.json").stat().st_mtime
     run_sweep(from_dict(SweepConfig, {**to_dict(cfg), "cpus_per_task": 2}))  # run-time keys may differ
+    run_sweep(from_dict(SweepConfig, {**to_dict(cfg), "overrides": ["data.level=random", "trainer.device=cpu"]}))
     assert (tmp_path / "sw" / "bc" / "hopper-medium" / "seed0" / "results.json").stat().st_mtime == mtime
     # ... but finished runs with other settings are never reused silently
     for extra, needle in (("trainer.steps=60", "trainer.steps 40 -> 60"), ("learner.alpha=5", r"learner.alpha 2.5 -> 5.0")):
