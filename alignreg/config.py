@@ -782,6 +782,7 @@ class MathRewardConfig:
     num_workers: int = 2  # verifier worker processes (killed and replaced when an answer times out or crashes)
     max_chars: int = 4096  # only the last max_chars characters of a response are parsed (bounded work for huge outputs)
     format_score: float = 0.1  # math_verify_format reward: score of a wrong answer in the expected format
+    strict: bool = False  # score only a stated answer (\boxed{}, a #### line, "the answer is ..."); false: a response that states none is also checked by what math-verify finds in its text (e.g. its last number)
 
     def validate(self, path: str) -> None:
         _check(self.timeout_s > 0, f"{path}.timeout_s must be > 0 (seconds per answer check), got {self.timeout_s!r}")

@@ -299,6 +299,19 @@ def test_workers_die_with_a_killed_trainer():
         pool.close()
 
 
+def test_strict_scores_only_a_stated_answer():
+    texts = ["The numbers I tried were 3, 5 and 7.", "so we get 7", "\\boxed{7}", "#### 7", "The answer is 7.",
+             "\\boxed{8} but really 7"]
+    records = [{"answer": "7"}] * len(texts)
+    assert math_scores(texts, records) == [1.0, 1.0, 1.0, 1.0, 1.0, 0.0]  # lenient: math-verify reads the last number
+    configure(strict=True)
+    try:
+        assert math_scores(texts, records) == [0.0, 0.0, 1.0, 1.0, 1.0, 0.0]
+        assert batch_rewards("math_verify_format", ["so we get 7", "\\boxed{8}"], records[:2]) == [0.0, 0.1]
+    finally:
+        configure()
+
+
 def test_huge_output_is_truncated_to_max_chars():
     configure(max_chars=200)
     try:

@@ -11,7 +11,9 @@ Extraction (:func:`extract_answer`): the last non-empty ``\\boxed{...}`` / ``\\f
 braces; an empty ``\\boxed{}`` is skipped), else the line after the last ``####`` (GSM8K; an ``Answer:``
 label is dropped) unless it is a markdown heading (``#### Step 3: Total``, or a word with text below
 it: ``#### Conclusion``) or plain words (``(no answer)``), else "the answer is X", else math-verify's
-own extraction (last LaTeX / numeric expression). A ``####`` / "answer is" answer loses markdown
+own extraction (last LaTeX / numeric expression), which ``math_reward.strict: true`` turns off: then
+only a stated answer scores (``The numbers I tried were 3, 5 and 7.`` scores 1 against ``7`` without it).
+A boxed number with its unit in a text wrapper (``\\boxed{\\text{7 days}}``) is the number. A ``####`` / "answer is" answer loses markdown
 emphasis (``**72**``) and a hedge (``approximately``) and, when it opens with a number followed only
 by unit words (``km/h``, ``cm^2``) or a new sentence (not ``or``, ``and``, ``to``, ``times``, ``pi``, ``million``,
 ``dozen`` ...) or a parenthesis without digits, everything after the number (``72 dollars``, ``72
@@ -164,17 +166,21 @@ def gold_answer(solution: str) -> str:
 _SPACED_GROUPS = re.compile(r"(?<=\d)(?:\\[,;: ]|~)(?=\d{3}(?!\d))")
 
 
-def check_equivalent(pred_text: str, gold: str) -> bool:
+def check_equivalent(pred_text: str, gold: str, strict: bool = False) -> bool:
     """math-verify equivalence of the response's final answer and the gold answer (no timeout:
-    call it only inside a worker, see :class:`VerifierPool`)."""
+    call it only inside a worker, see :class:`VerifierPool`). The answer is the stated one
+    (:func:`extract_answer`); without one, or when it does not parse, whatever math-verify finds in the
+    whole text, unless ``strict`` (then such a response is wrong)."""
     from math_verify import parse, verify
 
     pred_text, gold = _SPACED_GROUPS.sub("", pred_text), _SPACED_GROUPS.sub("", gold)
     ans = extract_answer(pred_text)
+    if strict and ans is None:
+        return False
     target = parse(f"${ans}$", parsing_timeout=None) if ans is not None else []
     if not target and ans is not None:
         target = parse(ans, parsing_timeout=None)
-    if not target:
+    if not target and not strict:
         target = parse(pred_text, parsing_timeout=None)
     if not target:
         return False
@@ -199,9 +205,9 @@ def _serve() -> None:
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     for line in sys.stdin:
-        job, pred, gold = json.loads(line)
+        job, pred, gold, strict = json.loads(line)
         try:
-            ok = check_equivalent(pred, gold)
+            ok = check_equivalent(pred, gold, strict)
         except Exception:  # noqa: BLE001 - an unparsable answer is a wrong answer, not a crash
             ok = False
         sys.stdout.write(json.dumps([job, bool(ok)]) + "\n")
@@ -248,10 +254,10 @@ class _Worker:
     def fileno(self) -> int:
         return self.proc.stdout.fileno()
 
-    def send(self, job: int, pred: str, gold: str) -> None:
+    def send(self, job: int, pred: str, gold: str, strict: bool = False) -> None:
         import json
 
-        self.proc.stdin.write(json.dumps([job, pred, gold]) + "\n")
+        self.proc.stdin.write(json.dumps([job, pred, gold, strict]) + "\n")
         self.proc.stdin.flush()
 
     def kill(self) -> None:
@@ -296,8 +302,9 @@ class VerifierPool:
         self._workers[i].kill()
         self._workers[i] = _Worker()
 
-    def check(self, preds: list[str], golds: list[str]) -> list[bool]:
-        """Equivalence of each ``preds[i]`` to ``golds[i]``; False on timeout or a second worker crash."""
+    def check(self, preds: list[str], golds: list[str], strict: bool = False) -> list[bool]:
+        """Equivalence of each ``preds[i]`` to ``golds[i]`` (``strict``: see :func:`check_equivalent`); False on
+        timeout or a second worker crash."""
         with self._lock:
             self._start()
             out = [False] * len(preds)
@@ -309,12 +316,12 @@ class VerifierPool:
                     if w not in busy and todo:
                         job = todo.pop()
                         try:
-                            self._workers[w].send(job, preds[job], golds[job])
+                            self._workers[w].send(job, preds[job], golds[job], strict)
                         except OSError:  # died while idle
                             self.counts["errors"] += 1
                             self._replace(w)
                             self._start()
-                            self._workers[w].send(job, preds[job], golds[job])
+                            self._workers[w].send(job, preds[job], golds[job], strict)
                         busy[w] = (job, time.monotonic() + self.timeout_s)
                 files = {self._workers[w].proc.stdout: w for w in busy}
                 deadline = min(d for _, d in busy.values())
@@ -353,13 +360,15 @@ class VerifierPool:
 
 
 _POOL: Optional[VerifierPool] = None
-_SETTINGS = {"num_workers": 2, "timeout_s": 5.0, "max_chars": 4096, "format_score": 0.1}
+_SETTINGS = {"num_workers": 2, "timeout_s": 5.0, "max_chars": 4096, "format_score": 0.1, "strict": False}
 
 
-def configure(num_workers: int = 2, timeout_s: float = 5.0, max_chars: int = 4096, format_score: float = 0.1) -> None:
-    """Set the pool limits (``math_reward`` config section); restarts the pool if they change."""
+def configure(num_workers: int = 2, timeout_s: float = 5.0, max_chars: int = 4096, format_score: float = 0.1,
+              strict: bool = False) -> None:
+    """Set the pool limits and scoring (``math_reward`` config section); restarts the pool if its limits change."""
     global _POOL
-    new = {"num_workers": num_workers, "timeout_s": timeout_s, "max_chars": max_chars, "format_score": format_score}
+    new = {"num_workers": num_workers, "timeout_s": timeout_s, "max_chars": max_chars, "format_score": format_score,
+           "strict": strict}
     if _POOL is not None and (new["num_workers"], new["timeout_s"]) != (_SETTINGS["num_workers"], _SETTINGS["timeout_s"]):
         _POOL.close()
         _POOL = None
@@ -378,7 +387,7 @@ def math_scores(texts: list[str], records: list[dict], format_score: float = 0.0
     """Batched reward: 1.0 for an equivalent answer, ``format_score`` for a formatted wrong one."""
     n = _SETTINGS["max_chars"]
     tails = [t[-n:] for t in texts]
-    ok = pool().check(tails, [str(r["answer"]) for r in records])
+    ok = pool().check(tails, [str(r["answer"]) for r in records], _SETTINGS["strict"])
     return [1.0 if o else (format_score if format_score and has_format(t) else 0.0) for o, t in zip(ok, tails)]
 
 
