@@ -169,6 +169,16 @@ def load_policy(cfg: ModelConfig, seed: int, saved: Optional[str | Path] = None)
     return model, tokenizer
 
 
+def process_gpu() -> Optional[torch.device]:
+    """The GPU this process works on (``LOCAL_RANK``; 0 for a Ray actor, which sees only its own), or None
+    without CUDA: learner backends and the HF engine put their model there."""
+    if not torch.cuda.is_available():
+        return None
+    import os
+
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+
+
 def stop_token_ids(tokenizer, tokens: list[str]) -> list[int]:
     """The ids of ``tokens`` (``rollout.stop_tokens``), which end a response as EOS does in both engines
     (each engine adds its EOS). Each entry must be exactly one token of ``tokenizer``."""

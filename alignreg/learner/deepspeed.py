@@ -49,6 +49,7 @@ from torch import Tensor
 
 from alignreg.config import RLConfig
 from alignreg.learner.policy import DistCollectives, apply_optimizer_settings, warmup_scheduler
+from alignreg.models import process_gpu
 
 _HOLD = -7919  # a fake sub-module id that keeps ZeRO-3 from releasing the held head weight
 
@@ -152,8 +153,8 @@ class DeepSpeedBackend(DistCollectives):
 
         lc = cfg.learner
         init_distributed(cfg.deepspeed.dist_backend)
-        if torch.cuda.is_available():
-            model = model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        if (gpu := process_gpu()) is not None:
+            model = model.to(gpu)
         if cfg.model.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         params = [p for p in model.parameters() if p.requires_grad]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import os
 from collections import defaultdict
 from typing import Callable, Iterable, Optional
 
@@ -31,7 +30,7 @@ from alignreg.losses.aggregate import aggregate
 from alignreg.losses.policy import clipped_pg_loss
 from alignreg.losses.stats import Precomputed, StatsSpec, auto_chunk_size, token_stats, token_stats_forward
 from alignreg.learner.batch import TrainBatch, collate
-from alignreg.models import AUTOCAST, autocast as autocast_ctx, lm_head_and_body
+from alignreg.models import AUTOCAST, autocast as autocast_ctx, lm_head_and_body, process_gpu
 from alignreg.regularizers.base import AggNorm, LossContext, RegularizerSet, StepView
 from alignreg.rollout.base import LEARNER_STREAM, mix_seed
 
@@ -210,8 +209,8 @@ class TorchBackend(DistCollectives):
 
     def __init__(self, model: torch.nn.Module, cfg: RLConfig):
         lc = cfg.learner
-        if torch.cuda.is_available():  # as DeepSpeedBackend: one GPU per rank (Ray: the actor's only visible one)
-            model = model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+        if (gpu := process_gpu()) is not None:  # as DeepSpeedBackend: one GPU per rank (Ray: the actor's only visible one)
+            model = model.to(gpu)
         self.model = model
         self.optimizer = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=lc.lr, betas=tuple(lc.betas), weight_decay=lc.weight_decay

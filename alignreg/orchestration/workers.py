@@ -61,7 +61,7 @@ class RolloutWorker:
             self.engine = VLLMRolloutEngine(model_dir, cfg.vllm, seed, _max_len(model_dir), own_process=own_process,
                                             stop_ids=stops)
         else:
-            from alignreg.models import AUTOCAST
+            from alignreg.models import AUTOCAST, process_gpu
             from alignreg.rollout.hf import HFRolloutEngine
 
             if model is None:
@@ -72,9 +72,8 @@ class RolloutWorker:
                 model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, **attn_kwargs(cfg.model),
                                                              dtype=getattr(torch, cfg.model.dtype))  # the learner's dtype and kernel, as in one process
             # on the GPU this process sees (a local run's learner's, an engine actor's own), as vLLM would be
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else None
             self.engine = HFRolloutEngine(model, tokenizer, autocast=AUTOCAST[cfg.learner.mixed_precision], stop_ids=stops,
-                                          device=device)
+                                          device=process_gpu())
         self.temperature = cfg.rollout.temperature
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> RolloutBatch:
