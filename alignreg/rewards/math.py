@@ -98,10 +98,15 @@ def final_value(s: str) -> str:
     # runs of whitespace become one space first: against a long run (a degenerate response, "#### 1" + 4000
     # spaces + "!") the nested optional spaces of _LEADING_NUMBER backtrack in cubic time (a minute, in the trainer)
     s = _HEDGE.sub("", _SPACES.sub(" ", s.replace("*", "")).strip())  # "approximately 18" -> "18"
+    n = _leading_number(s)
+    return n if n is not None else _THOUSANDS.sub("", s).strip().rstrip(".").strip()
+
+
+def _leading_number(s: str) -> Optional[str]:
+    """The number that opens ``s`` when only unit words, a parenthesis or a new sentence follow it
+    (``_LEADING_NUMBER``), without thousands commas; else None. ``s``: whitespace runs already single."""
     m = _LEADING_NUMBER.match(s)
-    if m:
-        return m.group(1).replace(",", "")
-    return _THOUSANDS.sub("", s).strip().rstrip(".").strip()
+    return m.group(1).replace(",", "") if m else None
 
 
 def gsm8k_answer(text: str) -> Optional[str]:
@@ -130,9 +135,8 @@ def _unwrap_text(ans: str) -> str:
     """``\\text{7 days}`` -> ``7`` (a number followed by unit words, as :func:`final_value` reads it); any
     other answer, ``\\text{(B)}`` and ``\\text{7 or 8}`` included, unchanged."""
     m = _TEXT_WRAPPED.fullmatch(ans.strip())
-    if m and (n := _LEADING_NUMBER.match(_SPACES.sub(" ", m.group(1)).strip())):
-        return n.group(1).replace(",", "")
-    return ans
+    n = _leading_number(_SPACES.sub(" ", m.group(1)).strip()) if m else None
+    return n if n is not None else ans
 
 
 def extract_answer(text: str) -> Optional[str]:
