@@ -111,11 +111,13 @@ def run_one(oc, seed: int, out_dir: str, threads: int) -> dict:
 def check_task_fits(cfg: SweepConfig, nodes: list[dict[str, float]]) -> None:
     """One run's reservation (``cpus_per_task``, ``gpus_per_task``) fits some node of the Ray cluster, else a
     one-line ConfigError: Ray would keep such tasks pending without an error."""
+    from alignreg.orchestration.ray_groups import fits_a_node, fmt_resources
+
     need = {"CPU": cfg.cpus_per_task, **({"GPU": cfg.gpus_per_task} if cfg.gpus_per_task > 0 else {})}
-    if not any(all(n.get(k, 0.0) + 1e-9 >= v for k, v in need.items()) for n in nodes):
+    if not fits_a_node(need, nodes):
         best = {k: max((n.get(k, 0.0) for n in nodes), default=0.0) for k in need}
-        raise ConfigError(f"sweep: one run reserves {', '.join(f'{k}={v:g}' for k, v in need.items())} but no node of the "
-                          f"Ray cluster has that (the most on one node: {', '.join(f'{k}={v:g}' for k, v in best.items())}); "
+        raise ConfigError(f"sweep: one run reserves {fmt_resources(need)} but no node of the "
+                          f"Ray cluster has that (the most on one node: {fmt_resources(best)}); "
                           "lower cpus_per_task / gpus_per_task, or raise num_cpus (ray_address: local) or add a node")
 
 

@@ -86,8 +86,13 @@ def _close_all(actors: list, method: str) -> None:
         ray.kill(a, no_restart=True)
 
 
-def _fmt(res: dict[str, float]) -> str:
+def fmt_resources(res: dict[str, float]) -> str:
     return ", ".join(f"{k}={v:g}" for k, v in sorted(res.items()))
+
+
+def fits_a_node(bundle: dict[str, float], nodes: list[dict[str, float]]) -> bool:
+    """Some node's resources hold the whole ``bundle`` (an actor or task cannot span nodes)."""
+    return any(all(n.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items()) for n in nodes)
 
 
 def check_resources(bundles: dict[str, list[dict[str, float]]], total: dict[str, float], nodes: list[dict[str, float]]) -> None:
@@ -101,12 +106,12 @@ def check_resources(bundles: dict[str, list[dict[str, float]]], total: dict[str,
     if missing:
         have = {k: total.get(k, 0.0) for k in missing}
         raise ConfigError(
-            f"ray: the actors need {_fmt(missing)} but the cluster has {_fmt(have)} (ray.num_engines, ray.learner_ranks, "
+            f"ray: the actors need {fmt_resources(missing)} but the cluster has {fmt_resources(have)} (ray.num_engines, ray.learner_ranks, "
             f"ray.num_cpus_per_actor, ray.num_gpus_per_engine, ray.num_gpus_per_learner); lower them or use a bigger cluster (ray.address)")
     for role, role_bundles in bundles.items():
         for b in role_bundles:
-            if not any(all(n.get(k, 0.0) + 1e-9 >= v for k, v in b.items()) for n in nodes):
-                raise ConfigError(f"ray: no single node has the resources of one {role} actor ({_fmt(b)}); "
+            if not fits_a_node(b, nodes):
+                raise ConfigError(f"ray: no single node has the resources of one {role} actor ({fmt_resources(b)}); "
                                   f"an actor cannot span nodes - lower ray.num_*_per_* or add a bigger node")
 
 
@@ -180,7 +185,7 @@ class RayCluster:
             ray.get(pg.ready(), timeout=PG_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
             remove_placement_group(pg)
-            raise ConfigError(f"ray: the {role} placement group ({len(bundles)} x {_fmt(bundles[0])}, "
+            raise ConfigError(f"ray: the {role} placement group ({len(bundles)} x {fmt_resources(bundles[0])}, "
                               f"ray.placement_strategy={strategy}) could not be placed within {PG_TIMEOUT_S:g} s") from None
         return pg
 

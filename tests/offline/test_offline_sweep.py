@@ -169,6 +169,7 @@ def test_a_run_whose_results_a_kill_cut_off_is_finished_again(tmp_path):
 
 
 def test_a_run_no_ray_node_can_hold_is_an_error_not_a_wait():
+    pytest.importorskip("ray")  # the ray extra; installed in CI (alignreg[ray])
     from alignreg.offline.sweep import check_task_fits
 
     nodes = [{"CPU": 2.0}, {"CPU": 8.0, "GPU": 1.0}]
