@@ -170,18 +170,24 @@ def save_merged(model, tokenizer, path: str | Path) -> Path:
     return path
 
 
+def _from_pretrained(path, dtype: torch.dtype, attn_implementation: str | None):
+    """An HF causal LM from a local directory in ``dtype`` with that attention kernel (None: transformers' default)."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
+                                                             attn_implementation=attn_implementation)
+
+
 def load_adapter_policy(path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str | None = "eager"):
     """``(PeftModel, tokenizer)`` from an adapter directory (base from ``base_model_name_or_path``);
     ``attn_implementation`` as for ``from_pretrained`` (None: transformers' default)."""
     import json
 
-    import transformers
     from peft import PeftModel
 
     path = Path(path)
     base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-    model = transformers.AutoModelForCausalLM.from_pretrained(base, local_files_only=True, dtype=dtype,
-                                                              attn_implementation=attn_implementation)
+    model = _from_pretrained(base, dtype, attn_implementation)
     tok_dir = path if (path / "tokenizer_config.json").is_file() else Path(base)
     return PeftModel.from_pretrained(model, path, is_trainable=True), load_tokenizer(tok_dir)
 
@@ -190,8 +196,6 @@ def load_training_checkpoint(path: str | Path, dtype: torch.dtype = torch.float3
     """``(model, tokenizer)`` from an ``alignreg rl`` checkpoint (``<run_dir>/checkpoints/step_N``): the
     run's ``init_policy/`` (architecture, tokenizer) with the checkpoint's learner weights; a LoRA run's
     adapters (the ``lora`` section of the checkpoint's config) are merged into the base weights."""
-    import transformers
-
     from alignreg.checkpoint import checkpoint_config, load_checkpoint
     from alignreg.config import ConfigError, LoRAConfig, from_dict, load_yaml
 
@@ -202,8 +206,7 @@ def load_training_checkpoint(path: str | Path, dtype: torch.dtype = torch.float3
         raise ConfigError(f"{str(path)!r} is an alignreg rl checkpoint, but its run's {init} (the model's architecture "
                           "and tokenizer) is missing; evaluate the run's final/ directory, or restore init_policy/")
     weights = load_checkpoint(path)["learner"]["model"]
-    model = transformers.AutoModelForCausalLM.from_pretrained(init, local_files_only=True, dtype=dtype,
-                                                              attn_implementation=attn_implementation)
+    model = _from_pretrained(init, dtype, attn_implementation)
     if any("lora_" in k for k in weights):
         stored = checkpoint_config(path)
         model = apply_lora(model, from_dict(LoRAConfig, load_yaml(stored).get("lora", {}), path=f"{stored}: lora"))
@@ -222,8 +225,6 @@ def load_any_policy(path: str | Path, dtype: torch.dtype = torch.float32, attn_i
     """``(model, tokenizer)`` from a full HF checkpoint, a LoRA adapter directory or an ``alignreg rl``
     training checkpoint (``step_N``), with attention ``attn_implementation`` (None: transformers' default;
     ``alignreg eval`` passes the config's ``model.attn_implementation``, so it runs the training kernel)."""
-    import transformers
-
     path = Path(path)
     if (path / "adapter_config.json").is_file():
         return load_adapter_policy(path, dtype, attn_implementation)
@@ -234,6 +235,5 @@ def load_any_policy(path: str | Path, dtype: torch.dtype = torch.float32, attn_i
 
         raise ConfigError(f"{str(path)!r} is neither an HF checkpoint (config.json), a LoRA adapter (adapter_config.json) "
                           "nor an alignreg rl checkpoint (step_N with COMPLETE and state.pt)")
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype,
-                                                              attn_implementation=attn_implementation)
+    model = _from_pretrained(path, dtype, attn_implementation)
     return model, load_tokenizer(path)
